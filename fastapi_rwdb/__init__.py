@@ -1,0 +1,69 @@
+"""Read/write splitting for FastAPI on HAProxy -> PgBouncer -> Patroni PostgreSQL."""
+
+from .database import Database, configure, get_database
+from .dependencies import (
+    AsyncDBSession,
+    AsyncReadSession,
+    AsyncWriteSession,
+    DBSession,
+    ReadSession,
+    WriteSession,
+    get_async_db,
+    get_async_read_db,
+    get_async_write_db,
+    get_db,
+    get_read_db,
+    get_write_db,
+)
+from .engines import (
+    AsyncEnginePair,
+    EnginePair,
+    connect_args,
+    make_async_engine,
+    make_async_engine_pair,
+    make_engine,
+    make_engine_pair,
+)
+from .errors import ReadOnlySessionError, RWDBError, SettingsError
+from .scopes import (
+    get_async_read_db_context,
+    get_async_write_db_context,
+    get_read_db_context,
+    get_write_db_context,
+)
+from .settings import RWDBSettings
+from .wiring import setup
+
+__all__ = [
+    "AsyncDBSession",
+    "AsyncEnginePair",
+    "AsyncReadSession",
+    "AsyncWriteSession",
+    "DBSession",
+    "Database",
+    "EnginePair",
+    "RWDBError",
+    "RWDBSettings",
+    "ReadOnlySessionError",
+    "ReadSession",
+    "SettingsError",
+    "WriteSession",
+    "configure",
+    "connect_args",
+    "get_async_db",
+    "get_async_read_db",
+    "get_async_read_db_context",
+    "get_async_write_db",
+    "get_async_write_db_context",
+    "get_database",
+    "get_db",
+    "get_read_db",
+    "get_read_db_context",
+    "get_write_db",
+    "get_write_db_context",
+    "make_async_engine",
+    "make_async_engine_pair",
+    "make_engine",
+    "make_engine_pair",
+    "setup",
+]

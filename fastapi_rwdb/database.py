@@ -1,0 +1,217 @@
+"""The process-wide registry: settings, the two engine pairs and their sessionmakers.
+
+Everything is built on first use, so the dependencies work with nothing but the
+``POSTGRES_*`` variables set, and nothing connects at import time. One
+re-entrant lock guards the lazy construction: building the engines reads the
+settings, which are lazy too, and a plain lock would deadlock right there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from .engines import (
+    ROLE_OPTION,
+    AsyncEnginePair,
+    EnginePair,
+    make_async_engine_pair,
+    make_engine_pair,
+)
+from .sessions import read_only_class, session_classes
+from .settings import RWDBSettings
+
+logger = logging.getLogger("fastapi_rwdb")
+
+_T = TypeVar("_T")
+
+
+class Database:
+    """Settings, engines and sessionmakers of one application.
+
+    Most applications never touch this: :func:`fastapi_rwdb.setup` and the
+    dependencies use the default instance. Build your own for tests or for a
+    process that talks to two clusters.
+    """
+
+    def __init__(
+        self,
+        settings: RWDBSettings | None = None,
+        *,
+        session_class: type[Session] | None = None,
+        async_session_class: type[AsyncSession] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._session_class = session_class
+        self._async_session_class = async_session_class
+        self._lock = threading.RLock()
+        self._built: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        if self._settings is None:
+            return "<Database (settings not loaded yet)>"
+        s = self._settings
+        return f"<Database write={s.endpoint('write')} read={s.endpoint('read')}>"
+
+    def _once(self, name: str, build: Callable[[], _T]) -> _T:
+        try:
+            return self._built[name]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        with self._lock:
+            if name not in self._built:
+                self._built[name] = build()
+            return self._built[name]  # type: ignore[no-any-return]
+
+    @property
+    def settings(self) -> RWDBSettings:
+        if self._settings is None:
+            with self._lock:
+                if self._settings is None:
+                    self._settings = RWDBSettings()
+        return self._settings
+
+    # -- engines -------------------------------------------------------------------
+
+    @property
+    def engines(self) -> EnginePair:
+        """The psycopg pair; built on first use."""
+        return self._once("engines", lambda: _log_built(make_engine_pair(self.settings), self))
+
+    @property
+    def async_engines(self) -> AsyncEnginePair:
+        """The asyncpg pair; built on first use."""
+        return self._once("async_engines", lambda: make_async_engine_pair(self.settings))
+
+    def is_built(self, name: str) -> bool:
+        return name in self._built
+
+    # -- sessionmakers ------------------------------------------------------------
+
+    def _classes(self) -> tuple[type[Session], type[AsyncSession]]:
+        sync_cls, async_cls = session_classes(self.settings.session_class)
+        return self._session_class or sync_cls, self._async_session_class or async_cls
+
+    def _makers(self) -> dict[str, Any]:
+        def build() -> dict[str, Any]:
+            sync_cls, async_cls = self._classes()
+            read_cls = read_only_class(sync_cls)
+            sync, aio = self.engines, self.async_engines
+            # A read that must see the primary still runs READ ONLY, so a write in a
+            # read session fails the same way whichever server it reached.
+            primary_read = {"postgresql_readonly": True, ROLE_OPTION: "read"}
+            return {
+                "write": sessionmaker(sync.write, class_=sync_cls),
+                "read": sessionmaker(sync.read, class_=read_cls),
+                "primary_read": sessionmaker(
+                    sync.write.execution_options(**primary_read), class_=read_cls
+                ),
+                "async_write": async_sessionmaker(
+                    aio.write, class_=async_cls, expire_on_commit=False
+                ),
+                "async_read": async_sessionmaker(
+                    aio.read,
+                    class_=async_cls,
+                    sync_session_class=read_cls,
+                    expire_on_commit=False,
+                ),
+                "async_primary_read": async_sessionmaker(
+                    aio.write.execution_options(**primary_read),
+                    class_=async_cls,
+                    sync_session_class=read_cls,
+                    expire_on_commit=False,
+                ),
+            }
+
+        return self._once("makers", build)
+
+    # -- sessions -----------------------------------------------------------------
+
+    def write_session(self) -> Session:
+        """A session on the primary. The caller commits and closes it."""
+        return self._makers()["write"]()  # type: ignore[no-any-return]
+
+    def read_session(self, *, primary: bool = False) -> Session:
+        """A read-only session on a replica, or on the primary when ``primary``."""
+        return self._makers()["primary_read" if primary else "read"]()  # type: ignore[no-any-return]
+
+    def async_write_session(self) -> AsyncSession:
+        return self._makers()["async_write"]()  # type: ignore[no-any-return]
+
+    def async_read_session(self, *, primary: bool = False) -> AsyncSession:
+        key = "async_primary_read" if primary else "async_read"
+        return self._makers()[key]()  # type: ignore[no-any-return]
+
+    # -- shutdown -----------------------------------------------------------------
+
+    async def dispose(self) -> None:
+        """Close every pooled connection; the engines rebuild themselves if used again."""
+        with self._lock:
+            built, self._built = self._built, {}
+        pair: EnginePair | None = built.get("engines")
+        async_pair: AsyncEnginePair | None = built.get("async_engines")
+        if async_pair is not None:
+            await async_pair.write.dispose()
+            await async_pair.read.dispose()
+        if pair is not None:
+            pair.write.dispose()
+            pair.read.dispose()
+
+    def dispose_sync(self) -> None:
+        """:meth:`dispose` for code with no event loop (the async pools are dropped)."""
+        with self._lock:
+            built, self._built = self._built, {}
+        pair: EnginePair | None = built.get("engines")
+        async_pair: AsyncEnginePair | None = built.get("async_engines")
+        if pair is not None:
+            pair.write.dispose()
+            pair.read.dispose()
+        if async_pair is not None:
+            # Without a loop the async connections cannot be closed politely; drop them.
+            async_pair.write.sync_engine.dispose(close=False)
+            async_pair.read.sync_engine.dispose(close=False)
+
+
+def _log_built(pair: EnginePair, db: Database) -> EnginePair:
+    s = db.settings
+    logger.info(
+        "fastapi_rwdb engines: write %s, read %s (pool %d, read pool %d)",
+        s.endpoint("write"),
+        s.endpoint("read"),
+        s.pool_size,
+        s.pool_size * s.read_pool_multiplier,
+    )
+    for warning in s.warnings():
+        logger.warning("fastapi_rwdb: %s", warning)
+    return pair
+
+
+_default = Database()
+_default_lock = threading.Lock()
+
+
+def get_database() -> Database:
+    """The process-wide :class:`Database` the dependencies use."""
+    return _default
+
+
+def configure(database: Database | RWDBSettings | None = None) -> Database:
+    """Replace the process-wide :class:`Database` (before serving requests).
+
+    Settings are loaded and checked right away, so a bad configuration stops
+    start-up instead of the first request.
+    """
+    global _default
+    if not isinstance(database, Database):
+        database = Database(database)
+    database.settings  # noqa: B018 - load and validate now
+    with _default_lock:
+        old, _default = _default, database
+    if old is not database and old._built:
+        old.dispose_sync()
+    return database

@@ -1,0 +1,59 @@
+"""FastAPI dependencies: one session per request, on the side the route asks for.
+
+Each dependency closes its session when the request is done; closing rolls back
+whatever was not committed, so an exception in the endpoint never leaves a
+half-written transaction behind. Committing is the endpoint's job, as in plain
+SQLAlchemy: ``session.commit()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from .database import get_database
+
+
+def get_write_db() -> Iterator[Session]:
+    """A session on the primary, for routes that change data or must read their own writes."""
+    with get_database().write_session() as session:
+        yield session
+
+
+def get_read_db() -> Iterator[Session]:
+    """A read-only session on a replica. Flushes and DML are refused with a clear error."""
+    with get_database().read_session() as session:
+        yield session
+
+
+def get_db() -> Iterator[Session]:
+    """Same as :func:`get_write_db`, for code written before the split."""
+    yield from get_write_db()
+
+
+async def get_async_write_db() -> AsyncIterator[AsyncSession]:
+    async with get_database().async_write_session() as session:
+        yield session
+
+
+async def get_async_read_db() -> AsyncIterator[AsyncSession]:
+    async with get_database().async_read_session() as session:
+        yield session
+
+
+async def get_async_db() -> AsyncIterator[AsyncSession]:
+    """Same as :func:`get_async_write_db`, for code written before the split."""
+    async for session in get_async_write_db():
+        yield session
+
+
+WriteSession = Annotated[Session, Depends(get_write_db)]
+ReadSession = Annotated[Session, Depends(get_read_db)]
+DBSession = Annotated[Session, Depends(get_db)]
+AsyncWriteSession = Annotated[AsyncSession, Depends(get_async_write_db)]
+AsyncReadSession = Annotated[AsyncSession, Depends(get_async_read_db)]
+AsyncDBSession = Annotated[AsyncSession, Depends(get_async_db)]

@@ -1,0 +1,232 @@
+"""Engine factories that are safe behind PgBouncer in transaction mode.
+
+Public on purpose: an application's own engines (Alembic, scripts, test
+fixtures) need the same connection arguments, or they fail with
+``prepared statement "_pg3_0" already exists`` the first time PgBouncer hands
+them another client's server connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_
+
+from .errors import ReadOnlySessionError
+from .settings import Driver, RWDBSettings, Side, parse_url
+
+logger = logging.getLogger("fastapi_rwdb")
+
+#: Execution option that marks a connection as serving a read session; errors on
+#: such a connection are reported as the caller's mistake, not a server problem.
+ROLE_OPTION = "rwdb_role"
+
+READ_ONLY_SQLSTATE = "25006"
+# Worth another try when opening a connection: the server or the proxy in front
+# of it is restarting, failing over, or out of slots for a moment.
+_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
+    """DBAPI connect arguments for one driver.
+
+    Unless ``RWDB_PREPARED_STATEMENTS`` is on, every server-side statement
+    cache is off: PgBouncer in transaction mode gives each transaction any
+    server connection, and a statement prepared on one is missing (or
+    duplicated) on the next.
+    """
+    if driver == "psycopg":
+        args: dict[str, Any] = {
+            "connect_timeout": max(1, round(settings.connect_timeout)),
+            "application_name": settings.application_name,
+        }
+        if not settings.prepared_statements:
+            args["prepare_threshold"] = None
+        return args
+    args = {
+        "timeout": settings.connect_timeout,
+        "server_settings": {"application_name": settings.application_name},
+    }
+    if not settings.prepared_statements:
+        args["statement_cache_size"] = 0
+        args["prepared_statement_cache_size"] = 0
+    return args
+
+
+def _pool_args(side: Side, settings: RWDBSettings) -> dict[str, Any]:
+    factor = settings.read_pool_multiplier if side == "read" else 1
+    return {
+        "pool_size": settings.pool_size * factor,
+        "max_overflow": settings.max_overflow * factor,
+        "pool_timeout": settings.pool_timeout,
+        "pool_recycle": settings.pool_recycle,
+        "pool_pre_ping": settings.pool_pre_ping,
+    }
+
+
+def make_engine(
+    url: str | URL,
+    settings: RWDBSettings | None = None,
+    *,
+    side: Side = "write",
+    **kwargs: Any,
+) -> Engine:
+    """A psycopg 3 engine with the package's pool, retry and PgBouncer settings.
+
+    ``side="read"`` makes every transaction ``READ ONLY`` (set once per
+    connection, sent with ``BEGIN``: no extra round trip, nothing left behind on
+    PgBouncer's shared server connections). ``kwargs`` override
+    :func:`sqlalchemy.create_engine` arguments.
+    """
+    settings = settings or RWDBSettings()
+    url = _as_url(url, "psycopg")
+    options = {
+        **_pool_args(side, settings),
+        "connect_args": connect_args("psycopg", settings),
+        "execution_options": {ROLE_OPTION: side},
+        **kwargs,
+    }
+    engine = create_engine(url, **options)
+    _instrument(engine, side, settings, is_async=False)
+    return engine
+
+
+def make_async_engine(
+    url: str | URL,
+    settings: RWDBSettings | None = None,
+    *,
+    side: Side = "write",
+    **kwargs: Any,
+) -> AsyncEngine:
+    """The asyncpg twin of :func:`make_engine`."""
+    settings = settings or RWDBSettings()
+    url = _as_url(url, "asyncpg")
+    options = {
+        **_pool_args(side, settings),
+        "connect_args": connect_args("asyncpg", settings),
+        "execution_options": {ROLE_OPTION: side},
+        **kwargs,
+    }
+    engine = create_async_engine(url, **options)
+    _instrument(engine.sync_engine, side, settings, is_async=True)
+    return engine
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePair:
+    """The write (primary) and read (replicas) engines of one driver."""
+
+    write: Engine
+    read: Engine
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncEnginePair:
+    write: AsyncEngine
+    read: AsyncEngine
+
+
+def make_engine_pair(settings: RWDBSettings) -> EnginePair:
+    return EnginePair(
+        write=make_engine(settings.url("write", "psycopg"), settings, side="write"),
+        read=make_engine(settings.url("read", "psycopg"), settings, side="read"),
+    )
+
+
+def make_async_engine_pair(settings: RWDBSettings) -> AsyncEnginePair:
+    return AsyncEnginePair(
+        write=make_async_engine(settings.url("write", "asyncpg"), settings, side="write"),
+        read=make_async_engine(settings.url("read", "asyncpg"), settings, side="read"),
+    )
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, wrapped by SQLAlchemy or not."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_transient_connect_error(exc: BaseException) -> bool:
+    """Whether opening a connection may succeed if tried again shortly.
+
+    asyncpg reports a refused or reset socket as a bare ``OSError``; psycopg
+    wraps it in ``OperationalError`` without a SQLSTATE. Authentication
+    failures and unknown databases are not transient and fail at once.
+    """
+    if isinstance(exc, OSError):
+        return True
+    code = sqlstate_of(exc)
+    if code is not None:
+        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+    if type(exc).__name__ == "OperationalError":
+        text = str(exc).lower()
+        return not any(word in text for word in ("authentication", "does not exist", "role "))
+    return False
+
+
+def _as_url(url: str | URL, driver: Driver) -> URL:
+    if isinstance(url, str):
+        try:
+            url = parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"database URL {exc}") from None
+    return url.set(drivername=f"postgresql+{driver}")
+
+
+def _instrument(engine: Engine, side: Side, settings: RWDBSettings, *, is_async: bool) -> None:
+    """Attach connect retry, read-only connections and error translation."""
+    retries = settings.connect_retries
+    backoff = settings.connect_retry_backoff
+    endpoint = f"{engine.url.host}:{engine.url.port}"
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_retry(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        delay = backoff
+        for attempt in range(retries + 1):
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except Exception as exc:
+                if attempt == retries or not is_transient_connect_error(exc):
+                    raise
+                logger.warning(
+                    "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",
+                    side,
+                    endpoint,
+                    type(exc).__name__,
+                    attempt + 1,
+                    retries,
+                    delay,
+                )
+                if is_async:
+                    await_(asyncio.sleep(delay))
+                else:
+                    time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    if side == "read":
+
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:
+            engine.dialect.set_readonly(dbapi_connection, True)  # type: ignore[attr-defined]
+
+    @event.listens_for(engine, "handle_error")
+    def _explain_read_only(ctx: ExceptionContext) -> None:
+        if sqlstate_of(ctx.original_exception) != READ_ONLY_SQLSTATE or ctx.connection is None:
+            return
+        if ctx.connection.get_execution_options().get(ROLE_OPTION) == "read":
+            raise ReadOnlySessionError(
+                "a read session tried to change data; reads run in READ ONLY transactions. "
+                "Use get_write_db / get_async_write_db (or WriteSession / AsyncWriteSession) "
+                "for code that writes."
+            ) from ctx.sqlalchemy_exception

@@ -1,0 +1,25 @@
+"""Exceptions raised by fastapi_rwdb.
+
+They carry messages written for the person who has to fix the problem: which
+setting, which dependency, what to use instead. None of them ever includes a
+password or a full connection URL.
+"""
+
+from __future__ import annotations
+
+
+class RWDBError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class SettingsError(RWDBError, ValueError):
+    """The configuration cannot work; raised at start-up, naming the variable."""
+
+
+class ReadOnlySessionError(RWDBError):
+    """A read session was asked to change data.
+
+    Raised before the statement reaches the database when the ORM tries to
+    flush, and in place of PostgreSQL's ``25006`` error when Core DML or raw SQL
+    slips through. Nothing is written either way.
+    """

@@ -1,0 +1,167 @@
+"""Configuration, read from the environment and ``.env``.
+
+The connection variables keep the names teams already use (``POSTGRES_*``);
+everything the package adds lives under ``RWDB_``. Attribute names are
+snake_case, and each field is bound to exactly one environment variable so
+that an error can name it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+from .errors import SettingsError
+
+logger = logging.getLogger("fastapi_rwdb")
+
+Side = Literal["write", "read"]
+Driver = Literal["psycopg", "asyncpg"]
+
+# Variables whose values must never be echoed back, not even in an error.
+SECRET_VARIABLES = frozenset(
+    {"POSTGRES_PASSWORD", "RWDB_WRITE_URL", "RWDB_READ_URL", "RWDB_SECRET_KEY", "RWDB_DEBUG_TOKEN"}
+)
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class RWDBSettings(BaseSettings):
+    """Everything fastapi_rwdb needs to know, with defaults that are safe behind PgBouncer.
+
+    Build it with no arguments to read the environment (and ``.env`` in the
+    working directory), or pass values by attribute name in code and tests.
+    A bad value raises :class:`SettingsError` naming the environment variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- where the database is (names from the implementation guide) -------------
+    server: str = Field("localhost", min_length=1, validation_alias="POSTGRES_SERVER")
+    write_port: int = Field(5432, ge=1, le=65535, validation_alias="POSTGRES_PORT")
+    read_port: int = Field(5433, ge=1, le=65535, validation_alias="POSTGRES_READ_PORT")
+    user: str = Field("postgres", min_length=1, validation_alias="POSTGRES_USER")
+    password: SecretStr | None = Field(None, validation_alias="POSTGRES_PASSWORD")
+    database: str = Field("postgres", min_length=1, validation_alias="POSTGRES_DB")
+
+    # Full URLs, for deployments that hand out DSNs; each one wins over the parts.
+    write_url: SecretStr | None = Field(None, validation_alias="RWDB_WRITE_URL")
+    read_url: SecretStr | None = Field(None, validation_alias="RWDB_READ_URL")
+
+    # --- pools -------------------------------------------------------------------
+    pool_size: int = Field(5, ge=1, validation_alias="RWDB_POOL_SIZE")
+    max_overflow: int = Field(10, ge=0, validation_alias="RWDB_MAX_OVERFLOW")
+    pool_timeout: float = Field(30.0, gt=0, validation_alias="RWDB_POOL_TIMEOUT")
+    pool_recycle: int = Field(1800, ge=-1, validation_alias="RWDB_POOL_RECYCLE")
+    pool_pre_ping: bool = Field(True, validation_alias="RWDB_POOL_PRE_PING")
+    # Reads usually outnumber writes, so the read pools are this many times larger.
+    read_pool_multiplier: int = Field(2, ge=1, validation_alias="RWDB_READ_POOL_MULTIPLIER")
+
+    # --- connecting ----------------------------------------------------------------
+    connect_timeout: float = Field(5.0, gt=0, validation_alias="RWDB_CONNECT_TIMEOUT")
+    connect_retries: int = Field(3, ge=0, le=20, validation_alias="RWDB_CONNECT_RETRIES")
+    connect_retry_backoff: float = Field(
+        0.1, ge=0, le=30, validation_alias="RWDB_CONNECT_RETRY_BACKOFF"
+    )
+    # Prepared statements break behind PgBouncer in transaction mode; only turn
+    # them on when both ports reach PostgreSQL directly.
+    prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")
+    application_name: str = Field("fastapi-rwdb", validation_alias="RWDB_APPLICATION_NAME")
+    # "auto" yields SQLModel's session when SQLModel is installed, else SQLAlchemy's.
+    session_class: Literal["auto", "sqlalchemy", "sqlmodel"] = Field(
+        "auto", validation_alias="RWDB_SESSION_CLASS"
+    )
+
+    def __init__(self, **values: Any) -> None:
+        # pydantic's own message can quote the offending input, and that input may
+        # be a DSN with a password in it. Re-raise as our own error, unchained.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    @field_validator("write_url", "read_url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_url(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _check_complete(self) -> RWDBSettings:
+        missing_for = [side for side in ("write", "read") if self._side_url(side) is None]
+        if missing_for and self.password is None:
+            raise ValueError(
+                "POSTGRES_PASSWORD is not set (needed to connect the "
+                f"{' and '.join(missing_for)} side); set it, even to an empty value for "
+                "trust authentication, or give RWDB_WRITE_URL and RWDB_READ_URL"
+            )
+        return self
+
+    def _side_url(self, side: Side) -> SecretStr | None:
+        return self.write_url if side == "write" else self.read_url
+
+    def url(self, side: Side, driver: Driver) -> URL:
+        """The SQLAlchemy URL of one side for one driver (contains the password)."""
+        given = self._side_url(side)
+        if given is not None:
+            return parse_url(given.get_secret_value()).set(drivername=f"postgresql+{driver}")
+        return URL.create(
+            f"postgresql+{driver}",
+            username=self.user,
+            password=self.password.get_secret_value() if self.password else None,
+            host=self.server,
+            port=self.write_port if side == "write" else self.read_port,
+            database=self.database,
+        )
+
+    def endpoint(self, side: Side) -> str:
+        """``host:port/database`` of one side, safe to log or show."""
+        url = self.url(side, "psycopg")
+        return f"{url.host}:{url.port or 5432}/{url.database or ''}"
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not what was meant."""
+        found = []
+        if self.endpoint("write") == self.endpoint("read"):
+            found.append(
+                f"the write and read sides both point at {self.endpoint('write')}: every "
+                "read will go to the same server as the writes (check POSTGRES_READ_PORT)"
+            )
+        return found
+
+
+def parse_url(raw: str) -> URL:
+    """Parse a PostgreSQL URL; the error never quotes it (it may hold a password)."""
+    try:
+        url = make_url(raw)
+    except Exception:
+        # The exception text would quote the URL, password included.
+        raise ValueError("is not a valid database URL") from None
+    if url.get_backend_name() not in _POSTGRES_SCHEMES:
+        raise ValueError(
+            f"must be a PostgreSQL URL (postgresql://...), not {url.get_backend_name()}://"
+        )
+    if not url.host:
+        raise ValueError("has no host")
+    return url
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}" if name else message)
+    return "invalid fastapi_rwdb settings:\n  " + "\n  ".join(lines)

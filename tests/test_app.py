@@ -1,0 +1,150 @@
+"""The dependencies inside a FastAPI app, driven over ASGI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel import Session as SQLModelSession
+from sqlmodel import select
+
+import fastapi_rwdb
+from fastapi_rwdb import (
+    AsyncDBSession,
+    AsyncReadSession,
+    AsyncWriteSession,
+    DBSession,
+    ReadSession,
+    WriteSession,
+)
+
+from .models import Item
+
+pytestmark = pytest.mark.stack
+
+WHERE = text("SELECT pg_is_in_recovery()")
+
+
+def build_app() -> FastAPI:
+    app = FastAPI()
+    fastapi_rwdb.setup(app)
+
+    @app.get("/sync/{side}")
+    def sync_side(side: str, r: ReadSession, w: WriteSession, d: DBSession) -> dict[str, bool]:
+        session = {"read": r, "write": w, "db": d}[side]
+        return {"replica": session.execute(WHERE).scalar_one()}
+
+    @app.get("/async/{side}")
+    async def async_side(
+        side: str, r: AsyncReadSession, w: AsyncWriteSession, d: AsyncDBSession
+    ) -> dict[str, bool]:
+        session = {"read": r, "write": w, "db": d}[side]
+        return {"replica": (await session.execute(WHERE)).scalar_one()}
+
+    @app.post("/items")
+    def create(name: str, db: WriteSession) -> dict[str, object]:
+        item = Item(name=name)
+        db.add(item)
+        db.commit()
+        return {"id": item.id, "sqlmodel": isinstance(db, SQLModelSession)}
+
+    @app.post("/items/wrong")
+    def create_with_read_session(name: str, db: ReadSession) -> dict[str, str]:
+        db.add(Item(name=name))
+        db.commit()
+        return {"never": "reached"}
+
+    @app.get("/items/{name}")
+    def find(name: str, db: ReadSession) -> list[str]:
+        # SQLModel's exec() on the session the dependency yields.
+        return [i.name for i in db.exec(select(Item).where(Item.name == name))]
+
+    return app
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            yield c
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("side", "replica"), [("read", True), ("write", False), ("db", False)])
+async def test_dependency_reaches_the_expected_side(
+    client: httpx.AsyncClient, mode: str, side: str, replica: bool
+) -> None:
+    response = await client.get(f"/{mode}/{side}")
+    assert response.status_code == 200
+    assert response.json() == {"replica": replica}
+
+
+async def test_sqlmodel_sessions_by_default(client: httpx.AsyncClient) -> None:
+    name = f"app-{uuid.uuid4()}"
+    created = await client.post("/items", params={"name": name})
+    assert created.status_code == 200 and created.json()["sqlmodel"] is True
+    assert isinstance(created.json()["id"], int)
+
+
+async def test_write_through_read_dependency_fails_and_writes_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    name = f"wrong-{uuid.uuid4()}"
+    with pytest.raises(fastapi_rwdb.ReadOnlySessionError, match="get_write_db"):
+        await client.post("/items/wrong", params={"name": name})
+    with fastapi_rwdb.get_read_db_context(primary=True) as s:
+        assert s.exec(select(Item).where(Item.name == name)).first() is None
+
+
+async def test_shutdown_disposes_every_pool() -> None:
+    app = build_app()
+    db = fastapi_rwdb.get_database()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/sync/read")).status_code == 200
+            assert (await c.get("/async/read")).status_code == 200
+        read_pool = db.engines.read.pool
+        assert read_pool.checkedin() >= 1  # type: ignore[attr-defined]
+    assert not db.is_built("engines") and not db.is_built("async_engines")
+    assert read_pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_environment_alone_is_enough_without_setup() -> None:
+    """A worker that never calls setup(): engines are built on first use, no deadlock."""
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from fastapi_rwdb import get_read_db_context, get_async_write_db_context, get_read_db
+
+        with get_read_db_context() as s:
+            a = s.execute(text("SELECT pg_is_in_recovery()")).scalar()
+        gen = get_read_db()
+        b = next(gen).execute(text("SELECT pg_is_in_recovery()")).scalar()
+        gen.close()
+
+        async def main():
+            async with get_async_write_db_context() as s:
+                return (await s.execute(text("SELECT pg_is_in_recovery()"))).scalar()
+
+        print(a, b, asyncio.run(main()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWDB_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False"]

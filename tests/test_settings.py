@@ -1,0 +1,138 @@
+"""Settings parsing: pure logic, no database."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from fastapi_rwdb import RWDBSettings, SettingsError
+from fastapi_rwdb.engines import connect_args
+
+PASSWORD = "s3cret-Pa55"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    """No inherited variables and no .env file: each test states what it sets."""
+    for name in list(os.environ):
+        if name.startswith(("POSTGRES_", "RWDB_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_guide_variables_build_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "POSTGRES_SERVER": "haproxy.internal",
+        "POSTGRES_PORT": "6000",
+        "POSTGRES_READ_PORT": "6001",
+        "POSTGRES_USER": "tracker",
+        "POSTGRES_PASSWORD": PASSWORD,
+        "POSTGRES_DB": "trackerdb",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = RWDBSettings()
+    write, read = s.url("write", "psycopg"), s.url("read", "asyncpg")
+    assert (write.drivername, write.host, write.port) == ("postgresql+psycopg", "haproxy.internal", 6000)
+    assert (read.drivername, read.port, read.database) == ("postgresql+asyncpg", 6001, "trackerdb")
+    assert write.username == "tracker" and write.password == PASSWORD
+    assert s.endpoint("read") == "haproxy.internal:6001/trackerdb"
+
+
+def test_dotenv_file_is_read(tmp_path: os.PathLike[str]) -> None:
+    with open(os.path.join(tmp_path, ".env"), "w") as f:
+        f.write(f"POSTGRES_PASSWORD={PASSWORD}\nPOSTGRES_READ_PORT=7433\nRWDB_POOL_SIZE=9\n")
+    s = RWDBSettings()
+    assert s.read_port == 7433 and s.pool_size == 9
+    assert s.password is not None and s.password.get_secret_value() == PASSWORD
+
+
+def test_full_urls_win_over_parts_and_get_the_right_driver() -> None:
+    s = RWDBSettings(
+        write_url=f"postgres://app:{PASSWORD}@primary.db:5432/app?sslmode=require",
+        read_url=f"postgresql+psycopg2://app:{PASSWORD}@replicas.db:5433/app",
+    )
+    w = s.url("write", "asyncpg")
+    r = s.url("read", "psycopg")
+    assert (w.drivername, w.host, w.query["sslmode"]) == ("postgresql+asyncpg", "primary.db", "require")
+    assert (r.drivername, r.host, r.port) == ("postgresql+psycopg", "replicas.db", 5433)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"POSTGRES_PORT": "not-a-port"}, "POSTGRES_PORT"),
+        ({"POSTGRES_READ_PORT": "70000"}, "POSTGRES_READ_PORT"),
+        ({"POSTGRES_PORT": "0"}, "POSTGRES_PORT"),
+        ({"RWDB_POOL_SIZE": "0"}, "RWDB_POOL_SIZE"),
+        ({"RWDB_READ_POOL_MULTIPLIER": "half"}, "RWDB_READ_POOL_MULTIPLIER"),
+        ({"RWDB_POOL_PRE_PING": "maybe"}, "RWDB_POOL_PRE_PING"),
+        ({"RWDB_SESSION_CLASS": "django"}, "RWDB_SESSION_CLASS"),
+        ({"RWDB_WRITE_URL": f"mysql://u:{PASSWORD}@h/db"}, "RWDB_WRITE_URL"),
+        ({"RWDB_READ_URL": f"::{PASSWORD}::not a url"}, "RWDB_READ_URL"),
+    ],
+)
+def test_bad_value_names_the_variable_and_hides_secrets(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", PASSWORD)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    message = str(info.value)
+    assert named in message
+    assert PASSWORD not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_missing_password_is_an_error_naming_it() -> None:
+    with pytest.raises(SettingsError, match="POSTGRES_PASSWORD is not set"):
+        RWDBSettings()
+
+
+def test_empty_password_is_allowed_for_trust_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "")
+    assert not RWDBSettings().url("write", "psycopg").password
+
+
+def test_urls_alone_need_no_password() -> None:
+    s = RWDBSettings(write_url="postgresql://a:b@h1/db", read_url="postgresql://a:b@h2/db")
+    assert s.url("read", "psycopg").host == "h2"
+
+
+def test_password_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", PASSWORD)
+    monkeypatch.setenv("RWDB_READ_URL", f"postgresql://u:{PASSWORD}@h:1/d")
+    s = RWDBSettings()
+    for text in (repr(s), str(s), s.endpoint("read"), str(s.model_dump())):
+        assert PASSWORD not in text
+
+
+def test_same_port_for_both_sides_is_warned_about() -> None:
+    s = RWDBSettings(password="x", write_port=5432, read_port=5432)
+    assert any("POSTGRES_READ_PORT" in w for w in s.warnings())
+    assert RWDBSettings(password="x").warnings() == []
+
+
+def test_pgbouncer_safe_connect_args_by_default() -> None:
+    s = RWDBSettings(password="x")
+    assert connect_args("psycopg", s)["prepare_threshold"] is None
+    aio = connect_args("asyncpg", s)
+    assert aio["statement_cache_size"] == 0 and aio["prepared_statement_cache_size"] == 0
+    direct = RWDBSettings(password="x", prepared_statements=True)
+    assert "prepare_threshold" not in connect_args("psycopg", direct)
+    assert "statement_cache_size" not in connect_args("asyncpg", direct)
+
+
+def test_engine_repr_and_logs_hide_password(caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi_rwdb import Database
+
+    caplog.set_level(logging.DEBUG, logger="fastapi_rwdb")
+    db = Database(RWDBSettings(password=PASSWORD))
+    engines = db.engines  # built lazily, nothing connects
+    assert PASSWORD not in repr(engines.write) + repr(engines.read) + repr(db)
+    assert PASSWORD not in caplog.text
+    assert engines.read.pool.size() == 2 * engines.write.pool.size()  # type: ignore[attr-defined]
+    db.dispose_sync()
