@@ -9,13 +9,16 @@ settings, which are lazy too, and a plain lock would deadlock right there.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import tracking
 from .engines import (
     ROLE_OPTION,
     AsyncEnginePair,
@@ -23,8 +26,9 @@ from .engines import (
     make_async_engine_pair,
     make_engine_pair,
 )
-from .sessions import read_only_class, session_classes
+from .sessions import BINDS, ReadBinds, read_class, session_classes, write_class
 from .settings import RWDBSettings
+from .tokens import TokenSigner
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -76,6 +80,11 @@ class Database:
                     self._settings = RWDBSettings()
         return self._settings
 
+    @property
+    def signer(self) -> TokenSigner:
+        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a per-process key)."""
+        return self._once("signer", lambda: TokenSigner(_secret_key(self.settings)))
+
     # -- engines -------------------------------------------------------------------
 
     @property
@@ -99,29 +108,50 @@ class Database:
 
     def _makers(self) -> dict[str, Any]:
         def build() -> dict[str, Any]:
+            settings = self.settings
             sync_cls, async_cls = self._classes()
-            read_cls = read_only_class(sync_cls)
+            read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
             sync, aio = self.engines, self.async_engines
             # A read that must see the primary still runs READ ONLY, so a write in a
             # read session fails the same way whichever server it reached.
-            primary_read = {"postgresql_readonly": True, ROLE_OPTION: "read"}
+            ro = {"postgresql_readonly": True, ROLE_OPTION: "read"}
+            primary, async_primary = (
+                sync.write.execution_options(**ro),
+                aio.write.execution_options(**ro),
+            )
+            for engine in (sync.write, aio.write.sync_engine):
+                tracking.watch_engine(engine)
+
+            def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
+                return {
+                    BINDS: ReadBinds(
+                        replica, primary, settings.pin_mode, settings.pin_wait_ms, is_async
+                    )
+                }
+
+            write_info = {"rwdb_pin_mode": settings.pin_mode}
             return {
-                "write": sessionmaker(sync.write, class_=sync_cls),
-                "read": sessionmaker(sync.read, class_=read_cls),
-                "primary_read": sessionmaker(
-                    sync.write.execution_options(**primary_read), class_=read_cls
+                "write": sessionmaker(sync.write, class_=write_cls, info=write_info),
+                "read": sessionmaker(
+                    sync.read, class_=read_cls, info=binds(sync.read, primary, False)
                 ),
+                "primary_read": sessionmaker(primary, class_=read_cls),
                 "async_write": async_sessionmaker(
-                    aio.write, class_=async_cls, expire_on_commit=False
+                    aio.write,
+                    class_=async_cls,
+                    sync_session_class=write_cls,
+                    expire_on_commit=False,
+                    info=write_info,
                 ),
                 "async_read": async_sessionmaker(
                     aio.read,
                     class_=async_cls,
                     sync_session_class=read_cls,
                     expire_on_commit=False,
+                    info=binds(aio.read.sync_engine, async_primary.sync_engine, True),
                 ),
                 "async_primary_read": async_sessionmaker(
-                    aio.write.execution_options(**primary_read),
+                    async_primary,
                     class_=async_cls,
                     sync_session_class=read_cls,
                     expire_on_commit=False,
@@ -189,6 +219,18 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
     for warning in s.warnings():
         logger.warning("fastapi_rwdb: %s", warning)
     return pair
+
+
+def _secret_key(settings: RWDBSettings) -> bytes:
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    if settings.pin_mode != "off":
+        logger.warning(
+            "fastapi_rwdb: RWDB_SECRET_KEY is not set, so read-your-writes tokens are signed "
+            "with a random key of this process only. Every worker and instance serving the "
+            "app must share one key: set RWDB_SECRET_KEY to the same long random string."
+        )
+    return secrets.token_bytes(32)
 
 
 _default = Database()

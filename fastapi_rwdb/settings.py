@@ -83,6 +83,26 @@ class RWDBSettings(BaseSettings):
         "auto", validation_alias="RWDB_SESSION_CLASS"
     )
 
+    # --- read-your-writes ----------------------------------------------------------
+    # lsn: after a write, read from a replica once it has replayed the write's WAL
+    # position; window: read from the primary for pin_seconds after a write; off.
+    pin_mode: Literal["lsn", "window", "off"] = Field("lsn", validation_alias="RWDB_PIN_MODE")
+    # Longest time a client stays pinned (the token's lifetime and the cookie's Max-Age).
+    pin_seconds: float = Field(30.0, gt=0, le=86400, validation_alias="RWDB_PIN_SECONDS")
+    # How long a read may wait for a replica to catch up before using the primary.
+    pin_wait_ms: int = Field(0, ge=0, le=10000, validation_alias="RWDB_PIN_WAIT_MS")
+    # Shared by every worker that serves the app; random per process when unset.
+    secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
+    cookie_name: str = Field(
+        "rwdb_pin", pattern=r"^[A-Za-z0-9_.-]{1,64}$", validation_alias="RWDB_COOKIE_NAME"
+    )
+    cookie_secure: bool = Field(False, validation_alias="RWDB_COOKIE_SECURE")
+    token_header: str = Field(
+        "X-RWDB-Pin", pattern=r"^[A-Za-z0-9-]{1,64}$", validation_alias="RWDB_TOKEN_HEADER"
+    )
+    # Adds "X-RWDB-Read: replica" or "primary; reason=..." to responses that read.
+    routing_header: bool = Field(False, validation_alias="RWDB_ROUTING_HEADER")
+
     def __init__(self, **values: Any) -> None:
         # pydantic's own message can quote the offending input, and that input may
         # be a DSN with a password in it. Re-raise as our own error, unchained.
@@ -108,6 +128,13 @@ class RWDBSettings(BaseSettings):
                 "trust authentication, or give RWDB_WRITE_URL and RWDB_READ_URL"
             )
         return self
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (use a long random string)")
+        return value
 
     def _side_url(self, side: Side) -> SecretStr | None:
         return self.write_url if side == "write" else self.read_url

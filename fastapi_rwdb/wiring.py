@@ -10,13 +10,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from .database import Database, configure
+from .middleware import ReadYourWritesMiddleware
 from .settings import RWDBSettings
 
 logger = logging.getLogger("fastapi_rwdb")
 
 
 def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Database:
-    """Load and check the settings now, and dispose of every pool at shutdown.
+    """Load and check the settings, add the read-your-writes middleware, and dispose
+    of every pool at shutdown.
 
     Call it once, right after creating the app. Settings come from the
     environment unless given; a bad value raises :class:`SettingsError` here,
@@ -25,6 +27,8 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     database = configure(settings)
     for warning in database.settings.warnings():
         logger.warning("fastapi_rwdb: %s", warning)
+    database.signer  # noqa: B018 - warns now if RWDB_SECRET_KEY is missing
+    app.add_middleware(ReadYourWritesMiddleware, database=database)
 
     inner = app.router.lifespan_context
 

@@ -38,7 +38,8 @@ def stack() -> Iterator[None]:
         with psycopg.connect(dsn(), connect_timeout=5, prepare_threshold=None) as conn:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS rwdb_items ("
-                " id bigserial PRIMARY KEY, name text NOT NULL, created_at timestamptz DEFAULT now())"
+                " id bigserial PRIMARY KEY, name text NOT NULL,"
+                " created_at timestamptz DEFAULT now())"
             )
     except psycopg.OperationalError as exc:
         pytest.fail(

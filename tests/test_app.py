@@ -143,7 +143,11 @@ def test_environment_alone_is_enough_without_setup() -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWDB_")}
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd="/",
     )
     assert done.returncode == 0, done.stderr

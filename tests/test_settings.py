@@ -34,7 +34,11 @@ def test_guide_variables_build_both_sides(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv(name, value)
     s = RWDBSettings()
     write, read = s.url("write", "psycopg"), s.url("read", "asyncpg")
-    assert (write.drivername, write.host, write.port) == ("postgresql+psycopg", "haproxy.internal", 6000)
+    assert (write.drivername, write.host, write.port) == (
+        "postgresql+psycopg",
+        "haproxy.internal",
+        6000,
+    )
     assert (read.drivername, read.port, read.database) == ("postgresql+asyncpg", 6001, "trackerdb")
     assert write.username == "tracker" and write.password == PASSWORD
     assert s.endpoint("read") == "haproxy.internal:6001/trackerdb"
@@ -55,7 +59,11 @@ def test_full_urls_win_over_parts_and_get_the_right_driver() -> None:
     )
     w = s.url("write", "asyncpg")
     r = s.url("read", "psycopg")
-    assert (w.drivername, w.host, w.query["sslmode"]) == ("postgresql+asyncpg", "primary.db", "require")
+    assert (w.drivername, w.host, w.query["sslmode"]) == (
+        "postgresql+asyncpg",
+        "primary.db",
+        "require",
+    )
     assert (r.drivername, r.host, r.port) == ("postgresql+psycopg", "replicas.db", 5433)
 
 

@@ -144,12 +144,12 @@ async def test_async_write_scope_commits_and_rolls_back() -> None:
             await s.flush()
             raise RuntimeError("boom")
     async with get_async_read_db_context(primary=True) as s:
-        names = set((await s.scalars(select(Item.name).where(Item.name.in_([kept, dropped])))).all())
+        found = await s.scalars(select(Item.name).where(Item.name.in_([kept, dropped])))
+        names = set(found.all())
     assert names == {kept}
 
 
 def test_read_scope_refuses_ddl_even_on_the_primary() -> None:
-    with get_read_db_context(primary=True) as s:
-        # READ ONLY is enforced by PostgreSQL, not only by the ORM guard.
-        with pytest.raises(ReadOnlySessionError):
-            s.execute(text("CREATE TEMP TABLE t_never (x int)"))
+    # READ ONLY is enforced by PostgreSQL, not only by the ORM guard.
+    with get_read_db_context(primary=True) as s, pytest.raises(ReadOnlySessionError):
+        s.execute(text("CREATE TEMP TABLE t_never (x int)"))

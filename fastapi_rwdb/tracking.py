@@ -1,0 +1,104 @@
+"""Which commits wrote, and the primary's WAL position right after them.
+
+A commit earns the client a token only if its transaction changed data. ORM
+flushes and Core DML mark the connection as they run, at no cost; a textual
+statement could be anything, so it marks the connection "maybe" and the
+question goes to PostgreSQL before COMMIT (``pg_current_xact_id_if_assigned()``
+is NULL for a transaction that wrote nothing). The LSN is read *after* COMMIT:
+a position read before it is behind the commit record, and a replica could
+reach it without showing the row.
+
+Outside a request (no request state) nothing is tracked and nothing is paid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.orm import Session
+from sqlalchemy.util import await_
+
+from .context import request_state
+
+_WROTE = "rwdb_wrote"  # Connection.info: True, or "maybe" after textual SQL
+_CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
+_COMMIT_WROTE = "rwdb_commit_wrote"
+
+XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+
+
+def watch_engine(engine: Engine) -> None:
+    """Mark a write engine's connections when they run DML inside a request."""
+    event.listen(engine, "before_cursor_execute", _mark)
+
+
+def _mark(
+    conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool
+) -> None:
+    if context is None or request_state.get() is None:
+        return
+    if context.isinsert or context.isupdate or context.isdelete:
+        conn.info[_WROTE] = True
+    elif (context.compiled is None or context.is_text) and not conn.info.get(_WROTE):
+        conn.info[_WROTE] = "maybe"
+
+
+def watch_session_class(cls: type[Session]) -> None:
+    event.listen(cls, "after_begin", _after_begin)
+    event.listen(cls, "before_commit", _before_commit)
+    event.listen(cls, "after_commit", _after_commit)
+    event.listen(cls, "after_rollback", _forget)
+
+
+def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    connection.info.pop(_WROTE, None)
+    session.info.setdefault(_CONNECTIONS, []).append(connection)
+
+
+def _before_commit(session: Session) -> None:
+    if request_state.get() is None or not session.info.get(_CONNECTIONS):
+        return
+    session.flush()  # before_commit runs before the commit's own flush
+    for conn in session.info[_CONNECTIONS]:
+        mark = conn.info.get(_WROTE)
+        if mark == "maybe":
+            mark = bool(conn.exec_driver_sql(XACT_SQL).scalar())
+        if mark:
+            session.info[_COMMIT_WROTE] = conn
+            return
+
+
+def _after_commit(session: Session) -> None:
+    conn = session.info.pop(_COMMIT_WROTE, None)
+    session.info.pop(_CONNECTIONS, None)
+    state = request_state.get()
+    if conn is None or state is None:
+        return
+    mode = session.info.get("rwdb_pin_mode", "lsn")
+    state.note_commit(current_lsn(conn) if mode == "lsn" else 0)
+
+
+def _forget(session: Session) -> None:
+    session.info.pop(_COMMIT_WROTE, None)
+    session.info.pop(_CONNECTIONS, None)
+
+
+def current_lsn(conn: Connection) -> int:
+    """The primary's WAL position, read on ``conn`` outside any transaction.
+
+    Straight on the driver connection: through SQLAlchemy it would cost a
+    BEGIN and a ROLLBACK around the one SELECT.
+    """
+    raw = conn.connection.driver_connection
+    if isinstance(raw, psycopg.Connection):
+        raw.autocommit = True
+        try:
+            row = raw.execute(CURRENT_LSN_SQL).fetchone()
+        finally:
+            raw.autocommit = False
+        assert row is not None
+        return int(row[0])
+    return int(await_(raw.fetchval(CURRENT_LSN_SQL)))  # type: ignore[union-attr]

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Developer entry point: `bash scripts/dev.sh test` or `bash scripts/dev.sh demo`.
+# Installs what it needs (a venv in .venv, the local stack), so it works on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+
+ensure_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        echo "==> creating .venv"
+        "$PY" -m venv .venv
+    fi
+    if ! .venv/bin/python -c 'import fastapi_rwdb, pytest, sqlmodel, uvicorn' 2>/dev/null \
+        || [ pyproject.toml -nt .venv/.installed ]; then
+        echo "==> installing fastapi-rwdb and its dev tools into .venv"
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+        touch .venv/.installed
+    fi
+}
+
+load_stack_env() {
+    # The app reads .env itself; when there is none, use the local stack's values.
+    if [ ! -f .env ]; then
+        set -a
+        # shellcheck disable=SC1091
+        . ./.env.example
+        set +a
+    fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+    test)
+        ensure_venv
+        bash scripts/stack.sh up
+        echo "==> ruff"
+        .venv/bin/ruff check .
+        echo "==> mypy"
+        .venv/bin/mypy
+        if command -v docker-compose >/dev/null 2>&1; then
+            echo "==> docker-compose config"
+            docker-compose -f compose.yml config -q
+        else
+            echo "==> docker-compose not installed: compose.yml not validated (CI installs it)"
+        fi
+        echo "==> pytest"
+        load_stack_env
+        .venv/bin/pytest "$@"
+        ;;
+    demo)
+        ensure_venv
+        bash scripts/stack.sh up
+        load_stack_env
+        export RWDB_DEBUG_ROUTES=${RWDB_DEBUG_ROUTES:-true}
+        port=${PORT:-8000}
+        echo "==> serving example_app on http://127.0.0.1:$port (docs: /docs); Ctrl-C stops it"
+        echo "    stop the database stack afterwards with: bash scripts/stack.sh down"
+        exec .venv/bin/uvicorn example_app.main:app --host 127.0.0.1 --port "$port"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh test [pytest args] | demo" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,277 @@
+"""Read-your-writes against the real stack, with the replicas held back by `lag 1s`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from sqlalchemy import text
+
+import fastapi_rwdb
+from fastapi_rwdb import (
+    AsyncReadSession,
+    AsyncWriteSession,
+    Database,
+    ReadSession,
+    RWDBSettings,
+    WriteSession,
+)
+
+pytestmark = pytest.mark.stack
+
+STACK = Path(__file__).resolve().parent.parent / "scripts" / "stack.sh"
+KEY = "test-secret-key-0123456789abcdef"
+TOKEN_HEADER = "X-RWDB-Pin"
+
+
+def stack(*args: str) -> None:
+    subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def lagging_replicas() -> Iterator[float]:
+    """Replicas apply each commit one second late, so a fresh write is surely missing there."""
+    stack("lag", "1s")
+    try:
+        yield 1.0
+    finally:
+        stack("lag", "0")
+
+
+def make_app(**overrides: object) -> FastAPI:
+    settings = RWDBSettings(secret_key=KEY, routing_header=True, **overrides)  # type: ignore[arg-type]
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(settings))
+
+    @app.post("/notes")
+    def create(db: WriteSession) -> dict[str, str]:
+        name = f"note-{uuid.uuid4()}"
+        db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
+        db.commit()
+        return {"name": name}
+
+    @app.post("/async/notes")
+    async def create_async(db: AsyncWriteSession) -> dict[str, str]:
+        name = f"anote-{uuid.uuid4()}"
+        await db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
+        await db.commit()
+        return {"name": name}
+
+    @app.post("/notes/rolled-back")
+    def rolled_back(db: WriteSession) -> dict[str, str]:
+        db.execute(text("INSERT INTO rwdb_items (name) VALUES ('rolled back')"))
+        db.rollback()
+        return {}
+
+    @app.post("/notes/read-only-commit")
+    def read_only_commit(db: WriteSession) -> dict[str, int]:
+        value = db.execute(text("SELECT 1")).scalar_one()
+        db.commit()
+        return {"value": value}
+
+    @app.post("/notes/then-read")
+    def write_then_read(w: WriteSession, r: ReadSession) -> dict[str, object]:
+        name = f"same-{uuid.uuid4()}"
+        w.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
+        w.commit()
+        return {"found": find(r, name)}
+
+    @app.post("/async/notes/then-read")
+    async def write_then_read_async(w: AsyncWriteSession, r: AsyncReadSession) -> dict[str, object]:
+        name = f"asame-{uuid.uuid4()}"
+        await w.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
+        await w.commit()
+        row = await r.execute(text("SELECT 1 FROM rwdb_items WHERE name = :n"), {"n": name})
+        return {"found": row.first() is not None}
+
+    @app.post("/notes/fail-after-commit")
+    def fail_after_commit(db: WriteSession) -> dict[str, str]:
+        db.execute(text("INSERT INTO rwdb_items (name) VALUES ('then failed')"))
+        db.commit()
+        raise HTTPException(409, "conflict after the write")
+
+    @app.get("/notes/{name}")
+    def read(name: str, db: ReadSession) -> dict[str, object]:
+        return {"found": find(db, name)}
+
+    @app.get("/async/notes/{name}")
+    async def read_async(name: str, db: AsyncReadSession) -> dict[str, object]:
+        row = await db.execute(text("SELECT 1 FROM rwdb_items WHERE name = :n"), {"n": name})
+        return {"found": row.first() is not None}
+
+    @app.get("/stream/{name}")
+    def stream(name: str, db: ReadSession) -> StreamingResponse:
+        found = find(db, name)
+        return StreamingResponse(iter([b"found" if found else b"missing"]))
+
+    return app
+
+
+def find(db: ReadSession, name: str) -> bool:
+    row = db.execute(text("SELECT 1 FROM rwdb_items WHERE name = :n"), {"n": name}).first()
+    return row is not None
+
+
+@pytest.fixture(scope="module")
+async def app() -> AsyncIterator[FastAPI]:
+    application = make_app()
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_100_writes_read_back_at_once_only_with_the_token(
+    app: FastAPI, lagging_replicas: float, flavour: str
+) -> None:
+    seen_with, missed_without = 0, 0
+    async with client(app) as me, client(app) as stranger:
+        for _ in range(100):
+            me.cookies.clear()
+            created = await me.post(f"{flavour}/notes")
+            assert created.status_code == 200
+            name = created.json()["name"]
+            assert me.cookies.get("rwdb_pin"), "a write must hand out a token"
+            mine = await me.get(f"{flavour}/notes/{name}")
+            theirs = await stranger.get(f"{flavour}/notes/{name}")
+            seen_with += mine.json()["found"]
+            missed_without += not theirs.json()["found"]
+            assert mine.headers["x-rwdb-read"] == "primary; reason=replica-behind"
+            assert theirs.headers["x-rwdb-read"] == "replica"
+        assert seen_with == 100, "a client must always see its own write"
+        # Proves the reads without a token really went to lagging replicas.
+        assert missed_without == 100
+
+        await asyncio.sleep(lagging_replicas + 0.3)
+        again = await me.get(f"{flavour}/notes/{name}")
+        assert again.json()["found"] is True
+        assert again.headers["x-rwdb-read"] == "replica"
+        assert "rwdb_pin" not in me.cookies, "once a replica caught up the token is cleared"
+        assert again.headers[TOKEN_HEADER] == ""
+
+
+async def test_token_header_works_for_api_clients(app: FastAPI, lagging_replicas: float) -> None:
+    async with client(app) as c:
+        created = await c.post("/notes")
+        token = created.headers[TOKEN_HEADER]
+        c.cookies.clear()
+        found = await c.get(f"/notes/{created.json()['name']}", headers={TOKEN_HEADER: token})
+        assert found.json()["found"] is True
+        assert found.headers["x-rwdb-read"].startswith("primary")
+
+
+@pytest.mark.parametrize("path", ["/notes/then-read", "/async/notes/then-read"])
+async def test_read_after_write_in_the_same_request(
+    app: FastAPI, lagging_replicas: float, path: str
+) -> None:
+    async with client(app) as c:
+        for _ in range(10):
+            response = await c.post(path)
+            assert response.json() == {"found": True}
+            assert response.headers["x-rwdb-read"] == "primary; reason=wrote-in-request"
+
+
+async def test_no_token_without_a_committed_write(app: FastAPI) -> None:
+    async with client(app) as c:
+        for path in ("/notes/rolled-back", "/notes/read-only-commit"):
+            response = await c.post(path)
+            assert response.status_code == 200
+            assert "set-cookie" not in response.headers
+            assert TOKEN_HEADER not in response.headers
+
+
+async def test_cookie_attributes(app: FastAPI) -> None:
+    async with client(app) as c:
+        response = await c.post("/notes")
+    cookie = response.headers["set-cookie"]
+    name_value, *attributes = [part.strip() for part in cookie.split(";")]
+    assert name_value.startswith("rwdb_pin=") and len(name_value) > 20
+    assert set(attributes) == {"Max-Age=30", "Path=/", "HttpOnly", "SameSite=Lax"}
+
+
+async def test_secure_cookie_and_custom_names() -> None:
+    app = make_app(cookie_secure=True, cookie_name="pin", token_header="X-Pin", pin_seconds=5)
+    async with app.router.lifespan_context(app), client(app) as c:
+        response = await c.post("/notes")
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("pin=") and "Secure" in cookie and "Max-Age=5" in cookie
+    assert response.headers["x-pin"] == cookie.split(";")[0].removeprefix("pin=")
+
+
+async def test_error_after_commit_still_carries_the_token(
+    app: FastAPI, lagging_replicas: float
+) -> None:
+    async with client(app) as c:
+        response = await c.post("/notes/fail-after-commit")
+    assert response.status_code == 409
+    assert "rwdb_pin=" in response.headers["set-cookie"]
+
+
+async def test_streaming_response_reads_through_the_token(
+    app: FastAPI, lagging_replicas: float
+) -> None:
+    async with client(app) as c:
+        name = (await c.post("/notes")).json()["name"]
+        assert (await c.get(f"/stream/{name}")).content == b"found"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "garbage",
+        "1.ffffffffff.9999999999.forged",
+        "x" * 5000,
+        "\u00ff\u00fe\u00e9;;==",
+    ],
+)
+async def test_forged_or_garbled_tokens_are_ignored(app: FastAPI, bad: str) -> None:
+    async with client(app) as c:
+        for headers in ({"cookie": f"rwdb_pin={bad}".encode("latin-1")}, {TOKEN_HEADER: bad}):
+            response = await c.get("/notes/nothing-here", headers=headers)
+            assert response.status_code == 200
+            assert response.headers["x-rwdb-read"] == "replica"
+
+
+async def test_tampered_lsn_is_ignored(app: FastAPI) -> None:
+    async with client(app) as c:
+        token = (await c.post("/notes")).headers[TOKEN_HEADER]
+        version, _lsn, expires, sig = token.split(".")
+        forged = ".".join([version, "ffffffffff", expires, sig])
+        c.cookies.clear()
+        response = await c.get("/notes/x", headers={TOKEN_HEADER: forged})
+    assert response.headers["x-rwdb-read"] == "replica"
+
+
+async def test_time_window_mode_pins_without_checking(lagging_replicas: float) -> None:
+    app = make_app(pin_mode="window", pin_seconds=2)
+    async with app.router.lifespan_context(app), client(app) as c:
+        name = (await c.post("/notes")).json()["name"]
+        pinned = await c.get(f"/notes/{name}")
+        assert pinned.json()["found"] is True
+        assert pinned.headers["x-rwdb-read"] == "primary; reason=pinned"
+        cookie_max_age = "Max-Age=2"
+        assert cookie_max_age in (await c.post("/notes")).headers["set-cookie"]
+        time.sleep(2.1)
+        c.cookies.clear()  # what the browser does when Max-Age runs out
+        assert (await c.get(f"/notes/{name}")).headers["x-rwdb-read"] == "replica"
+
+
+async def test_wait_for_replica_instead_of_primary(lagging_replicas: float) -> None:
+    app = make_app(pin_wait_ms=2000)
+    async with app.router.lifespan_context(app), client(app) as c:
+        name = (await c.post("/notes")).json()["name"]
+        waited = await c.get(f"/notes/{name}")
+        assert waited.json()["found"] is True
+        assert waited.headers["x-rwdb-read"] == "replica"
