@@ -103,6 +103,14 @@ class RWDBSettings(BaseSettings):
     # Adds "X-RWDB-Read: replica" or "primary; reason=..." to responses that read.
     routing_header: bool = Field(False, validation_alias="RWDB_ROUTING_HEADER")
 
+    # --- built-in routes ---------------------------------------------------------------
+    debug_routes: bool = Field(False, validation_alias="RWDB_DEBUG_ROUTES")
+    debug_prefix: str = Field(
+        "/debug", pattern=r"^/[A-Za-z0-9_/.-]*[A-Za-z0-9_.-]$", validation_alias="RWDB_DEBUG_PREFIX"
+    )
+    # When set, the debug routes want "Authorization: Bearer <token>".
+    debug_token: SecretStr | None = Field(None, validation_alias="RWDB_DEBUG_TOKEN")
+
     def __init__(self, **values: Any) -> None:
         # pydantic's own message can quote the offending input, and that input may
         # be a DSN with a password in it. Re-raise as our own error, unchained.

@@ -74,7 +74,7 @@ def build_app() -> FastAPI:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = build_app()
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             yield c
 

@@ -69,8 +69,8 @@ async def test_200_concurrent_async_queries_through_pgbouncer() -> None:
     async def one(i: int) -> bool:
         scope = get_async_read_db_context() if i % 4 else get_async_write_db_context()
         async with scope as s:
-            value = (await s.execute(text("SELECT :i::int, pg_sleep(0.01)"), {"i": i})).scalar()
-            return value == i
+            query = text("SELECT CAST(:i AS int), pg_sleep(0.01)")
+            return (await s.execute(query, {"i": i})).scalar() == i
 
     results = await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
     errors = [r for r in results if r is not True]
@@ -81,7 +81,8 @@ def test_threaded_sync_burst_through_pgbouncer() -> None:
     def one(i: int) -> bool:
         scope = get_read_db_context() if i % 4 else get_write_db_context()
         with scope as s:
-            return s.execute(text("SELECT :i::int, pg_sleep(0.005)"), {"i": i}).scalar() == i
+            query = text("SELECT CAST(:i AS int), pg_sleep(0.005)")
+            return s.execute(query, {"i": i}).scalar() == i
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         results = list(pool.map(lambda i: _capture(one, i), range(400)))
