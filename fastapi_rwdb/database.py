@@ -26,6 +26,7 @@ from .engines import (
     make_async_engine_pair,
     make_engine_pair,
 )
+from .health import ReadSideHealth
 from .sessions import BINDS, ReadBinds, read_class, session_classes, write_class
 from .settings import RWDBSettings
 from .tokens import TokenSigner
@@ -55,6 +56,7 @@ class Database:
         self._async_session_class = async_session_class
         self._lock = threading.RLock()
         self._built: dict[str, Any] = {}
+        self._health: ReadSideHealth | None = None
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -81,6 +83,18 @@ class Database:
         return self._settings
 
     @property
+    def health(self) -> ReadSideHealth:
+        """The read side's breaker and lag, shared by the sync and async read engines."""
+        if self._health is None:
+            s = self.settings
+            with self._lock:
+                if self._health is None:
+                    self._health = ReadSideHealth(
+                        s.read_fallback_after, s.read_retry_seconds, s.max_replica_lag
+                    )
+        return self._health
+
+    @property
     def signer(self) -> TokenSigner:
         """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a per-process key)."""
         return self._once("signer", lambda: TokenSigner(_secret_key(self.settings)))
@@ -90,12 +104,16 @@ class Database:
     @property
     def engines(self) -> EnginePair:
         """The psycopg pair; built on first use."""
-        return self._once("engines", lambda: _log_built(make_engine_pair(self.settings), self))
+        return self._once(
+            "engines", lambda: _log_built(make_engine_pair(self.settings, self.health), self)
+        )
 
     @property
     def async_engines(self) -> AsyncEnginePair:
         """The asyncpg pair; built on first use."""
-        return self._once("async_engines", lambda: make_async_engine_pair(self.settings))
+        return self._once(
+            "async_engines", lambda: make_async_engine_pair(self.settings, self.health)
+        )
 
     def is_built(self, name: str) -> bool:
         return name in self._built
@@ -125,7 +143,12 @@ class Database:
             def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
                 return {
                     BINDS: ReadBinds(
-                        replica, primary, settings.pin_mode, settings.pin_wait_ms, is_async
+                        replica,
+                        primary,
+                        settings.pin_mode,
+                        settings.pin_wait_ms,
+                        is_async,
+                        self.health,
                     )
                 }
 

@@ -19,7 +19,8 @@ from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
 
-from .errors import ReadOnlySessionError
+from .errors import DatabaseUnavailableError, ReadOnlySessionError
+from .health import ReadSideHealth
 from .settings import Driver, RWDBSettings, Side, parse_url
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -76,14 +77,16 @@ def make_engine(
     settings: RWDBSettings | None = None,
     *,
     side: Side = "write",
+    health: ReadSideHealth | None = None,
     **kwargs: Any,
 ) -> Engine:
     """A psycopg 3 engine with the package's pool, retry and PgBouncer settings.
 
     ``side="read"`` makes every transaction ``READ ONLY`` (set once per
     connection, sent with ``BEGIN``: no extra round trip, nothing left behind on
-    PgBouncer's shared server connections). ``kwargs`` override
-    :func:`sqlalchemy.create_engine` arguments.
+    PgBouncer's shared server connections). ``health`` is told about failed and
+    successful connects. ``kwargs`` override :func:`sqlalchemy.create_engine`
+    arguments.
     """
     settings = settings or RWDBSettings()
     url = _as_url(url, "psycopg")
@@ -94,7 +97,7 @@ def make_engine(
         **kwargs,
     }
     engine = create_engine(url, **options)
-    _instrument(engine, side, settings, is_async=False)
+    _instrument(engine, side, settings, health, is_async=False)
     return engine
 
 
@@ -103,6 +106,7 @@ def make_async_engine(
     settings: RWDBSettings | None = None,
     *,
     side: Side = "write",
+    health: ReadSideHealth | None = None,
     **kwargs: Any,
 ) -> AsyncEngine:
     """The asyncpg twin of :func:`make_engine`."""
@@ -115,7 +119,7 @@ def make_async_engine(
         **kwargs,
     }
     engine = create_async_engine(url, **options)
-    _instrument(engine.sync_engine, side, settings, is_async=True)
+    _instrument(engine.sync_engine, side, settings, health, is_async=True)
     return engine
 
 
@@ -133,17 +137,20 @@ class AsyncEnginePair:
     read: AsyncEngine
 
 
-def make_engine_pair(settings: RWDBSettings) -> EnginePair:
+def make_engine_pair(settings: RWDBSettings, health: ReadSideHealth | None = None) -> EnginePair:
     return EnginePair(
         write=make_engine(settings.url("write", "psycopg"), settings, side="write"),
-        read=make_engine(settings.url("read", "psycopg"), settings, side="read"),
+        read=make_engine(settings.url("read", "psycopg"), settings, side="read", health=health),
     )
 
 
-def make_async_engine_pair(settings: RWDBSettings) -> AsyncEnginePair:
+def make_async_engine_pair(
+    settings: RWDBSettings, health: ReadSideHealth | None = None
+) -> AsyncEnginePair:
+    url = settings.url("read", "asyncpg")
     return AsyncEnginePair(
         write=make_async_engine(settings.url("write", "asyncpg"), settings, side="write"),
-        read=make_async_engine(settings.url("read", "asyncpg"), settings, side="read"),
+        read=make_async_engine(url, settings, side="read", health=health),
     )
 
 
@@ -174,6 +181,12 @@ def is_transient_connect_error(exc: BaseException) -> bool:
     return False
 
 
+def _brief(exc: BaseException) -> str:
+    """Error class and first line: enough to diagnose, no DSN (drivers never print the password)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 def _as_url(url: str | URL, driver: Driver) -> URL:
     if isinstance(url, str):
         try:
@@ -183,7 +196,14 @@ def _as_url(url: str | URL, driver: Driver) -> URL:
     return url.set(drivername=f"postgresql+{driver}")
 
 
-def _instrument(engine: Engine, side: Side, settings: RWDBSettings, *, is_async: bool) -> None:
+def _instrument(
+    engine: Engine,
+    side: Side,
+    settings: RWDBSettings,
+    health: ReadSideHealth | None,
+    *,
+    is_async: bool,
+) -> None:
     """Attach connect retry, read-only connections and error translation."""
     retries = settings.connect_retries
     backoff = settings.connect_retry_backoff
@@ -194,10 +214,17 @@ def _instrument(engine: Engine, side: Side, settings: RWDBSettings, *, is_async:
         delay = backoff
         for attempt in range(retries + 1):
             try:
-                return dialect.connect(*cargs, **cparams)
+                connection = dialect.connect(*cargs, **cparams)
             except Exception as exc:
-                if attempt == retries or not is_transient_connect_error(exc):
+                if not is_transient_connect_error(exc):
                     raise
+                if attempt == retries:
+                    if health is not None:
+                        health.connect_failed()
+                    raise DatabaseUnavailableError(
+                        f"cannot connect to the {side} side at {endpoint} after "
+                        f"{retries + 1} attempts ({_brief(exc)})"
+                    ) from exc
                 logger.warning(
                     "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",
                     side,
@@ -212,6 +239,10 @@ def _instrument(engine: Engine, side: Side, settings: RWDBSettings, *, is_async:
                 else:
                     time.sleep(delay)
                 delay *= 2
+            else:
+                if health is not None:
+                    health.connect_succeeded()
+                return connection
         raise AssertionError("unreachable")  # pragma: no cover
 
     if side == "read":
@@ -221,12 +252,23 @@ def _instrument(engine: Engine, side: Side, settings: RWDBSettings, *, is_async:
             engine.dialect.set_readonly(dbapi_connection, True)  # type: ignore[attr-defined]
 
     @event.listens_for(engine, "handle_error")
-    def _explain_read_only(ctx: ExceptionContext) -> None:
+    def _read_only_error(ctx: ExceptionContext) -> None:
+        """25006 means two things: a write in a read session (the caller's mistake:
+        explain it, keep the pool) or a write session on a primary that was
+        demoted by a failover (discard every pooled connection to it)."""
         if sqlstate_of(ctx.original_exception) != READ_ONLY_SQLSTATE or ctx.connection is None:
             return
-        if ctx.connection.get_execution_options().get(ROLE_OPTION) == "read":
-            raise ReadOnlySessionError(
-                "a read session tried to change data; reads run in READ ONLY transactions. "
-                "Use get_write_db / get_async_write_db (or WriteSession / AsyncWriteSession) "
-                "for code that writes."
-            ) from ctx.sqlalchemy_exception
+        if ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
+            logger.warning(
+                "fastapi_rwdb: the write side at %s is read-only (demoted primary?); "
+                "discarding its pooled connections",
+                endpoint,
+            )
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = True
+            return
+        raise ReadOnlySessionError(
+            "a read session tried to change data; reads run in READ ONLY transactions. "
+            "Use get_write_db / get_async_write_db (or WriteSession / AsyncWriteSession) "
+            "for code that writes."
+        ) from ctx.sqlalchemy_exception

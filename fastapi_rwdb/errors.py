@@ -23,3 +23,12 @@ class ReadOnlySessionError(RWDBError):
     flush, and in place of PostgreSQL's ``25006`` error when Core DML or raw SQL
     slips through. Nothing is written either way.
     """
+
+
+class DatabaseUnavailableError(RWDBError, ConnectionError):
+    """A connection could not be opened, even after the bounded retries.
+
+    Both drivers report it the same way (asyncpg would raise a bare ``OSError``,
+    psycopg an ``OperationalError``). :func:`fastapi_rwdb.setup` turns it into a
+    503 with ``Retry-After``.
+    """

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .health import ReadSideHealth
 from .state import RequestState
 
 PinMode = Literal["lsn", "window", "off"]
@@ -28,24 +29,33 @@ class Route:
 REPLICA = Route("replica", "default")
 
 
-def choose_read_route(state: RequestState | None, mode: PinMode) -> Route:
-    # 1. Outside a request (workers, scripts) nothing was written by "this client".
+def choose_read_route(
+    state: RequestState | None, mode: PinMode, health: ReadSideHealth | None = None
+) -> Route:
+    # 1. The read side refused several connections in a row: the primary serves
+    #    until the breaker lets a read try the replicas again.
+    if health is not None and health.read_side_down:
+        return Route("primary", "replica-down")
+    # 2. The background check found the replicas too far behind (RWDB_MAX_REPLICA_LAG).
+    if health is not None and health.lag_exceeded:
+        return Route("primary", "replica-lag")
+    # 3. Outside a request (workers, scripts) nothing was written by "this client".
     if state is None:
         return REPLICA
-    # 2. This request committed a write: its own reads must see it, and only the
+    # 4. This request committed a write: its own reads must see it, and only the
     #    primary is certain to have it.
     if state.commit_lsn is not None:
         return Route("primary", "wrote-in-request")
-    # 3. No (valid) token: the client has written nothing recently.
+    # 5. No (valid) token: the client has written nothing recently.
     if state.token is None or mode == "off":
         return REPLICA
-    # 4. Time-window mode: pinned until the token expires.
+    # 6. Time-window mode: pinned until the token expires.
     if mode == "window":
         return Route("primary", "pinned")
-    # 5. A replica was already found to be behind in this request: stay consistent.
+    # 7. A replica was already found to be behind in this request: stay consistent.
     if state.replica_behind:
         return Route("primary", "replica-behind")
-    # 6. Otherwise a replica may serve, if it has replayed the client's last write.
+    # 8. Otherwise a replica may serve, if it has replayed the client's last write.
     #    (Checked per session: another session may get a connection to another
     #    replica, which can be further behind.)
     return Route("replica", "lsn-check", min_lsn=state.token.lsn)

@@ -20,9 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_
 
-from . import tracking
+from . import metrics, tracking
 from .context import request_state
 from .errors import ReadOnlySessionError
+from .health import ReadSideHealth
 from .routing import PinMode, choose_read_route
 
 SessionKind = Literal["auto", "sqlalchemy", "sqlmodel"]
@@ -61,6 +62,7 @@ class ReadBinds:
     mode: PinMode
     wait_ms: int
     is_async: bool
+    health: ReadSideHealth | None = None
 
 
 _classes: dict[tuple[str, type[Session]], type[Session]] = {}
@@ -109,13 +111,15 @@ def _route(self: Session, binds: ReadBinds) -> Engine | Connection:
     if cached is not None and cached[0] == version:
         return cached[1]  # type: ignore[no-any-return]
 
-    route = choose_read_route(state, binds.mode)
+    route = choose_read_route(state, binds.mode, binds.health)
     bind: Engine | Connection = binds.primary if route.target == "primary" else binds.replica
     reason = route.reason
     if route.min_lsn is not None:
         bind, reason = _replica_if_caught_up(self, binds, route.min_lsn)
+    target = "primary" if bind is binds.primary else "replica"
+    metrics.record_route(target, reason)
     if state is not None:
-        state.read_target = "primary" if bind is binds.primary else "replica"
+        state.read_target = target
         state.read_reason = reason
     self.info[_CHOICE] = (version, bind)
     return bind

@@ -103,6 +103,15 @@ class RWDBSettings(BaseSettings):
     # Adds "X-RWDB-Read: replica" or "primary; reason=..." to responses that read.
     routing_header: bool = Field(False, validation_alias="RWDB_ROUTING_HEADER")
 
+    # --- when the read side is unwell ----------------------------------------------------
+    # After this many failed connects in a row, reads go to the primary ...
+    read_fallback_after: int = Field(3, ge=1, validation_alias="RWDB_READ_FALLBACK_AFTER")
+    # ... and the read side is tried again after this many seconds.
+    read_retry_seconds: float = Field(5.0, gt=0, validation_alias="RWDB_READ_RETRY_SECONDS")
+    # Replay lag (seconds) above which reads go to the primary; unset: no lag check.
+    max_replica_lag: float | None = Field(None, gt=0, validation_alias="RWDB_MAX_REPLICA_LAG")
+    lag_check_interval: float = Field(1.0, ge=0.05, validation_alias="RWDB_LAG_CHECK_INTERVAL")
+
     # --- built-in routes ---------------------------------------------------------------
     debug_routes: bool = Field(False, validation_alias="RWDB_DEBUG_ROUTES")
     debug_prefix: str = Field(

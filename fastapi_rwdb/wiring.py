@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,15 +12,19 @@ from typing import Any
 from fastapi import FastAPI
 
 from .database import Database, configure
+from .debug import debug_router
+from .health import watch_lag
 from .middleware import ReadYourWritesMiddleware
+from .outages import HANDLED, unavailable_handler
 from .settings import RWDBSettings
 
 logger = logging.getLogger("fastapi_rwdb")
 
 
 def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Database:
-    """Load and check the settings, add the read-your-writes middleware, and dispose
-    of every pool at shutdown.
+    """Load and check the settings, add the read-your-writes middleware and the 503
+    handlers for outages, watch replica lag if asked to, and dispose of every pool
+    at shutdown.
 
     Call it once, right after creating the app. Settings come from the
     environment unless given; a bad value raises :class:`SettingsError` here,
@@ -29,16 +35,36 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
         logger.warning("fastapi_rwdb: %s", warning)
     database.signer  # noqa: B018 - warns now if RWDB_SECRET_KEY is missing
     app.add_middleware(ReadYourWritesMiddleware, database=database)
+    if database.settings.debug_routes:
+        app.include_router(debug_router(database))
+    for exc_class in HANDLED:
+        app.add_exception_handler(exc_class, unavailable_handler)
 
     inner = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        watcher = _start_lag_watch(database)
         try:
             async with inner(app_) as state:
                 yield state
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await database.dispose()
 
     app.router.lifespan_context = lifespan
     return database
+
+
+def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:
+    settings = database.settings
+    if settings.max_replica_lag is None:
+        return None
+    engines = database.async_engines
+    return asyncio.create_task(
+        watch_lag(database.health, engines.write, engines.read, settings.lag_check_interval),
+        name="fastapi_rwdb lag watch",
+    )

@@ -1,0 +1,55 @@
+"""How a database outage reaches the client: a short 503, not a stack trace.
+
+During a switchover the write port is unusable for a few seconds, after a
+crash for about Patroni's ttl. Requests caught in that window fail; they must
+fail clearly and retryably, and a write is never reported as done unless its
+COMMIT returned.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .engines import READ_ONLY_SQLSTATE, sqlstate_of
+from .errors import DatabaseUnavailableError
+
+logger = logging.getLogger("fastapi_rwdb")
+
+HANDLED = (DatabaseUnavailableError, PoolTimeoutError, DBAPIError)
+
+_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why the database is unavailable, if ``exc`` says it is; else ``None``."""
+    if isinstance(exc, DatabaseUnavailableError):
+        return str(exc)
+    if isinstance(exc, PoolTimeoutError):
+        return "every database connection of this worker is busy (pool timeout)"
+    if isinstance(exc, DBAPIError):
+        code = sqlstate_of(exc)
+        if code == READ_ONLY_SQLSTATE:
+            # Only the write side gets here: read sessions raise ReadOnlySessionError.
+            return "the primary became read-only (failover in progress)"
+        if exc.connection_invalidated:
+            return "the database connection was lost (failover or restart)"
+        if code is not None and (code.startswith("08") or code in _SERVER_GOING_AWAY):
+            return f"the database server is unavailable (SQLSTATE {code})"
+    return None
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> Response:
+    reason = unavailable_reason(exc)
+    if reason is None:
+        raise exc  # not an outage: the server's usual 500 and traceback
+    logger.warning("fastapi_rwdb: %s %s -> 503: %s", request.method, request.url.path, reason)
+    return JSONResponse(
+        {"detail": f"database temporarily unavailable: {reason}; retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
