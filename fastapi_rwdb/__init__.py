@@ -24,7 +24,7 @@ from .engines import (
     make_engine,
     make_engine_pair,
 )
-from .errors import ReadOnlySessionError, RWDBError, SettingsError
+from .errors import DatabaseUnavailableError, ReadOnlySessionError, RWDBError, SettingsError
 from .scopes import (
     get_async_read_db_context,
     get_async_write_db_context,
@@ -41,6 +41,7 @@ __all__ = [
     "AsyncWriteSession",
     "DBSession",
     "Database",
+    "DatabaseUnavailableError",
     "EnginePair",
     "RWDBError",
     "RWDBSettings",
