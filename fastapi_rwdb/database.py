@@ -57,6 +57,7 @@ class Database:
         self._lock = threading.RLock()
         self._built: dict[str, Any] = {}
         self._health: ReadSideHealth | None = None
+        self._signer: TokenSigner | None = None
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -97,7 +98,13 @@ class Database:
     @property
     def signer(self) -> TokenSigner:
         """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a per-process key)."""
-        return self._once("signer", lambda: TokenSigner(_secret_key(self.settings)))
+        # Kept apart from _built: disposing the pools must not change the key, or
+        # every token handed out before would stop verifying.
+        if self._signer is None:
+            with self._lock:
+                if self._signer is None:
+                    self._signer = TokenSigner(_secret_key(self.settings))
+        return self._signer
 
     # -- engines -------------------------------------------------------------------
 

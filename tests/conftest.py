@@ -54,3 +54,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("stack"):
             item.fixturenames.insert(0, "stack")  # type: ignore[attr-defined]
+    # The reliability suite changes which node is primary: it runs after everything else.
+    items.sort(key=lambda item: item.get_closest_marker("reliability") is not None)
