@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
 from .context import request_state
 from .database import Database, get_database
 from .state import RequestState
@@ -71,7 +72,10 @@ class ReadYourWritesMiddleware:
                 raw = _cookie_value(value, self._cookie)
         if not raw:
             return None
-        return self._signer.load(raw.decode("latin-1"), max_age=self._pin_seconds)
+        token = self._signer.load(raw.decode("latin-1"), max_age=self._pin_seconds)
+        if token is None:
+            metrics.record_token("rejected")
+        return token
 
     def _outgoing(self, state: RequestState) -> list[tuple[bytes, bytes]]:
         extra: list[tuple[bytes, bytes]] = []
@@ -81,6 +85,7 @@ class ReadYourWritesMiddleware:
             )
             extra.append((b"set-cookie", (self._set_cookie % (value, self._pin_seconds)).encode()))
             extra.append((self._header, value.encode()))
+            metrics.record_token("issued")
         elif (
             state.token is not None
             and not self._window
@@ -90,6 +95,7 @@ class ReadYourWritesMiddleware:
             # A replica has the client's last write: back to plain replica reads.
             extra.append((b"set-cookie", (self._set_cookie % ("", 0)).encode()))
             extra.append((self._header, b""))
+            metrics.record_token("cleared")
         if self._routing_header and state.read_target is not None:
             value = state.read_target
             if state.read_target == "primary":

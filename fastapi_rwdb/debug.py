@@ -1,0 +1,459 @@
+"""Built-in routes that show how a deployment really splits reads and writes.
+
+:func:`fastapi_rwdb.setup` mounts them when ``RWDB_DEBUG_ROUTES=true``, under
+``RWDB_DEBUG_PREFIX`` (default ``/debug``):
+
+``GET {prefix}/read-write-split``
+    Asks each side of both engine pairs which PostgreSQL node answered and
+    whether it is in recovery, with the primary's WAL position, the replica's
+    replay position and lag, and the caller's read-your-writes pin. HTTP 200
+    when the write ports reach a primary and the read ports a replica, 503
+    (with one plain sentence per problem) when not.
+
+``GET {prefix}/pool-stats``
+    The four connection pools, read from memory; nothing is connected.
+
+With ``RWDB_DEBUG_TOKEN`` set, both want ``Authorization: Bearer <token>``.
+The routes only read: no data is written and the caller's pin is left as it
+was. Bodies name servers as ``host:port/database``, never with a user or
+password, and error messages are cut to their first line with every
+configured secret masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.pool import QueuePool
+from starlette.concurrency import run_in_threadpool
+
+from .context import request_state
+from .database import Database
+from .errors import RWDBError
+from .routing import Route, choose_read_route
+from .settings import RWDBSettings, Side
+from .state import RequestState
+
+logger = logging.getLogger("fastapi_rwdb")
+
+Role = Literal["primary", "replica"]
+
+#: One round trip per side. ``pg_current_wal_lsn()`` fails on a replica, hence the
+#: CASE (both functions are volatile, so PostgreSQL never folds it early).
+FACTS_SQL = text(
+    "SELECT host(inet_server_addr()) AS addr, inet_server_port() AS port,"
+    " pg_is_in_recovery() AS in_recovery,"
+    " CASE WHEN pg_is_in_recovery() THEN NULL"
+    "  ELSE (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8 END AS current_lsn,"
+    " (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8 AS replay_lsn,"
+    " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8 AS replay_age"
+)
+
+_NO_STORE = {"Cache-Control": "no-store"}
+_ERROR_CHARS = 240
+
+
+def format_lsn(lsn: int | None) -> str | None:
+    """An LSN as PostgreSQL prints it (``0/5031C28``)."""
+    if lsn is None:
+        return None
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+# -- protection ------------------------------------------------------------------------
+
+
+def _token_guard(token: bytes | None) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    # Both sides are hashed first, so the comparison takes the same time whatever
+    # the length of what the client sent.
+    expected = None if token is None else hashlib.sha256(token).digest()
+
+    async def require_token(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # latin-1 gives back the bytes the client sent.
+        digest = hashlib.sha256(given.strip().encode("latin-1")).digest()
+        if not (hmac.compare_digest(digest, expected) and scheme.lower() == "bearer"):
+            raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def debug_router(database: Database) -> APIRouter:
+    """The router ``setup()`` includes when ``RWDB_DEBUG_ROUTES`` is on.
+
+    It reports on ``database`` (the one ``setup()`` made the process-wide
+    default, so the same engines the dependencies use).
+    """
+    settings = database.settings
+    secret = settings.debug_token.get_secret_value() if settings.debug_token else ""
+    if not secret:
+        logger.warning(
+            "fastapi_rwdb: the debug routes under %s are on without RWDB_DEBUG_TOKEN: "
+            "anyone who can reach the app can see its database topology and pool usage",
+            settings.debug_prefix,
+        )
+    router = APIRouter(
+        prefix=settings.debug_prefix,
+        dependencies=[Depends(_token_guard(secret.encode() if secret else None))],
+        include_in_schema=False,
+    )
+
+    @router.get("/read-write-split")
+    async def read_write_split() -> JSONResponse:
+        body = await check_read_write_split(database)
+        status = 200 if body["status"] == "ok" else 503
+        return JSONResponse(body, status_code=status, headers=_NO_STORE)
+
+    @router.get("/pool-stats")
+    async def pool_stats_route() -> JSONResponse:
+        return JSONResponse(pool_stats(database), headers=_NO_STORE)
+
+    return router
+
+
+# -- read-write split ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    addr: str | None
+    port: int | None
+    in_recovery: bool
+    current_lsn: int | None
+    replay_lsn: int | None
+    replay_age: float | None
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> _Facts:
+        addr, port, in_recovery, current_lsn, replay_lsn, replay_age = row
+        return cls(addr, port, in_recovery, current_lsn, replay_lsn, replay_age)
+
+    @property
+    def role(self) -> Role:
+        return "replica" if self.in_recovery else "primary"
+
+    @property
+    def server(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+Probe = _Facts | BaseException
+
+
+def _probe_sync(database: Database) -> tuple[Probe, Probe]:
+    """(write, read) facts of the psycopg pair; runs in a worker thread.
+
+    The read side is asked first: the primary's position, read afterwards, can
+    only make the lag look larger, never hide it.
+    """
+    read: Probe
+    write: Probe
+    try:
+        # Straight on the read engine: a read session could be sent to the primary
+        # by the caller's own read-your-writes token.
+        with database.engines.read.connect() as conn:
+            read = _Facts.of(conn.execute(FACTS_SQL).one())
+    except Exception as exc:
+        read = exc
+    try:
+        with database.write_session() as session:
+            write = _Facts.of(session.connection().execute(FACTS_SQL).one())
+    except Exception as exc:
+        write = exc
+    return write, read
+
+
+async def _probe_async(database: Database) -> tuple[Probe, Probe]:
+    """(write, read) facts of the asyncpg pair."""
+    read: Probe
+    write: Probe
+    try:
+        async with database.async_engines.read.connect() as conn:
+            read = _Facts.of((await conn.execute(FACTS_SQL)).one())
+    except Exception as exc:
+        read = exc
+    try:
+        async with database.async_write_session() as session:
+            conn = await session.connection()
+            write = _Facts.of((await conn.execute(FACTS_SQL)).one())
+    except Exception as exc:
+        write = exc
+    return write, read
+
+
+async def check_read_write_split(database: Database) -> dict[str, Any]:
+    """The body of ``GET {prefix}/read-write-split``; ``status`` is "ok" or "problem"."""
+    settings = database.settings
+    state = request_state.get()  # read before any probe: the probes never change it
+    route = choose_read_route(state, settings.pin_mode, database.health)
+    problems: list[str] = []
+    pairs: dict[str, Any] = {}
+    replay: list[tuple[str, _Facts]] = []
+    sync_probes = await run_in_threadpool(_probe_sync, database)
+    async_probes = await _probe_async(database)
+    for name, driver, (write, read) in (
+        ("sync", "psycopg", sync_probes),
+        ("async", "asyncpg", async_probes),
+    ):
+        label = f"{name} ({driver})"
+        pairs[name] = {
+            "driver": driver,
+            "write": _side_report(settings, "write", write, label, problems),
+            "read": _side_report(settings, "read", read, label, problems),
+        }
+        if isinstance(read, _Facts):
+            replay.append((name, read))
+            if read.in_recovery:
+                primary_lsn = write.current_lsn if isinstance(write, _Facts) else None
+                pairs[name]["read"]["replay_lag"] = _lag(read, primary_lsn)
+    return {
+        "status": "problem" if problems else "ok",
+        "problems": problems,
+        **pairs,
+        "caller": _caller_report(state, route, settings, replay),
+        "note": (
+            "Each new connection through the read port may reach another replica; "
+            "this shows the ones this check got."
+        ),
+    }
+
+
+def _side_report(
+    settings: RWDBSettings, side: Side, probe: Probe, label: str, problems: list[str]
+) -> dict[str, Any]:
+    expected: Role = "primary" if side == "write" else "replica"
+    report: dict[str, Any] = {"endpoint": settings.endpoint(side), "expected": expected}
+    if isinstance(probe, BaseException):
+        message = describe_error(probe, settings)
+        problems.append(
+            f"{label}: cannot connect to the {side} side ({report['endpoint']}): {message}"
+        )
+        return {**report, "reached": None, "as_expected": False, "error": message}
+    report.update(
+        reached=probe.role,
+        as_expected=probe.role == expected,
+        server_addr=probe.addr,
+        server_port=probe.port,
+        in_recovery=probe.in_recovery,
+    )
+    if side == "write":
+        report["current_lsn"] = format_lsn(probe.current_lsn)
+    else:
+        report["replay_lsn"] = format_lsn(probe.replay_lsn if probe.in_recovery else None)
+    if probe.role != expected:
+        problems.append(f"{label}: {_wrong_role(settings, side, probe)}")
+    return report
+
+
+def _wrong_role(settings: RWDBSettings, side: Side, facts: _Facts) -> str:
+    if side == "read":
+        return (
+            f"the read port ({settings.endpoint('read')}) reached a primary "
+            f"({facts.server}), so reads are not offloaded: check HAProxy's /replica "
+            "health check on the read backend, and that at least one replica is running "
+            "(a primary listed as backup answers only when no replica is healthy)"
+        )
+    return (
+        f"the write port ({settings.endpoint('write')}) reached a replica ({facts.server}), "
+        "so every write will fail: check HAProxy's /primary health check on the write "
+        "backend (after a failover it must follow the new leader)"
+    )
+
+
+def _lag(replica: _Facts, primary_lsn: int | None) -> dict[str, Any]:
+    behind = None
+    if primary_lsn is not None and replica.replay_lsn is not None:
+        behind = max(0, primary_lsn - replica.replay_lsn)
+    age = replica.replay_age
+    return {
+        # WAL the replica had still to replay when the primary's position was read.
+        "bytes": behind,
+        # Grows on a quiet primary too; "bytes" is what says whether it is behind.
+        "seconds_since_last_replayed_transaction": None if age is None else round(age, 3),
+    }
+
+
+def describe_error(exc: BaseException, settings: RWDBSettings) -> str:
+    """Error class and the first line of the driver's message, secrets masked."""
+    inner: BaseException = exc
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper around the driver's error
+    if isinstance(orig, BaseException):
+        inner = orig
+    elif isinstance(exc, RWDBError) and exc.__cause__ is not None:
+        inner = exc.__cause__  # ours, raised from the driver's error
+    lines = str(inner).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > _ERROR_CHARS:
+        first = first[: _ERROR_CHARS - 3] + "..."
+    for secret in _secrets(settings):
+        first = first.replace(secret, "***")
+    return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def _secrets(settings: RWDBSettings) -> list[str]:
+    found = []
+    for value in (settings.password, settings.write_url, settings.read_url):
+        if value is not None and value.get_secret_value():
+            found.append(value.get_secret_value())
+    for side in ("write", "read"):
+        password = settings.url(side, "psycopg").password
+        if password:
+            found.append(str(password))
+    return sorted(set(found), key=len, reverse=True)  # whole URLs before their parts
+
+
+# -- the caller's read-your-writes pin ---------------------------------------------------
+
+
+def _caller_report(
+    state: RequestState | None,
+    route: Route,
+    settings: RWDBSettings,
+    replicas: list[tuple[str, _Facts]],
+) -> dict[str, Any]:
+    mode = settings.pin_mode
+    token = state.token if state is not None else None
+    checked: list[dict[str, Any]] | None = None
+    if token is not None and mode == "lsn":
+        checked = [
+            {
+                "pair": pair,
+                "server": facts.server,
+                # A primary on the read port has everything (sessions treat it so too).
+                "replayed": not facts.in_recovery
+                or (facts.replay_lsn is not None and facts.replay_lsn >= token.lsn),
+            }
+            for pair, facts in replicas
+        ]
+    return {
+        "pin_mode": mode,
+        "in_request": state is not None,
+        "token": token is not None,
+        "token_lsn": format_lsn(token.lsn) if token is not None and mode == "lsn" else None,
+        "token_expires_in_seconds": (
+            max(0, round(token.expires - time.time())) if token is not None else None
+        ),
+        "replica_has_lsn": checked,
+        "read_route": {
+            "target": route.target,
+            "reason": route.reason,
+            "min_lsn": format_lsn(route.min_lsn),
+        },
+        "explanation": _explain_route(state, route, mode, checked),
+    }
+
+
+def _explain_route(
+    state: RequestState | None,
+    route: Route,
+    mode: str,
+    checked: list[dict[str, Any]] | None,
+) -> str:
+    if state is None:
+        return (
+            "no read-your-writes state: the middleware added by setup() is not in front of "
+            "this route, so reads go to a replica"
+        )
+    if route.reason == "pinned":
+        return (
+            "you wrote recently and RWDB_PIN_MODE=window: the primary serves your reads "
+            "until your token expires"
+        )
+    if route.min_lsn is not None:
+        lsn = format_lsn(route.min_lsn)
+        replayed = [c["server"] for c in checked or () if c["replayed"]]
+        missing = [c["server"] for c in checked or () if not c["replayed"]]
+        summary = (
+            f"a read session goes to a replica only if that replica has replayed {lsn}, "
+            "else to the primary"
+        )
+        if not checked:
+            return f"{summary}; this check could not reach a replica to compare"
+        if not missing:
+            return (
+                f"{summary}; the replica(s) this check reached have, so your reads go to a "
+                "replica and your token is cleared on the next one"
+            )
+        if not replayed:
+            return (
+                f"{summary}; the replica(s) this check reached have not yet, so a read now "
+                "would go to the primary"
+            )
+        return (
+            f"{summary}; of the replicas this check reached, {', '.join(replayed)} "
+            f"have it and {', '.join(missing)} do not: the replica a read reaches decides"
+        )
+    if route.target == "primary":
+        why = _PRIMARY_BECAUSE.get(route.reason, route.reason)
+        return f"your reads go to the primary: {why}"
+    if mode == "off":
+        return "read-your-writes is off (RWDB_PIN_MODE=off): your reads go to a replica"
+    return "no valid read-your-writes token was sent: your reads go to a replica"
+
+
+_PRIMARY_BECAUSE = {
+    "replica-down": (
+        "the read side refused several connections in a row, and is tried again after "
+        "RWDB_READ_RETRY_SECONDS"
+    ),
+    "replica-lag": "the replicas are further behind than RWDB_MAX_REPLICA_LAG",
+    "replica-behind": "a replica was found behind your last write earlier in this request",
+    "wrote-in-request": "this request committed a write",
+}
+
+
+# -- pools -----------------------------------------------------------------------------
+
+
+def pool_stats(database: Database) -> dict[str, Any]:
+    """The four pools, read from memory (the body of ``GET {prefix}/pool-stats``).
+
+    Engines that were never used are not built here: a pair not built yet is
+    reported with ``"built": false``, its configured size and zero connections.
+    """
+    settings = database.settings
+    report: dict[str, Any] = {}
+    for pair_name, key in (("sync", "engines"), ("async", "async_engines")):
+        built = database.is_built(key)
+        pair = getattr(database, key) if built else None
+        sides: dict[str, Any] = {}
+        for side in ("write", "read"):
+            factor = settings.read_pool_multiplier if side == "read" else 1
+            size, max_overflow = settings.pool_size * factor, settings.max_overflow * factor
+            entry: dict[str, Any] = {
+                "built": built,
+                "endpoint": settings.endpoint(side),
+                "size": size,
+                "max_overflow": max_overflow,
+                "checked_in": 0,
+                "checked_out": 0,
+                "overflow": 0,
+                "open": 0,
+                "usage": 0.0,
+            }
+            pool = getattr(pair, side).pool if pair is not None else None
+            if isinstance(pool, QueuePool):
+                size, out = pool.size(), pool.checkedout()
+                entry.update(
+                    size=size,
+                    checked_in=pool.checkedin(),
+                    checked_out=out,
+                    # Negative while the pool has fewer connections than its size.
+                    overflow=max(0, pool.overflow()),
+                    open=size + pool.overflow(),
+                    usage=round(out / (size + max_overflow), 3),
+                )
+            sides[side] = entry
+        report[pair_name] = sides
+    return report

@@ -1,0 +1,112 @@
+"""Optional Prometheus metrics: ``pip install 'fastapi-rwdb[metrics]'``.
+
+Without ``prometheus_client`` every function here returns at once (one
+module-level flag is checked). With it, these are registered on
+``prometheus_client``'s default registry when the package is imported:
+
+``rwdb_reads_routed_total{target, reason}``
+    Routing decisions of read sessions: ``target`` is ``replica`` or
+    ``primary``, ``reason`` one of the few :func:`fastapi_rwdb.routing.choose_read_route`
+    gives (``default``, ``caught-up``, ``replica-behind``, ``wrote-in-request``,
+    ``pinned``, ...).
+``rwdb_tokens_total{event}``
+    Read-your-writes tokens ``issued``, ``rejected`` (sent by a client but
+    forged, garbled, expired or foreign) and ``cleared``.
+``rwdb_pool_size``, ``rwdb_pool_checked_out``, ``rwdb_pool_overflow`` ``{pair, side}``
+    The four connection pools (``pair`` ``sync``/``async``, ``side``
+    ``write``/``read``), read when scraped; pools not built yet are left out.
+
+Nothing is served over HTTP: mount ``prometheus_client.make_asgi_app()``
+wherever the application wants its metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+try:
+    from prometheus_client import REGISTRY, Counter
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError:  # pragma: no cover - exercised only without the extra
+    ENABLED = False
+else:
+    ENABLED = True
+
+if ENABLED:
+    _routed = Counter(
+        "rwdb_reads_routed",
+        "Read sessions routed, by target (replica or primary) and reason",
+        ["target", "reason"],
+    )
+    _tokens = Counter(
+        "rwdb_tokens",
+        "Read-your-writes tokens issued, rejected or cleared",
+        ["event"],
+    )
+
+    class _PoolCollector(Collector):
+        """Reads the process-wide Database's pools at scrape time."""
+
+        def describe(self) -> Iterable[Any]:
+            return _pool_families()
+
+        def collect(self) -> Iterable[Any]:
+            # Imported here: this module is imported by the sessions, which the
+            # database module imports in turn.
+            from .database import get_database
+            from .debug import pool_stats
+
+            families = _pool_families()
+            size, checked_out, overflow = families
+            database = get_database()
+            if not (database.is_built("engines") or database.is_built("async_engines")):
+                return families  # and never load settings from here
+            for pair, sides in pool_stats(database).items():
+                for side, stats in sides.items():
+                    if not stats["built"]:
+                        continue
+                    labels = [pair, side]
+                    size.add_metric(labels, stats["size"])
+                    checked_out.add_metric(labels, stats["checked_out"])
+                    overflow.add_metric(labels, stats["overflow"])
+            return families
+
+    def _pool_families() -> list[GaugeMetricFamily]:
+        labels = ["pair", "side"]
+        return [
+            GaugeMetricFamily("rwdb_pool_size", "Configured pool size", labels=labels),
+            GaugeMetricFamily(
+                "rwdb_pool_checked_out", "Connections lent out by the pool", labels=labels
+            ),
+            GaugeMetricFamily(
+                "rwdb_pool_overflow", "Connections open beyond the pool size", labels=labels
+            ),
+        ]
+
+    REGISTRY.register(_PoolCollector())
+
+
+# Labelled children, cached: ``labels()`` costs far more than ``inc()``. The label
+# values come from a handful of literals in this package, so the caches stay tiny.
+_route_children: dict[tuple[str, str], Any] = {}
+_token_children: dict[str, Any] = {}
+
+
+def record_route(target: str, reason: str) -> None:
+    """Count one routing decision of a read session."""
+    if ENABLED:
+        child = _route_children.get((target, reason))
+        if child is None:
+            child = _route_children[target, reason] = _routed.labels(target, reason)
+        child.inc()
+
+
+def record_token(event: str) -> None:
+    """Count a read-your-writes token ``issued``, ``rejected`` or ``cleared``."""
+    if ENABLED:
+        child = _token_children.get(event)
+        if child is None:
+            child = _token_children[event] = _tokens.labels(event)
+        child.inc()
