@@ -58,6 +58,7 @@ class Database:
         self._built: dict[str, Any] = {}
         self._health: ReadSideHealth | None = None
         self._signer: TokenSigner | None = None
+        self._checked = False
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -82,6 +83,15 @@ class Database:
                 if self._settings is None:
                     self._settings = RWDBSettings()
         return self._settings
+
+    def check(self) -> RWDBSettings:
+        """Load the settings now, and log once what is legal but probably a mistake."""
+        settings = self.settings
+        if not self._checked:
+            self._checked = True
+            for warning in settings.warnings():
+                logger.warning("fastapi_rwdb: %s", warning)
+        return settings
 
     @property
     def health(self) -> ReadSideHealth:
@@ -246,8 +256,7 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
         s.pool_size,
         s.pool_size * s.read_pool_multiplier,
     )
-    for warning in s.warnings():
-        logger.warning("fastapi_rwdb: %s", warning)
+    db.check()
     return pair
 
 
@@ -281,7 +290,7 @@ def configure(database: Database | RWDBSettings | None = None) -> Database:
     global _default
     if not isinstance(database, Database):
         database = Database(database)
-    database.settings  # noqa: B018 - load and validate now
+    database.check()
     with _default_lock:
         old, _default = _default, database
     if old is not database and old._built:

@@ -30,9 +30,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     environment unless given; a bad value raises :class:`SettingsError` here,
     at start-up, not on the first request.
     """
-    database = configure(settings)
-    for warning in database.settings.warnings():
-        logger.warning("fastapi_rwdb: %s", warning)
+    database = configure(settings)  # loads and checks the settings
     database.signer  # noqa: B018 - warns now if RWDB_SECRET_KEY is missing
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:

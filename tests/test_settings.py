@@ -144,3 +144,14 @@ def test_engine_repr_and_logs_hide_password(caplog: pytest.LogCaptureFixture) ->
     assert PASSWORD not in caplog.text
     assert engines.read.pool.size() == 2 * engines.write.pool.size()  # type: ignore[attr-defined]
     db.dispose_sync()
+
+
+def test_suspicious_settings_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi_rwdb import Database, configure
+
+    caplog.set_level(logging.WARNING, logger="fastapi_rwdb")
+    db = configure(Database(RWDBSettings(password="x", read_port=5432, pin_mode="off")))
+    db.check()
+    db.engines  # noqa: B018 - building the engines must not repeat it
+    assert caplog.text.count("both point at") == 1
+    db.dispose_sync()
