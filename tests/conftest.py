@@ -50,6 +50,16 @@ def stack() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_default_database() -> Iterator[None]:
+    """setup()/configure() replace the process-wide Database; give the next test the old one."""
+    import fastapi_rwdb.database as registry
+
+    before = registry._default
+    yield
+    registry._default = before
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("stack"):
