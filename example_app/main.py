@@ -1,6 +1,8 @@
 """Tracker API: reads on replicas, writes on the primary.
 
-Run it with ``bash scripts/dev.sh demo`` (starts the local stack first).
+Run it with ``bash scripts/dev.sh demo`` (starts the local stack first), or
+``uvicorn example_app.main:app`` with the ``POSTGRES_*`` variables set. Check
+which session each route uses with ``python -m fastapi_rwdb audit example_app.main:app``.
 """
 
 from __future__ import annotations
@@ -8,56 +10,36 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from sqlalchemy import text
-from sqlmodel import SQLModel, select
 
 import fastapi_rwdb
-from fastapi_rwdb import AsyncReadSession, ReadSession, WriteSession
+from fastapi_rwdb import ReadSession
 
-from .models import Tracker, TrackerCreate, TrackerRead
+from . import async_trackers, trackers
+from .models import create_tables
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # DDL belongs on the primary; replicas receive it through replication.
-    SQLModel.metadata.create_all(fastapi_rwdb.get_database().engines.write)
+    # DDL belongs on the primary; the replicas receive it through replication.
+    with fastapi_rwdb.get_database().engines.write.begin() as conn:
+        create_tables(conn)
     yield
 
 
 app = FastAPI(title="fastapi-rwdb example: trackers", lifespan=lifespan)
-fastapi_rwdb.setup(app)
+database = fastapi_rwdb.setup(app)
+app.include_router(trackers.router)
+app.include_router(async_trackers.router)
 
 
-@app.get("/trackers", response_model=list[TrackerRead])
-def list_trackers(db: ReadSession, skip: int = 0, limit: int = 100) -> list[Tracker]:
-    return list(db.exec(select(Tracker).order_by(Tracker.id).offset(skip).limit(limit)))
-
-
-@app.get("/trackers/async", response_model=list[TrackerRead])
-async def list_trackers_async(db: AsyncReadSession, limit: int = 100) -> list[Tracker]:
-    result = await db.exec(select(Tracker).order_by(Tracker.id).limit(limit))
-    return list(result)
-
-
-@app.post("/trackers", response_model=TrackerRead, status_code=201)
-def create_tracker(body: TrackerCreate, db: WriteSession) -> Tracker:
-    tracker = Tracker.model_validate(body)
-    db.add(tracker)
-    db.commit()
-    db.refresh(tracker)
-    return tracker
-
-
-@app.get("/trackers/{tracker_id}", response_model=TrackerRead)
-def get_tracker(tracker_id: int, db: ReadSession) -> Tracker:
-    tracker = db.get(Tracker, tracker_id)
-    if tracker is None:
-        raise HTTPException(404, "tracker not found")
-    return tracker
-
-
-@app.get("/health/database")
-def database_health(db: ReadSession) -> dict[str, object]:
-    replica = db.execute(text("SELECT pg_is_in_recovery()")).scalar_one()
-    return {"status": "ok", "served_by": "replica" if replica else "primary"}
+@app.get("/health/database", tags=["health"])
+def database_health(db: ReadSession) -> dict[str, str]:
+    """On a read session on purpose: health checks are frequent, and the question a
+    load balancer asks is "can this instance serve reads?". A replica answering says
+    the read path (HAProxy, PgBouncer, replica) works. "primary" means either that
+    no replica is up (HAProxy's read port fell back to the primary) or that this
+    client sent a token for a write the replicas have not replayed yet."""
+    in_recovery = db.execute(text("SELECT pg_is_in_recovery()")).scalar_one()
+    return {"status": "ok", "served_by": "replica" if in_recovery else "primary"}

@@ -13,6 +13,7 @@ Outside a request (no request state) nothing is tracked and nothing is paid.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -22,12 +23,16 @@ from sqlalchemy.util import await_
 
 from .context import request_state
 
+logger = logging.getLogger("fastapi_rwdb")
+
 _WROTE = "rwdb_wrote"  # Connection.info: True, or "maybe" after textual SQL
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
 
 XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+#: The highest pg_lsn: no replica ever reports having replayed it.
+UNKNOWN_LSN = 2**64 - 1
 
 
 def watch_engine(engine: Engine) -> None:
@@ -59,9 +64,14 @@ def _after_begin(session: Session, transaction: Any, connection: Connection) -> 
 
 
 def _before_commit(session: Session) -> None:
-    if request_state.get() is None or not session.info.get(_CONNECTIONS):
+    if request_state.get() is None:
         return
-    session.flush()  # before_commit runs before the commit's own flush
+    # before_commit runs before the commit's own flush. Flush first: when the pending
+    # objects are all the transaction has, it is this flush that begins it (and
+    # registers its connection through after_begin).
+    session.flush()
+    if not session.info.get(_CONNECTIONS):
+        return
     for conn in session.info[_CONNECTIONS]:
         mark = conn.info.get(_WROTE)
         if mark == "maybe":
@@ -77,8 +87,22 @@ def _after_commit(session: Session) -> None:
     state = request_state.get()
     if conn is None or state is None:
         return
-    mode = session.info.get("rwdb_pin_mode", "lsn")
-    state.note_commit(current_lsn(conn) if mode == "lsn" else 0)
+    if session.info.get("rwdb_pin_mode", "lsn") != "lsn":
+        state.note_commit(0)
+        return
+    try:
+        lsn = current_lsn(conn)
+    except Exception:
+        # The COMMIT went through; only reading the position after it failed (the
+        # connection died with it: a switchover, a crash). The write stands, so the
+        # request must not fail for it; the client is pinned to the primary instead.
+        logger.warning(
+            "fastapi_rwdb: committed, but the WAL position could not be read after it; "
+            "this client reads from the primary until its token expires",
+            exc_info=True,
+        )
+        lsn = UNKNOWN_LSN
+    state.note_commit(lsn)
 
 
 def _forget(session: Session) -> None:
