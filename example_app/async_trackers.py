@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from fastapi_rwdb import AsyncReadSession, AsyncWriteSession
+from fastapi_rwdb.sqlmodel import AsyncReadSession, AsyncWriteSession
 
 from .models import (
     Location,
@@ -36,7 +36,7 @@ async def tracker_detail(db: AsyncSession, tracker_id: int) -> TrackerDetail:
         raise HTTPException(404, "tracker not found")
     newest_first = (col(Location.recorded_at).desc(), col(Location.id).desc())
     query = select(Location).where(Location.tracker_id == tracker_id).order_by(*newest_first)
-    points = (await db.scalars(query.limit(LATEST))).all()
+    points = (await db.exec(query.limit(LATEST))).all()
     return TrackerDetail(
         **tracker.model_dump(),
         latest_locations=[LocationRead.model_validate(p) for p in points],
@@ -48,7 +48,7 @@ async def list_trackers(
     db: AsyncReadSession, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> Sequence[Tracker]:
     newest_first = select(Tracker).order_by(col(Tracker.id).desc())
-    return (await db.scalars(newest_first.limit(limit))).all()
+    return (await db.exec(newest_first.limit(limit))).all()
 
 
 @router.get("/{tracker_id}", response_model=TrackerDetail)

@@ -6,9 +6,8 @@ while the client's own last write has not reached one); anything that changes
 data takes a ``WriteSession``, and so does the one route that must read back
 what it has just written.
 
-Queries go through ``scalars()``/``execute()``, which every session class has
-and which type-check against the aliases; with SQLModel sessions (the default
-here) ``db.exec(select(...))`` works as well.
+The aliases come from ``fastapi_rwdb.sqlmodel``: the same dependencies, typed
+with SQLModel's session, so ``db.exec(select(...))`` type-checks.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy import delete
-from sqlalchemy.orm import Session
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from fastapi_rwdb import ReadSession, WriteSession
+from fastapi_rwdb.sqlmodel import ReadSession, WriteSession
 
 from .models import (
     Location,
@@ -53,7 +51,7 @@ def tracker_or_404(db: Session, tracker_id: int) -> Tracker:
 def latest_locations(db: Session, tracker_id: int, limit: int = LATEST) -> Sequence[Location]:
     newest_first = (col(Location.recorded_at).desc(), col(Location.id).desc())
     query = select(Location).where(Location.tracker_id == tracker_id).order_by(*newest_first)
-    return db.scalars(query.limit(limit)).all()
+    return db.exec(query.limit(limit)).all()
 
 
 def tracker_detail(db: Session, tracker_id: int) -> TrackerDetail:
@@ -73,7 +71,7 @@ def list_trackers(
     """Newest first. A list may trail the primary by the replication lag, which no one
     notices, except the client who just wrote; its token gets it an up-to-date server."""
     newest_first = select(Tracker).order_by(col(Tracker.id).desc())
-    return db.scalars(newest_first.offset(skip).limit(limit)).all()
+    return db.exec(newest_first.offset(skip).limit(limit)).all()
 
 
 @router.get("/search", response_model=list[TrackerRead])
@@ -85,7 +83,7 @@ def search_trackers(
     ``autoescape`` keeps ``%`` and ``_`` in the user's text literal.
     """
     match = col(Tracker.name).icontains(q, autoescape=True)
-    return db.scalars(select(Tracker).where(match).order_by(col(Tracker.id)).limit(limit)).all()
+    return db.exec(select(Tracker).where(match).order_by(col(Tracker.id)).limit(limit)).all()
 
 
 @router.get("/{tracker_id}", response_model=TrackerDetail)
