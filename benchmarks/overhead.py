@@ -1,0 +1,330 @@
+"""What fastapi_rwdb costs over the hand-written two-engine pattern (issue 7).
+
+Both apps (see :mod:`benchmarks.apps`) live in one process and are driven in
+process (:func:`common.call`: no sockets, no HTTP parser, no client library,
+so nothing but the apps differs). Each round runs every route on both apps, back
+to back, for a fixed time with a fixed number of requests in flight, and the
+order of the two apps flips every round. A round's ratio compares the two
+halves of that round, so slow drift of a shared, noisy machine cancels out.
+
+Before the timing, a counting proxy (:mod:`benchmarks.wire`) sits in front of
+HAProxy and counts the round trips each route costs on the wire, together with
+the statements SQLAlchemy's ``before_cursor_execute`` sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import time
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import Engine, event
+
+from .apps import Baseline, rwdb_app, rwdb_sync_engines
+from .common import call, env, percentile, prepare_table, spread, wait_replicas_have
+from .wire import WireCounter, round_trips
+
+CONCURRENCY = 4  # in flight; below the write pool's 5, so no overflow connections churn
+
+# (key, label, method, path template, sends the token)
+ROUTES = [
+    ("sync_read", "sync read", "GET", "/sync/items/{id}", False),
+    ("async_read", "async read", "GET", "/async/items/{id}", False),
+    ("sync_write", "sync write", "POST", "/sync/items", False),
+    ("async_write", "async write", "POST", "/async/items", False),
+    ("sync_read_token", "sync read + token", "GET", "/sync/items/{id}", True),
+    ("async_read_token", "async read + token", "GET", "/async/items/{id}", True),
+]
+COUNT_ONLY = [("sync_write_text", "sync write, text SQL", "POST", "/sync/items-text", False)]
+
+
+class Requests:
+    """Endless request arguments for one route: the read ids cycle through the seed rows."""
+
+    def __init__(self, route: tuple[Any, ...], ids: list[int], token: str) -> None:
+        _, _, self.method, self.template, with_token = route
+        self.headers = [(b"x-rwdb-pin", token.encode())] if with_token else []
+        self._ids = itertools.cycle(ids)
+        self._has_id = "{id}" in self.template
+
+    def next(self) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+        path = self.template.format(id=next(self._ids)) if self._has_id else self.template
+        return self.method, path, self.headers
+
+
+async def burst(app: Any, requests: Requests, duration: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    cleared = 0  # responses that cleared the token: a replica had the client's write
+    errors = 0
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal cleared, errors
+        while time.perf_counter() < deadline:
+            method, path, headers = requests.next()
+            t0 = time.perf_counter()
+            response = await call(app, method, path, headers)
+            latencies.append(time.perf_counter() - t0)
+            if response.status != 200:
+                errors += 1
+            if response.header(b"x-rwdb-pin") == b"":
+                cleared += 1
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
+        "n": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "cpu_us": cpu / max(1, len(latencies)) * 1e6,
+        "latencies": latencies,
+        "cleared": cleared,
+        "errors": errors,
+    }
+
+
+async def fresh_token(app: Any) -> str:
+    """A real token, from a real write, once the replicas have that write."""
+    response = await call(app, "POST", "/sync/items")
+    assert response.status == 200, response.body
+    token = (response.header(b"x-rwdb-pin") or b"").decode()
+    assert token, "a write must hand out a token"
+    new_id = int(response.body.decode().split(":")[1].rstrip("}"))
+    await asyncio.to_thread(wait_replicas_have, [new_id])
+    return token
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def _count_statements(engines: list[Engine], counter: Counter[str]) -> None:
+    def listener(*args: Any) -> None:
+        counter["statements"] += 1
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", listener)
+
+
+async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
+    upstream = {
+        "write": (env("POSTGRES_SERVER"), int(env("POSTGRES_PORT"))),
+        "read": (env("POSTGRES_SERVER"), int(env("POSTGRES_READ_PORT"))),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    with WireCounter(upstream) as wire:
+        w, r = wire.ports["write"], wire.ports["read"]
+        baseline = Baseline(w, r)
+        base_app = baseline.app()
+        base_stmts: Counter[str] = Counter()
+        _count_statements(baseline.sync_engines(), base_stmts)
+        rw_app, database = rwdb_app(w, r, routing_header=True)
+        rw_stmts: Counter[str] = Counter()
+        _count_statements(rwdb_sync_engines(database), rw_stmts)
+        async with (
+            base_app.router.lifespan_context(base_app),
+            rw_app.router.lifespan_context(rw_app),
+        ):
+            token = await fresh_token(rw_app)
+            for route in ROUTES + COUNT_ONLY:
+                key = route[0]
+                results[key] = {"label": route[1]}
+                for variant, app, stmts in (
+                    ("baseline", base_app, base_stmts),
+                    ("rwdb", rw_app, rw_stmts),
+                ):
+                    requests = Requests(route, ids, token)
+                    for _ in range(5):  # fill the pools
+                        await call(app, *requests.next())
+                    wire.reset()
+                    stmts.clear()
+                    read_headers: Counter[str] = Counter()
+                    for _ in range(per_route):
+                        response = await call(app, *requests.next())
+                        assert response.status == 200, response.body
+                        read_headers[(response.header(b"x-rwdb-read") or b"-").decode()] += 1
+                    await asyncio.sleep(0.05)  # let the proxy count the last bytes
+                    counts = wire.counts()
+                    results[key][variant] = {
+                        "round_trips": round_trips(counts) / per_route,
+                        "queries": counts["Q"] / per_route,
+                        "syncs": counts["S"] / per_route,
+                        "flushes": counts["H"] / per_route,
+                        "connects": counts["startup"] / per_route,
+                        "sqlalchemy_statements": stmts["statements"] / per_route,
+                        "routed": dict(read_headers),
+                    }
+    return {"requests_per_route": per_route, "routes": results}
+
+
+# ---------------------------------------------------------------------- timing
+
+
+async def time_routes(ids: list[int], rounds: int, duration: float) -> dict[str, Any]:
+    w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
+    baseline = Baseline(w, r)
+    apps = {"baseline": baseline.app()}
+    apps["rwdb"], _ = rwdb_app(w, r)
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+        route[0]: {"baseline": [], "rwdb": []} for route in ROUTES
+    }
+    async with (
+        apps["baseline"].router.lifespan_context(apps["baseline"]),
+        apps["rwdb"].router.lifespan_context(apps["rwdb"]),
+    ):
+        token = await fresh_token(apps["rwdb"])
+        for route in ROUTES:  # warm-up: pools filled, code paths compiled
+            for app in apps.values():
+                await burst(app, Requests(route, ids, token), min(duration, 0.5))
+        for n in range(rounds):
+            for i, route in enumerate(ROUTES):
+                # ABBA: the app that ran second runs first next time.
+                order = ["baseline", "rwdb"] if (n + i) % 2 == 0 else ["rwdb", "baseline"]
+                for variant in order:
+                    gc.collect()
+                    result = await burst(apps[variant], Requests(route, ids, token), duration)
+                    samples[route[0]][variant].append(result)
+    return _summarise(samples, rounds, duration)
+
+
+def _summarise(
+    samples: dict[str, dict[str, list[dict[str, Any]]]], rounds: int, duration: float
+) -> dict[str, Any]:
+    routes = {}
+    for key, label, *_ in ROUTES:
+        base, rw = samples[key]["baseline"], samples[key]["rwdb"]
+        tput_ratios = [b["rps"] and a["rps"] / b["rps"] for a, b in zip(rw, base, strict=True)]
+        p50_ratios = [
+            percentile(a["latencies"], 50) / percentile(b["latencies"], 50)
+            for a, b in zip(rw, base, strict=True)
+        ]
+        cpu_ratios = [a["cpu_us"] / b["cpu_us"] for a, b in zip(rw, base, strict=True)]
+        pooled = {
+            variant: [x for s in runs for x in s["latencies"]]
+            for variant, runs in (("baseline", base), ("rwdb", rw))
+        }
+        figures = {}
+        for variant, runs in (("baseline", base), ("rwdb", rw)):
+            lat = pooled[variant]
+            figures[variant] = {
+                "rps": spread([s["rps"] for s in runs]),
+                "cpu_us": spread([s["cpu_us"] for s in runs]),
+                "p50_ms": percentile(lat, 50) * 1e3,
+                "p99_ms": percentile(lat, 99) * 1e3,
+                "requests": sum(s["n"] for s in runs),
+                "errors": sum(s["errors"] for s in runs),
+                "cleared": sum(s["cleared"] for s in runs),
+            }
+        routes[key] = {
+            "label": label,
+            **figures,
+            "throughput_ratio": spread(tput_ratios),
+            "p50_ratio_rounds": spread(p50_ratios),
+            "cpu_ratio": spread(cpu_ratios),
+            "p50_ratio": figures["rwdb"]["p50_ms"] / figures["baseline"]["p50_ms"],
+            "p99_ratio": figures["rwdb"]["p99_ms"] / figures["baseline"]["p99_ms"],
+        }
+    return {
+        "rounds": rounds,
+        "seconds_per_burst": duration,
+        "concurrency": CONCURRENCY,
+        "routes": routes,
+    }
+
+
+# ------------------------------------------------- one client, requests interleaved
+
+INTERLEAVED = ("baseline", "rwdb", "control")  # control: a second, independent baseline
+
+
+async def interleaved_routes(ids: list[int], seconds: float, block: int) -> dict[str, Any]:
+    """One request at a time, the three apps taking turns request by request.
+
+    Neighbouring requests of the three apps are milliseconds apart, so whatever
+    else the machine does hits all three alike. With one request in flight the
+    process does nothing else meanwhile, so the process CPU time spent in a
+    request is that request's own. ``control`` is a second baseline with its own
+    engines and pools: its ratio to the baseline is this harness's noise floor
+    (A/A test). Ratios are taken per block of ``block`` turns; the figures are
+    medians over blocks.
+    """
+    w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
+    baselines = [Baseline(w, r), Baseline(w, r)]
+    apps = {"baseline": baselines[0].app(), "control": baselines[1].app()}
+    apps["rwdb"], _ = rwdb_app(w, r)
+    routes: dict[str, Any] = {}
+    async with (
+        apps["baseline"].router.lifespan_context(apps["baseline"]),
+        apps["control"].router.lifespan_context(apps["control"]),
+        apps["rwdb"].router.lifespan_context(apps["rwdb"]),
+    ):
+        token = await fresh_token(apps["rwdb"])
+        for route in ROUTES:
+            requests = {name: Requests(route, ids, token) for name in INTERLEAVED}
+            for name in INTERLEAVED:  # warm-up
+                for _ in range(20):
+                    await call(apps[name], *requests[name].next())
+            wall: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
+            cpu: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
+            blocks: dict[str, list[float]] = {"rwdb": [], "control": [], "rwdb_cpu": []}
+            cleared = errors = turns = 0
+            gc.collect()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline or turns % block:
+                k = turns % 3  # rotate who goes first
+                for name in INTERLEAVED[k:] + INTERLEAVED[:k]:
+                    args = requests[name].next()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    response = await call(apps[name], *args)
+                    cpu[name].append(time.process_time() - c0)
+                    wall[name].append(time.perf_counter() - t0)
+                    errors += response.status != 200
+                    if name == "rwdb" and response.header(b"x-rwdb-pin") == b"":
+                        cleared += 1
+                turns += 1
+                if turns % block == 0:
+                    base = sum(wall["baseline"][-block:])
+                    blocks["rwdb"].append(base / sum(wall["rwdb"][-block:]))
+                    blocks["control"].append(base / sum(wall["control"][-block:]))
+                    blocks["rwdb_cpu"].append(
+                        sum(cpu["rwdb"][-block:]) / sum(cpu["baseline"][-block:])
+                    )
+            figures = {
+                name: {
+                    "rps": len(wall[name]) / sum(wall[name]),
+                    "p50_ms": percentile(wall[name], 50) * 1e3,
+                    "p99_ms": percentile(wall[name], 99) * 1e3,
+                    "cpu_us": sum(cpu[name]) / len(cpu[name]) * 1e6,
+                    "requests": len(wall[name]),
+                }
+                for name in INTERLEAVED
+            }
+            routes[route[0]] = {
+                "label": route[1],
+                **figures,
+                "throughput_ratio": spread(blocks["rwdb"]),
+                "control_ratio": spread(blocks["control"]),
+                "cpu_ratio": spread(blocks["rwdb_cpu"]),
+                "p50_ratio": figures["rwdb"]["p50_ms"] / figures["baseline"]["p50_ms"],
+                "p99_ratio": figures["rwdb"]["p99_ms"] / figures["baseline"]["p99_ms"],
+                "control_p50_ratio": figures["control"]["p50_ms"] / figures["baseline"]["p50_ms"],
+                "cleared": cleared,
+                "errors": errors,
+            }
+    return {"seconds_per_route": seconds, "block": block, "routes": routes}
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    ids = await asyncio.to_thread(prepare_table, 2000)
+    await asyncio.to_thread(wait_replicas_have, ids)
+    counted = await count_round_trips(ids, per_route=10 if quick else 40)
+    one_client = await interleaved_routes(ids, *((2.0, 20) if quick else (24.0, 40)))
+    rounds, duration = (2, 0.25) if quick else (16, 0.3)
+    timed = await time_routes(ids, rounds, duration)
+    return {"one_client": one_client, "timing": timed, "wire": counted}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    return asyncio.run(_run(quick))
