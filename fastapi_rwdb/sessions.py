@@ -22,6 +22,7 @@ from sqlalchemy.util import await_
 
 from . import metrics, tracking
 from .context import request_state
+from .engines import REPLAY_LSN_INFO, REPLAY_LSN_SQL
 from .errors import ReadOnlySessionError
 from .health import ReadSideHealth
 from .routing import PinMode, choose_read_route
@@ -33,7 +34,7 @@ BINDS = "rwdb_read_binds"
 _CHOICE = "rwdb_read_choice"
 _OWNED = "rwdb_owned_connections"
 
-REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn"
+_UNKNOWN = object()
 
 
 def session_classes(kind: SessionKind) -> tuple[type[Session], type[AsyncSession]]:
@@ -138,8 +139,12 @@ def _replica_if_caught_up(
     conn = binds.replica.connect()
     try:
         deadline = time.monotonic() + binds.wait_ms / 1000
+        # The checkout ping has just read the position on this connection (unless
+        # RWDB_POOL_PRE_PING is off); later polls ask again.
+        replayed = conn.connection.info.pop(REPLAY_LSN_INFO, _UNKNOWN)
         while True:
-            replayed = conn.exec_driver_sql(REPLAY_LSN_SQL).scalar()
+            if replayed is _UNKNOWN:
+                replayed = conn.exec_driver_sql(REPLAY_LSN_SQL).scalar()
             # NULL: the read port reached a primary (HAProxy's backup), which has it all.
             if replayed is None or int(replayed) >= min_lsn:
                 state.replica_caught_up = True
@@ -151,6 +156,7 @@ def _replica_if_caught_up(
                 await_(asyncio.sleep(0.01))
             else:
                 time.sleep(0.01)
+            replayed = _UNKNOWN
     except BaseException:
         conn.close()
         raise

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 import fastapi_rwdb
 from fastapi_rwdb import (
@@ -160,6 +160,26 @@ async def test_100_writes_read_back_at_once_only_with_the_token(
         assert again.headers["x-rwdb-read"] == "replica"
         assert "rwdb_pin" not in me.cookies, "once a replica caught up the token is cleared"
         assert again.headers[TOKEN_HEADER] == ""
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_caught_up_check_costs_no_statement_of_its_own(app: FastAPI, flavour: str) -> None:
+    """The checkout ping already read the replay position on the connection."""
+    async with client(app) as c:
+        name = (await c.post(f"{flavour}/notes")).json()["name"]
+        await asyncio.sleep(0.3)  # no lag here: the replicas have it by now
+        db = fastapi_rwdb.get_database()
+        engine = db.engines.read if not flavour else db.async_engines.read.sync_engine
+        statements: list[str] = []
+        listener = lambda *args: statements.append(args[2])  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            found = await c.get(f"{flavour}/notes/{name}")
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+    assert found.headers["x-rwdb-read"] == "replica" and found.json()["found"] is True
+    assert found.headers[TOKEN_HEADER] == ""  # served by a replica that had it: cleared
+    assert len(statements) == 1 and "pg_last_wal_replay_lsn" not in statements[0]
 
 
 async def test_token_header_works_for_api_clients(app: FastAPI, lagging_replicas: float) -> None:

@@ -154,3 +154,25 @@ def test_read_scope_refuses_ddl_even_on_the_primary() -> None:
     # READ ONLY is enforced by PostgreSQL, not only by the ORM guard.
     with get_read_db_context(primary=True) as s, pytest.raises(ReadOnlySessionError):
         s.execute(text("CREATE TEMP TABLE t_never (x int)"))
+
+
+def test_checkout_ping_replaces_a_dead_pooled_connection() -> None:
+    engine = get_database().engines.read
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        raw = conn.connection.driver_connection
+    raw.close()  # dies while idle in the pool, as after a failover or a proxy restart
+    with get_read_db_context() as s:
+        assert s.execute(WHERE).one().replica is True
+    assert raw.closed
+
+
+async def test_async_checkout_ping_replaces_a_dead_pooled_connection() -> None:
+    engine = get_database().async_engines.write
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+        raw = (await conn.get_raw_connection()).driver_connection
+    raw.terminate()
+    async with get_async_write_db_context() as s:
+        assert (await s.execute(WHERE)).one().replica is False
+    assert raw.is_closed()
