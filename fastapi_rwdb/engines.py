@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, ExceptionContext
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
 
@@ -35,6 +35,7 @@ READ_ONLY_SQLSTATE = "25006"
 
 #: Connection-record info key: the replay position the read side's checkout ping saw.
 REPLAY_LSN_INFO = "rwdb_replay_lsn"
+_FRESH = "rwdb_fresh"
 REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn"
 # Worth another try when opening a connection: the server or the proxy in front
 # of it is restarting, failing over, or out of slots for a moment.
@@ -275,6 +276,10 @@ def _instrument(
 
     if ping:
 
+        @event.listens_for(engine, "connect")
+        def _fresh(dbapi_connection: Any, record: Any) -> None:
+            record.info[_FRESH] = True
+
         @event.listens_for(engine, "checkout")
         def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             """Pre-ping, cheaper than SQLAlchemy's and with a use.
@@ -283,13 +288,18 @@ def _instrument(
             behind PgBouncer. This one is one (psycopg, and asyncpg on the write
             side) or two (asyncpg on the read side), outside any transaction. On
             the read side it asks for the replay position, which read-your-writes
-            then needs no query of its own to check.
+            then needs no query of its own to check. A connection opened just now
+            is not pinged, as in SQLAlchemy: should it be unusable, the request's
+            own statement fails and the pool is invalidated.
             """
+            if record.info.pop(_FRESH, False):
+                return
             try:
                 value = _ping_query(dbapi_connection, side, settings.connect_timeout)
             except Exception as exc:
-                # The pool discards this connection and checks out another.
-                raise DisconnectionError(f"ping failed: {_brief(exc)}") from exc
+                # After a failover every pooled connection is likely dead: discard
+                # them all; the pool opens a new one for this checkout.
+                raise InvalidatePoolError(f"ping failed: {_brief(exc)}") from exc
             if side == "read":
                 record.info[REPLAY_LSN_INFO] = value
 

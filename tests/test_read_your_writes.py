@@ -166,6 +166,7 @@ async def test_100_writes_read_back_at_once_only_with_the_token(
 async def test_caught_up_check_costs_no_statement_of_its_own(app: FastAPI, flavour: str) -> None:
     """The checkout ping already read the replay position on the connection."""
     async with client(app) as c:
+        await c.get(f"{flavour}/notes/warm-up")  # a pooled, no longer fresh, read connection
         name = (await c.post(f"{flavour}/notes")).json()["name"]
         await asyncio.sleep(0.3)  # no lag here: the replicas have it by now
         db = fastapi_rwdb.get_database()

@@ -55,6 +55,7 @@ class Tally:
     sent: int = 0
     failed: int = 0
     server_errors: int = 0  # 500s: never acceptable
+    error_samples: list[str] = field(default_factory=list)
     stale: int = 0
     acknowledged: list[int] = field(default_factory=list)
     write_outcomes: list[tuple[float, bool]] = field(default_factory=list)
@@ -212,6 +213,7 @@ async def test_scenario_under_load(scenario: str) -> None:
     print(scenario, RESULTS[scenario])
     assert missing == [], "an acknowledged write is missing"
     assert tally.stale == 0, "a client did not see its own write"
-    assert tally.server_errors == 0, "failures must be 503s with a reason"
+    samples = tally.error_samples[:3]
+    assert tally.server_errors == 0, f"failures must be 503s with a reason: {samples}"
     assert len(tally.acknowledged) > 0
     stack("up")  # the cluster is whole again for what follows
