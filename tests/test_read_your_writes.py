@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
@@ -115,6 +116,32 @@ def make_app(**overrides: object) -> FastAPI:
     return app
 
 
+async def replicas_have(name: str, timeout: float = 10.0) -> None:
+    """Wait until both replicas show the row (checked on each node directly)."""
+    deadline = time.monotonic() + timeout
+    for port in await asyncio.to_thread(replica_ports):
+        dsn = f"postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:{port}/rwdb"
+        while True:
+            with psycopg.connect(dsn, prepare_threshold=None) as conn:
+                row = conn.execute("SELECT 1 FROM rwdb_items WHERE name = %s", (name,)).fetchone()
+            if row is not None:
+                break
+            assert time.monotonic() < deadline, f"the replica on {port} never got {name}"
+            await asyncio.sleep(0.05)
+
+
+def replica_ports() -> set[int]:
+    """The PostgreSQL ports of the nodes in recovery (stack.sh: nodes on 15432..15434)."""
+    ports = set()
+    for port in (15432, 15433, 15434):
+        dsn = f"postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:{port}/rwdb"
+        with psycopg.connect(dsn, prepare_threshold=None) as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
+                ports.add(port)
+    assert len(ports) == 2, f"expected two replicas, found {ports}"
+    return ports
+
+
 def find(db: ReadSession, name: str) -> bool:
     row = db.execute(text("SELECT 1 FROM rwdb_items WHERE name = :n"), {"n": name}).first()
     return row is not None
@@ -168,7 +195,7 @@ async def test_caught_up_check_costs_no_statement_of_its_own(app: FastAPI, flavo
     async with client(app) as c:
         await c.get(f"{flavour}/notes/warm-up")  # a pooled, no longer fresh, read connection
         name = (await c.post(f"{flavour}/notes")).json()["name"]
-        await asyncio.sleep(0.3)  # no lag here: the replicas have it by now
+        await replicas_have(name)  # the module's lag fixture may still be holding them back
         db = fastapi_rwdb.get_database()
         engine = db.engines.read if not flavour else db.async_engines.read.sync_engine
         statements: list[str] = []
