@@ -28,9 +28,14 @@ logger = logging.getLogger("fastapi_rwdb")
 _WROTE = "rwdb_wrote"  # Connection.info: True, or "maybe" after textual SQL
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
+_COMMITTED_LSN = "rwdb_committed_lsn"
 
 XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+#: One message, one round trip: did the transaction write, commit it, and where
+#: the WAL is after the commit. (psycopg sends statements without parameters
+#: in the simple query protocol, so three statements travel together.)
+COMMIT_READING_LSN_SQL = f"{XACT_SQL}; COMMIT; {CURRENT_LSN_SQL}"
 #: The highest pg_lsn: no replica ever reports having replayed it.
 UNKNOWN_LSN = 2**64 - 1
 
@@ -59,20 +64,34 @@ def watch_session_class(cls: type[Session]) -> None:
 
 
 def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    if transaction.parent is not None:  # a savepoint: same connection, same transaction
+        return
     connection.info.pop(_WROTE, None)
     session.info.setdefault(_CONNECTIONS, []).append(connection)
 
 
 def _before_commit(session: Session) -> None:
-    if request_state.get() is None:
+    # Savepoint commits fire this too; only the real COMMIT makes a write visible.
+    if request_state.get() is None or session.in_nested_transaction():
         return
     # before_commit runs before the commit's own flush. Flush first: when the pending
     # objects are all the transaction has, it is this flush that begins it (and
     # registers its connection through after_begin).
     session.flush()
-    if not session.info.get(_CONNECTIONS):
+    connections = session.info.get(_CONNECTIONS)
+    if not connections:
         return
-    for conn in session.info[_CONNECTIONS]:
+    if (
+        len(connections) == 1
+        and connections[0].info.get(_WROTE)
+        and session.info.get("rwdb_pin_mode", "lsn") == "lsn"
+        and isinstance(connections[0].connection.driver_connection, psycopg.Connection)
+    ):
+        wrote, lsn = _commit_reading_lsn(connections[0])
+        if wrote:
+            session.info[_COMMITTED_LSN] = lsn
+        return
+    for conn in connections:
         mark = conn.info.get(_WROTE)
         if mark == "maybe":
             mark = bool(conn.exec_driver_sql(XACT_SQL).scalar())
@@ -82,10 +101,16 @@ def _before_commit(session: Session) -> None:
 
 
 def _after_commit(session: Session) -> None:
-    conn = session.info.pop(_COMMIT_WROTE, None)
-    session.info.pop(_CONNECTIONS, None)
     state = request_state.get()
-    if conn is None or state is None:
+    if state is None or session.in_nested_transaction():
+        return
+    conn = session.info.pop(_COMMIT_WROTE, None)
+    committed_lsn = session.info.pop(_COMMITTED_LSN, None)
+    session.info.pop(_CONNECTIONS, None)
+    if committed_lsn is not None:
+        state.note_commit(committed_lsn)
+        return
+    if conn is None:
         return
     if session.info.get("rwdb_pin_mode", "lsn") != "lsn":
         state.note_commit(0)
@@ -106,8 +131,33 @@ def _after_commit(session: Session) -> None:
 
 
 def _forget(session: Session) -> None:
+    if session.in_nested_transaction():
+        return
+    session.info.pop(_COMMITTED_LSN, None)
     session.info.pop(_COMMIT_WROTE, None)
     session.info.pop(_CONNECTIONS, None)
+
+
+def _commit_reading_lsn(conn: Connection) -> tuple[bool, int]:
+    """COMMIT on psycopg with the write check and the LSN read in the same round trip.
+
+    Sent through SQLAlchemy, so a failing COMMIT (a deferred constraint, a lost
+    connection, a demoted primary) raises its usual wrapped error and goes
+    through the package's error handling; the session then rolls back and no
+    token is issued. After it, psycopg's own commit() finds no transaction open
+    and sends nothing.
+    """
+    result = conn.exec_driver_sql(COMMIT_READING_LSN_SQL)
+    cursor = result.cursor
+    try:
+        wrote = cursor.fetchone()
+        cursor.nextset()  # COMMIT
+        cursor.nextset()
+        lsn = cursor.fetchone()
+    finally:
+        result.close()
+    assert wrote is not None and lsn is not None
+    return bool(wrote[0]), int(lsn[0])
 
 
 def current_lsn(conn: Connection) -> int:

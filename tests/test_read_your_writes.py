@@ -26,6 +26,8 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
+from .models import Item
+
 pytestmark = pytest.mark.stack
 
 STACK = Path(__file__).resolve().parent.parent / "scripts" / "stack.sh"
@@ -324,3 +326,67 @@ async def test_wait_for_replica_instead_of_primary(lagging_replicas: float) -> N
         waited = await c.get(f"/notes/{name}")
         assert waited.json()["found"] is True
         assert waited.headers["x-rwdb-read"] == "replica"
+
+
+@pytest.fixture(scope="module")
+def deferred_table() -> Iterator[None]:
+    ddl = (
+        "CREATE TABLE IF NOT EXISTS rwdb_deferred (k int,"
+        " CONSTRAINT rwdb_deferred_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    with fastapi_rwdb.get_write_db_context() as s:
+        s.execute(text(ddl))
+    yield
+
+
+@pytest.mark.parametrize("orm_write", [False, True])
+async def test_commit_that_fails_at_commit_time_is_an_error_and_issues_no_token(
+    deferred_table: None, orm_write: bool
+) -> None:
+    """A deferred constraint fails at COMMIT: the one-message commit must raise."""
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))
+    key = int(time.time() * 1000) % 2_000_000_000
+
+    @app.post("/twice")
+    def twice(db: WriteSession) -> dict[str, str]:
+        db.execute(text("INSERT INTO rwdb_deferred VALUES (:k), (:k)"), {"k": key})
+        if orm_write:
+            db.add(Item(name="with the deferred pair"))
+        db.commit()
+        return {"never": "reached"}
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await c.post("/twice")
+    assert response.status_code == 500
+    assert "set-cookie" not in response.headers
+    with fastapi_rwdb.get_read_db_context(primary=True) as s:
+        count = s.execute(text("SELECT count(*) FROM rwdb_deferred WHERE k = :k"), {"k": key})
+        assert count.scalar_one() == 0
+
+
+async def test_savepoint_commit_issues_no_token_before_the_real_commit() -> None:
+    seen: dict[str, object] = {}
+    sub = FastAPI()
+    fastapi_rwdb.setup(sub, Database(RWDBSettings(secret_key=KEY)))
+
+    @sub.post("/nested")
+    def nested(db: WriteSession) -> dict[str, bool]:
+        from fastapi_rwdb.context import request_state
+
+        with db.begin_nested():
+            db.execute(text("INSERT INTO rwdb_items (name) VALUES ('in a savepoint')"))
+        state = request_state.get()
+        seen["after_savepoint"] = state is not None and state.commit_lsn
+        db.commit()
+        seen["after_commit"] = state is not None and state.commit_lsn
+        return {"ok": True}
+
+    async with sub.router.lifespan_context(sub), client(sub) as c:
+        response = await c.post("/nested")
+    assert response.status_code == 200
+    assert seen["after_savepoint"] is None
+    assert isinstance(seen["after_commit"], int) and seen["after_commit"] > 0
+    assert "rwdb_pin=" in response.headers["set-cookie"]
