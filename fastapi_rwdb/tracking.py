@@ -8,6 +8,12 @@ is NULL for a transaction that wrote nothing). The LSN is read *after* COMMIT:
 a position read before it is behind the commit record, and a replica could
 reach it without showing the row.
 
+On psycopg, a transaction that may have written commits with one message that
+asks the question, commits and reads the LSN: no round trip more than a plain
+COMMIT. asyncpg describes every statement before running it and cannot send
+several in one go with results, so there the LSN is read after the COMMIT,
+on the same connection (two round trips more).
+
 Outside a request (no request state) nothing is tracked and nothing is paid.
 """
 
