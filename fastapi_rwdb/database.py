@@ -219,12 +219,14 @@ class Database:
 
     # -- shutdown -----------------------------------------------------------------
 
-    async def dispose(self) -> None:
-        """Close every pooled connection; the engines rebuild themselves if used again."""
+    def _forget_engines(self) -> tuple[EnginePair | None, AsyncEnginePair | None]:
         with self._lock:
             built, self._built = self._built, {}
-        pair: EnginePair | None = built.get("engines")
-        async_pair: AsyncEnginePair | None = built.get("async_engines")
+        return built.get("engines"), built.get("async_engines")
+
+    async def dispose(self) -> None:
+        """Close every pooled connection; the engines rebuild themselves if used again."""
+        pair, async_pair = self._forget_engines()
         if async_pair is not None:
             await async_pair.write.dispose()
             await async_pair.read.dispose()
@@ -234,10 +236,7 @@ class Database:
 
     def dispose_sync(self) -> None:
         """:meth:`dispose` for code with no event loop (the async pools are dropped)."""
-        with self._lock:
-            built, self._built = self._built, {}
-        pair: EnginePair | None = built.get("engines")
-        async_pair: AsyncEnginePair | None = built.get("async_engines")
+        pair, async_pair = self._forget_engines()
         if pair is not None:
             pair.write.dispose()
             pair.read.dispose()

@@ -192,21 +192,31 @@ def is_transient_connect_error(exc: BaseException) -> bool:
 
 
 def _ping_query(dbapi_connection: Any, side: Side, timeout: float) -> int | None:
-    if isinstance(dbapi_connection, psycopg.Connection):
-        was = dbapi_connection.autocommit
-        dbapi_connection.autocommit = True
+    # psycopg's connection is the DBAPI connection; asyncpg's sits under SQLAlchemy's adapter.
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if side == "read":
+        value = fetch_outside_transaction(raw, REPLAY_LSN_SQL, timeout)
+        return None if value is None else int(value)
+    if isinstance(raw, psycopg.Connection):
+        fetch_outside_transaction(raw, "SELECT 1", timeout)
+    else:  # asyncpg: the simple protocol, one round trip
+        await_(raw.execute("SELECT 1", timeout=timeout))
+    return None
+
+
+def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> Any:
+    """The first column of ``sql``'s first row, run on a driver connection
+    (psycopg or asyncpg) outside any transaction: one statement, no BEGIN and
+    no ROLLBACK around it."""
+    if isinstance(raw, psycopg.Connection):
+        was = raw.autocommit
+        raw.autocommit = True
         try:
-            sql = REPLAY_LSN_SQL if side == "read" else "SELECT 1"
-            row = dbapi_connection.execute(sql).fetchone()
+            row = raw.execute(sql).fetchone()
         finally:
-            dbapi_connection.autocommit = was
-        return None if side == "write" or row is None or row[0] is None else int(row[0])
-    raw = dbapi_connection.driver_connection  # asyncpg, under SQLAlchemy's adapter
-    if side == "write":
-        await_(raw.execute("SELECT 1", timeout=timeout))  # simple protocol: one round trip
-        return None
-    value = await_(raw.fetchval(REPLAY_LSN_SQL, timeout=timeout))
-    return None if value is None else int(value)
+            raw.autocommit = was
+        return None if row is None else row[0]
+    return await_(raw.fetchval(sql, timeout=timeout))
 
 
 def _brief(exc: BaseException) -> str:

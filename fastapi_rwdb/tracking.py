@@ -25,9 +25,9 @@ from typing import Any
 import psycopg
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_
 
 from .context import request_state
+from .engines import fetch_outside_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -172,13 +172,4 @@ def current_lsn(conn: Connection) -> int:
     Straight on the driver connection: through SQLAlchemy it would cost a
     BEGIN and a ROLLBACK around the one SELECT.
     """
-    raw = conn.connection.driver_connection
-    if isinstance(raw, psycopg.Connection):
-        raw.autocommit = True
-        try:
-            row = raw.execute(CURRENT_LSN_SQL).fetchone()
-        finally:
-            raw.autocommit = False
-        assert row is not None
-        return int(row[0])
-    return int(await_(raw.fetchval(CURRENT_LSN_SQL)))  # type: ignore[union-attr]
+    return int(fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL))
