@@ -133,14 +133,6 @@ class Baseline:
             self.async_read_engine, class_=AsyncSession, expire_on_commit=False
         )
 
-    def sync_engines(self) -> list[Engine]:
-        return [
-            self.write_engine,
-            self.read_engine,
-            self.async_write_engine.sync_engine,
-            self.async_read_engine.sync_engine,
-        ]
-
     async def dispose(self) -> None:
         await self.async_write_engine.dispose()
         await self.async_read_engine.dispose()
@@ -207,12 +199,3 @@ def rwdb_app(write_port: int, read_port: int, **overrides: Any) -> tuple[FastAPI
         fastapi_rwdb.AsyncWriteSession,
     )
     return app, database
-
-
-def rwdb_sync_engines(database: Database) -> list[Engine]:
-    return [
-        database.engines.write,
-        database.engines.read,
-        database.async_engines.write.sync_engine,
-        database.async_engines.read.sync_engine,
-    ]

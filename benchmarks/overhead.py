@@ -8,8 +8,8 @@ order of the two apps flips every round. A round's ratio compares the two
 halves of that round, so slow drift of a shared, noisy machine cancels out.
 
 Before the timing, a counting proxy (:mod:`benchmarks.wire`) sits in front of
-HAProxy and counts the round trips each route costs on the wire, together with
-the statements SQLAlchemy's ``before_cursor_execute`` sees.
+HAProxy and counts the round trips and the statements each route costs on the
+wire.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import Engine, event
-
-from .apps import Baseline, rwdb_app, rwdb_sync_engines
+from .apps import Baseline, rwdb_app
 from .common import call, env, percentile, prepare_table, spread, wait_replicas_have
 from .wire import WireCounter, round_trips
 
@@ -100,14 +98,6 @@ async def fresh_token(app: Any) -> str:
 # ------------------------------------------------------------------ round trips
 
 
-def _count_statements(engines: list[Engine], counter: Counter[str]) -> None:
-    def listener(*args: Any) -> None:
-        counter["statements"] += 1
-
-    for engine in engines:
-        event.listen(engine, "before_cursor_execute", listener)
-
-
 async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
     upstream = {
         "write": (env("POSTGRES_SERVER"), int(env("POSTGRES_PORT"))),
@@ -118,11 +108,7 @@ async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
         w, r = wire.ports["write"], wire.ports["read"]
         baseline = Baseline(w, r)
         base_app = baseline.app()
-        base_stmts: Counter[str] = Counter()
-        _count_statements(baseline.sync_engines(), base_stmts)
-        rw_app, database = rwdb_app(w, r, routing_header=True)
-        rw_stmts: Counter[str] = Counter()
-        _count_statements(rwdb_sync_engines(database), rw_stmts)
+        rw_app, _ = rwdb_app(w, r, routing_header=True)
         async with (
             base_app.router.lifespan_context(base_app),
             rw_app.router.lifespan_context(rw_app),
@@ -131,15 +117,11 @@ async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
             for route in ROUTES + COUNT_ONLY:
                 key = route[0]
                 results[key] = {"label": route[1]}
-                for variant, app, stmts in (
-                    ("baseline", base_app, base_stmts),
-                    ("rwdb", rw_app, rw_stmts),
-                ):
+                for variant, app in (("baseline", base_app), ("rwdb", rw_app)):
                     requests = Requests(route, ids, token)
                     for _ in range(5):  # fill the pools
                         await call(app, *requests.next())
                     wire.reset()
-                    stmts.clear()
                     read_headers: Counter[str] = Counter()
                     for _ in range(per_route):
                         response = await call(app, *requests.next())
@@ -153,7 +135,7 @@ async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
                         "syncs": counts["S"] / per_route,
                         "flushes": counts["H"] / per_route,
                         "connects": counts["startup"] / per_route,
-                        "sqlalchemy_statements": stmts["statements"] / per_route,
+                        "statements": counts["statement"] / per_route,
                         "routed": dict(read_headers),
                     }
     return {"requests_per_route": per_route, "routes": results}

@@ -8,7 +8,9 @@ counts the messages the client sends. The client waits for the server after
 every simple ``Query`` ('Q'), every ``Sync`` ('S', which closes an
 extended-protocol exchange) and every ``Flush`` ('H': asyncpg sends Parse,
 Describe, Flush and waits for the statement's description before it binds):
-their sum is the number of round trips.
+their sum is the number of round trips. It also counts the statements the
+server runs: each ``Parse`` ('P') is one, a simple ``Query`` holds as many as
+it has non-empty ``;``-separated parts (an empty query, psycopg's ping, is none).
 
 It runs its own event loop in a thread, and only while counting: the timing
 runs connect to HAProxy directly.
@@ -128,7 +130,13 @@ class WireCounter:
                         length = int.from_bytes(buf[1:5], "big")
                         if len(buf) < 1 + length:
                             break
-                        seen.append(chr(buf[0]))
+                        kind = chr(buf[0])
+                        seen.append(kind)
+                        if kind == "Q":  # a simple query may hold several statements
+                            sql = bytes(buf[5 : 1 + length]).rstrip(b"\0")
+                            seen += ["statement"] * sum(1 for s in sql.split(b";") if s.strip())
+                        elif kind == "P":  # Parse: one statement of the extended protocol
+                            seen.append("statement")
                         del buf[: 1 + length]
                 if seen:
                     with self._lock:

@@ -18,7 +18,6 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import tracking
 from .engines import (
     ROLE_OPTION,
     AsyncEnginePair,
@@ -154,8 +153,6 @@ class Database:
                 sync.write.execution_options(**ro),
                 aio.write.execution_options(**ro),
             )
-            for engine in (sync.write, aio.write.sync_engine):
-                tracking.watch_engine(engine)
 
             def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
                 return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,13 @@ READ_ONLY_SQLSTATE = "25006"
 #: Connection-record info key: the replay position the read side's checkout ping saw.
 REPLAY_LSN_INFO = "rwdb_replay_lsn"
 _FRESH = "rwdb_fresh"
-REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn"
+#: LSNs travel as text ("16/B374D848") and are parsed here: cheaper for the server
+#: than pg_lsn arithmetic, and the same on both drivers.
+REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn()::text"
+#: Set while a read session checks a replica's replay position: the checkout ping
+#: then asks for that position instead of ``SELECT 1`` (same round trip, and the
+#: check needs no query of its own). Other checkouts ping the cheap way.
+want_replay_lsn: ContextVar[bool] = ContextVar("rwdb_want_replay_lsn", default=False)
 # Worth another try when opening a connection: the server or the proxy in front
 # of it is restarting, failing over, or out of slots for a moment.
 _TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
@@ -191,23 +198,36 @@ def is_transient_connect_error(exc: BaseException) -> bool:
     return False
 
 
-def _ping_query(dbapi_connection: Any, side: Side, timeout: float) -> int | None:
+def parse_lsn(text: str | None) -> int | None:
+    """``'16/B374D848'`` as an int; ``None`` (a primary has no replay position) stays None."""
+    if text is None:
+        return None
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def _ping_query(dbapi_connection: Any, replay_lsn: bool, timeout: float) -> int | None:
     # psycopg's connection is the DBAPI connection; asyncpg's sits under SQLAlchemy's adapter.
     raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    if side == "read":
-        value = fetch_outside_transaction(raw, REPLAY_LSN_SQL, timeout)
-        return None if value is None else int(value)
+    if replay_lsn:
+        return parse_lsn(fetch_outside_transaction(raw, REPLAY_LSN_SQL, timeout))
     if isinstance(raw, psycopg.Connection):
-        fetch_outside_transaction(raw, "SELECT 1", timeout)
-    else:  # asyncpg: the simple protocol, one round trip
+        # An empty query, as SQLAlchemy's own ping: the server has nothing to parse.
+        was = raw.autocommit
+        raw.autocommit = True
+        try:
+            raw.execute(";")
+        finally:
+            raw.autocommit = was
+    else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
         await_(raw.execute("SELECT 1", timeout=timeout))
     return None
 
 
-def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> Any:
-    """The first column of ``sql``'s first row, run on a driver connection
-    (psycopg or asyncpg) outside any transaction: one statement, no BEGIN and
-    no ROLLBACK around it."""
+def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
+    """The first column of ``sql``'s first row, as text, run on a driver connection
+    (psycopg or asyncpg) outside any transaction: one statement, one round trip,
+    no BEGIN and no ROLLBACK around it. ``sql`` must return one text column."""
     if isinstance(raw, psycopg.Connection):
         was = raw.autocommit
         raw.autocommit = True
@@ -216,7 +236,24 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
         finally:
             raw.autocommit = was
         return None if row is None else row[0]
-    return await_(raw.fetchval(sql, timeout=timeout))
+    return fetch_in_transaction(raw, sql, timeout)
+
+
+def fetch_in_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
+    """:func:`fetch_outside_transaction` on asyncpg, inside whatever transaction is open.
+
+    asyncpg's ``fetchval`` costs two round trips (it describes the statement
+    first); a ``COPY ... TO STDOUT`` of the same query goes in the simple
+    protocol and returns its row in one.
+    """
+    chunks: list[bytes] = []
+
+    async def collect(data: bytes) -> None:
+        chunks.append(bytes(data))
+
+    await_(raw.copy_from_query(sql, output=collect, timeout=timeout))
+    line = b"".join(chunks).split(b"\n", 1)[0].decode()
+    return None if line in ("", "\\N") else line
 
 
 def _brief(exc: BaseException) -> str:
@@ -295,22 +332,23 @@ def _instrument(
             """Pre-ping, cheaper than SQLAlchemy's and with a use.
 
             SQLAlchemy pings asyncpg inside BEGIN/ROLLBACK: four round trips
-            behind PgBouncer. This one is one (psycopg, and asyncpg on the write
-            side) or two (asyncpg on the read side), outside any transaction. On
-            the read side it asks for the replay position, which read-your-writes
-            then needs no query of its own to check. A connection opened just now
+            behind PgBouncer. This one is one round trip on both drivers, outside
+            any transaction. When a read session is about to check a replica for a
+            client's write, it asks for the replay position instead of ``SELECT 1``,
+            so read-your-writes needs no query of its own. A connection opened just now
             is not pinged, as in SQLAlchemy: should it be unusable, the request's
             own statement fails and the pool is invalidated.
             """
             if record.info.pop(_FRESH, False):
                 return
+            replay_lsn = side == "read" and want_replay_lsn.get()
             try:
-                value = _ping_query(dbapi_connection, side, settings.connect_timeout)
+                value = _ping_query(dbapi_connection, replay_lsn, settings.connect_timeout)
             except Exception as exc:
                 # After a failover every pooled connection is likely dead: discard
                 # them all; the pool opens a new one for this checkout.
                 raise InvalidatePoolError(f"ping failed: {_brief(exc)}") from exc
-            if side == "read":
+            if replay_lsn:
                 record.info[REPLAY_LSN_INFO] = value
 
     if side == "read":

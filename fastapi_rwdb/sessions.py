@@ -22,7 +22,7 @@ from sqlalchemy.util import await_
 
 from . import metrics, tracking
 from .context import request_state
-from .engines import REPLAY_LSN_INFO, REPLAY_LSN_SQL
+from .engines import REPLAY_LSN_INFO, REPLAY_LSN_SQL, parse_lsn, want_replay_lsn
 from .errors import ReadOnlySessionError
 from .health import ReadSideHealth
 from .routing import PinMode, choose_read_route
@@ -83,7 +83,9 @@ def write_class(base: type[Session]) -> type[Session]:
     """``base`` made to record the WAL position of each commit that wrote."""
     key = ("write", base)
     if key not in _classes:
-        cls = type(f"Write{base.__name__}", (base,), {"__module__": __name__})
+        cls = type(
+            f"Write{base.__name__}", (tracking.TrackedWrites, base), {"__module__": __name__}
+        )
         tracking.watch_session_class(cls)
         _classes[key] = cls
     return _classes[key]
@@ -136,17 +138,21 @@ def _replica_if_caught_up(
     """
     state = request_state.get()
     assert state is not None
-    conn = binds.replica.connect()
+    reset = want_replay_lsn.set(True)
+    try:
+        conn = binds.replica.connect()
+    finally:
+        want_replay_lsn.reset(reset)
     try:
         deadline = time.monotonic() + binds.wait_ms / 1000
         # The checkout ping has just read the position on this connection (unless
-        # RWDB_POOL_PRE_PING is off); later polls ask again.
-        replayed = conn.connection.info.pop(REPLAY_LSN_INFO, _UNKNOWN)
+        # the connection is new or RWDB_POOL_PRE_PING is off); later polls ask again.
+        replayed: Any = conn.connection.info.pop(REPLAY_LSN_INFO, _UNKNOWN)
         while True:
             if replayed is _UNKNOWN:
-                replayed = conn.exec_driver_sql(REPLAY_LSN_SQL).scalar()
+                replayed = parse_lsn(conn.exec_driver_sql(REPLAY_LSN_SQL).scalar())
             # NULL: the read port reached a primary (HAProxy's backup), which has it all.
-            if replayed is None or int(replayed) >= min_lsn:
+            if replayed is None or replayed >= min_lsn:
                 state.replica_caught_up = True
                 session.info.setdefault(_OWNED, []).append(conn)
                 return conn, "caught-up"

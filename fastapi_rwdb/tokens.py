@@ -9,7 +9,6 @@ Anything that does not verify is treated as if no token had been sent.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ class TokenSigner:
         return "<TokenSigner>"
 
     def _sign(self, body: str) -> str:
-        digest = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self._key, body.encode(), "sha256")  # one-shot, in C
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def dump(self, token: Token) -> str:

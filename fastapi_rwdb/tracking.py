@@ -1,20 +1,23 @@
 """Which commits wrote, and the primary's WAL position right after them.
 
-A commit earns the client a token only if its transaction changed data. ORM
-flushes and Core DML mark the connection as they run, at no cost; a textual
-statement could be anything, so it marks the connection "maybe" and the
+A commit earns the client a token only if its transaction changed data. The
+write session notes what its statements may have done as they pass through it,
+at no cost to the database: a flush or Core DML wrote; textual SQL, DDL or a
+connection taken with ``session.connection()`` *may* have written, so that
 question goes to PostgreSQL before COMMIT (``pg_current_xact_id_if_assigned()``
-is NULL for a transaction that wrote nothing). The LSN is read *after* COMMIT:
-a position read before it is behind the commit record, and a replica could
-reach it without showing the row.
+is NULL for a transaction that wrote nothing); a compiled ``SELECT`` wrote
+nothing. (Nothing is hooked per statement on the engine: a single engine event
+listener puts every statement of the application on SQLAlchemy's slower,
+event-dispatching path.)
 
-On psycopg, a transaction that may have written commits with one message that
-asks the question, commits and reads the LSN: no round trip more than a plain
-COMMIT. asyncpg describes every statement before running it and cannot send
-several in one go with results, so there the LSN is read after the COMMIT,
-on the same connection (two round trips more).
+The LSN is read *after* COMMIT: a position read before it is behind the commit
+record, and a replica could reach it without showing the row. On psycopg the
+COMMIT and the LSN read (and the question, when there is one) go in one
+message: no round trip more than a plain COMMIT. asyncpg cannot send several
+statements in one go with results, so there the LSN is read right after the
+COMMIT, on the same connection, in one more round trip.
 
-Outside a request (no request state) nothing is tracked and nothing is paid.
+Outside a request (no request state) nothing is read and nothing is paid.
 """
 
 from __future__ import annotations
@@ -23,47 +26,70 @@ import logging
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
 from .context import request_state
-from .engines import fetch_outside_transaction
+from .engines import fetch_outside_transaction, parse_lsn
 
 logger = logging.getLogger("fastapi_rwdb")
 
-_WROTE = "rwdb_wrote"  # Connection.info: True, or "maybe" after textual SQL
+_WROTE = "rwdb_wrote"  # Session.info: True, or "maybe"
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
 _COMMITTED_LSN = "rwdb_committed_lsn"
 
 XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
-CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
-#: One message, one round trip: did the transaction write, commit it, and where
-#: the WAL is after the commit. (psycopg sends statements without parameters
-#: in the simple query protocol, so three statements travel together.)
-COMMIT_READING_LSN_SQL = f"{XACT_SQL}; COMMIT; {CURRENT_LSN_SQL}"
+CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn()::text"
+#: One message, one round trip (psycopg sends a statement without parameters in
+#: the simple query protocol, so the statements travel together).
+COMMIT_READING_LSN_SQL = f"COMMIT; {CURRENT_LSN_SQL}"
+CHECK_COMMIT_READING_LSN_SQL = f"{XACT_SQL}; COMMIT; {CURRENT_LSN_SQL}"
 #: The highest pg_lsn: no replica ever reports having replayed it.
 UNKNOWN_LSN = 2**64 - 1
 
 
-def watch_engine(engine: Engine) -> None:
-    """Mark a write engine's connections when they run DML inside a request."""
-    event.listen(engine, "before_cursor_execute", _mark)
+class TrackedWrites(Session):
+    """Mixed in before the application's session class: notes what may have written.
+
+    ``execute``, ``scalar``, ``scalars`` (and SQLModel's ``exec``) all pass
+    through ``_execute_internal``.
+    """
+
+    def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+        result = super()._execute_internal(statement, *args, **kw)
+        if statement.is_dml:
+            self.info[_WROTE] = True
+        elif not (statement.is_select and not statement.is_text):
+            _maybe(self)  # text, DDL, anything else
+        return result
+
+    def connection(self, *args: Any, **kw: Any) -> Connection:
+        conn = super().connection(*args, **kw)
+        _maybe(self)  # what runs on it directly is out of sight
+        return conn
+
+    def bulk_save_objects(self, *args: Any, **kw: Any) -> None:
+        super().bulk_save_objects(*args, **kw)
+        self.info[_WROTE] = True
+
+    def bulk_insert_mappings(self, *args: Any, **kw: Any) -> None:
+        super().bulk_insert_mappings(*args, **kw)
+        self.info[_WROTE] = True
+
+    def bulk_update_mappings(self, *args: Any, **kw: Any) -> None:
+        super().bulk_update_mappings(*args, **kw)
+        self.info[_WROTE] = True
 
 
-def _mark(
-    conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool
-) -> None:
-    if context is None or request_state.get() is None:
-        return
-    if context.isinsert or context.isupdate or context.isdelete:
-        conn.info[_WROTE] = True
-    elif (context.compiled is None or context.is_text) and not conn.info.get(_WROTE):
-        conn.info[_WROTE] = "maybe"
+def _maybe(session: Session) -> None:
+    if not session.info.get(_WROTE):
+        session.info[_WROTE] = "maybe"
 
 
 def watch_session_class(cls: type[Session]) -> None:
     event.listen(cls, "after_begin", _after_begin)
+    event.listen(cls, "after_flush", _after_flush)
     event.listen(cls, "before_commit", _before_commit)
     event.listen(cls, "after_commit", _after_commit)
     event.listen(cls, "after_rollback", _forget)
@@ -72,8 +98,14 @@ def watch_session_class(cls: type[Session]) -> None:
 def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
     if transaction.parent is not None:  # a savepoint: same connection, same transaction
         return
-    connection.info.pop(_WROTE, None)
-    session.info.setdefault(_CONNECTIONS, []).append(connection)
+    connections = session.info.setdefault(_CONNECTIONS, [])
+    if not connections:  # the transaction's first connection: nothing written yet
+        session.info.pop(_WROTE, None)
+    connections.append(connection)
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    session.info[_WROTE] = True
 
 
 def _before_commit(session: Session) -> None:
@@ -85,34 +117,34 @@ def _before_commit(session: Session) -> None:
     # registers its connection through after_begin).
     session.flush()
     connections = session.info.get(_CONNECTIONS)
-    if not connections:
+    mark = session.info.get(_WROTE)
+    if not connections or not mark:
         return
     if (
         len(connections) == 1
-        and connections[0].info.get(_WROTE)
         and session.info.get("rwdb_pin_mode", "lsn") == "lsn"
         and isinstance(connections[0].connection.driver_connection, psycopg.Connection)
     ):
-        wrote, lsn = _commit_reading_lsn(connections[0])
+        wrote, lsn = _commit_reading_lsn(connections[0], check=mark == "maybe")
         if wrote:
             session.info[_COMMITTED_LSN] = lsn
         return
     for conn in connections:
-        mark = conn.info.get(_WROTE)
-        if mark == "maybe":
-            mark = bool(conn.exec_driver_sql(XACT_SQL).scalar())
-        if mark:
+        # With several connections the note cannot say which one wrote: ask each.
+        if (mark is True and len(connections) == 1) or conn.exec_driver_sql(XACT_SQL).scalar():
             session.info[_COMMIT_WROTE] = conn
             return
 
 
 def _after_commit(session: Session) -> None:
-    state = request_state.get()
-    if state is None or session.in_nested_transaction():
+    if session.in_nested_transaction():
         return
     conn = session.info.pop(_COMMIT_WROTE, None)
     committed_lsn = session.info.pop(_COMMITTED_LSN, None)
-    session.info.pop(_CONNECTIONS, None)
+    _forget(session)
+    state = request_state.get()
+    if state is None:
+        return
     if committed_lsn is not None:
         state.note_commit(committed_lsn)
         return
@@ -139,37 +171,50 @@ def _after_commit(session: Session) -> None:
 def _forget(session: Session) -> None:
     if session.in_nested_transaction():
         return
-    session.info.pop(_COMMITTED_LSN, None)
-    session.info.pop(_COMMIT_WROTE, None)
-    session.info.pop(_CONNECTIONS, None)
+    for key in (_COMMITTED_LSN, _COMMIT_WROTE, _CONNECTIONS, _WROTE):
+        session.info.pop(key, None)
 
 
-def _commit_reading_lsn(conn: Connection) -> tuple[bool, int]:
-    """COMMIT on psycopg with the write check and the LSN read in the same round trip.
+def _commit_reading_lsn(conn: Connection, *, check: bool) -> tuple[bool, int]:
+    """COMMIT on psycopg with the LSN read (and, if ``check``, the question whether
+    the transaction wrote) in the same round trip.
 
-    Sent through SQLAlchemy, so a failing COMMIT (a deferred constraint, a lost
-    connection, a demoted primary) raises its usual wrapped error and goes
-    through the package's error handling; the session then rolls back and no
-    token is issued. After it, psycopg's own commit() finds no transaction open
-    and sends nothing.
+    Sent on the driver's own cursor: through ``exec_driver_sql`` it would cost
+    SQLAlchemy's whole statement machinery, and a first result without rows
+    (the COMMIT) would close the cursor before the LSN could be fetched. A
+    failure goes through SQLAlchemy's own handling of driver errors, the one its
+    ``commit()`` uses: wrapped as usual (a deferred constraint, a lost
+    connection, a demoted primary), the package's error hook sees it, the
+    connection is invalidated if it died; the session then rolls back and no
+    token is issued. After it, psycopg's own commit() finds no transaction
+    open and sends nothing.
     """
-    result = conn.exec_driver_sql(COMMIT_READING_LSN_SQL)
-    cursor = result.cursor
+    sql = CHECK_COMMIT_READING_LSN_SQL if check else COMMIT_READING_LSN_SQL
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        wrote = cursor.fetchone()
-        cursor.nextset()  # COMMIT
-        cursor.nextset()
-        lsn = cursor.fetchone()
+        try:
+            cursor.execute(sql)
+            wrote = True
+            if check:
+                row = cursor.fetchone()
+                wrote = bool(row and row[0])
+                cursor.nextset()  # to the COMMIT
+            cursor.nextset()  # to the LSN
+            lsn_row = cursor.fetchone()
+        except BaseException as exc:
+            conn._handle_dbapi_exception(exc, sql, None, cursor, None)  # always raises
+            raise  # pragma: no cover
     finally:
-        result.close()
-    assert wrote is not None and lsn is not None
-    return bool(wrote[0]), int(lsn[0])
+        cursor.close()
+    lsn = parse_lsn(lsn_row[0]) if lsn_row else None
+    return wrote, UNKNOWN_LSN if lsn is None else lsn
 
 
 def current_lsn(conn: Connection) -> int:
     """The primary's WAL position, read on ``conn`` outside any transaction.
 
-    Straight on the driver connection: through SQLAlchemy it would cost a
-    BEGIN and a ROLLBACK around the one SELECT.
+    Straight on the driver connection, in one round trip: through SQLAlchemy
+    it would cost a BEGIN and a ROLLBACK around the one SELECT.
     """
-    return int(fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL))
+    lsn = parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL))
+    return UNKNOWN_LSN if lsn is None else lsn

@@ -1,0 +1,161 @@
+"""Which commits earn a token: every way of writing through a write session is seen,
+and nothing that only read gets one. Against the real stack, both drivers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+import fastapi_rwdb
+from fastapi_rwdb import AsyncWriteSession, Database, RWDBSettings, WriteSession
+from fastapi_rwdb.tracking import UNKNOWN_LSN
+
+from .conftest import dsn
+from .models import Item
+
+pytestmark = pytest.mark.stack
+
+KEY = "test-secret-key-0123456789abcdef"
+items = Item.__table__  # type: ignore[attr-defined]
+
+
+def _name() -> str:
+    return f"track-{uuid.uuid4()}"
+
+
+# Each body runs in a write session and commits; True: it wrote.
+SYNC: dict[str, tuple[Callable[[Session], Any], bool]] = {
+    "orm add": (lambda s: s.add(Item(name=_name())), True),
+    "core insert": (lambda s: s.execute(insert(items).values(name=_name())), True),
+    "core update, no row matched": (
+        lambda s: s.execute(update(items).where(items.c.id == -1).values(name="x")),
+        True,  # DML is trusted without asking: a token more, never one less
+    ),
+    "text insert": (
+        lambda s: s.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": _name()}),
+        True,
+    ),
+    "raw connection insert": (
+        # (no parameters: the two drivers' paramstyles differ)
+        lambda s: s.connection().exec_driver_sql(
+            f"INSERT INTO rwdb_items (name) VALUES ('{_name()}')"
+        ),
+        True,
+    ),
+    "bulk insert mappings": (lambda s: s.bulk_insert_mappings(Item, [{"name": _name()}]), True),
+    "scalar of a write": (
+        lambda s: s.scalar(insert(items).values(name=_name()).returning(items.c.id)),
+        True,
+    ),
+    "compiled select": (lambda s: s.execute(select(items.c.id).limit(1)).all(), False),
+    "text select": (lambda s: s.execute(text("SELECT 1")).all(), False),
+    "raw connection select": (lambda s: s.connection().exec_driver_sql("SELECT 1").all(), False),
+    "nothing": (lambda s: None, False),
+}
+
+
+async def _async_body(session: AsyncSession, kind: str) -> None:
+    await session.run_sync(SYNC[kind][0])
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))
+
+    @app.post("/sync/{kind}")
+    def sync_route(kind: str, db: WriteSession) -> dict[str, bool]:
+        SYNC[kind][0](db)
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/async/{kind}")
+    async def async_route(kind: str, db: AsyncWriteSession) -> dict[str, bool]:
+        await _async_body(db, kind)
+        await db.commit()
+        return {"ok": True}
+
+    @app.post("/async-native/{what}")
+    async def async_native(what: str, db: AsyncWriteSession) -> dict[str, bool]:
+        # The async API itself, not run_sync: execute, scalar and connection().
+        if what == "execute":
+            await db.execute(insert(items).values(name=_name()))
+        elif what == "scalar":
+            await db.scalar(insert(items).values(name=_name()).returning(items.c.id))
+        elif what == "connection":
+            conn = await db.connection()
+            await conn.exec_driver_sql(f"INSERT INTO rwdb_items (name) VALUES ('{_name()}')")
+        else:
+            await db.execute(select(items.c.id).limit(1))
+        await db.commit()
+        return {"ok": True}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+async def app() -> AsyncIterator[FastAPI]:
+    application = make_app()
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def primary_lsn() -> int:
+    with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
+        row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def post(app: FastAPI, path: str) -> str | None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        response = await c.post(path)
+    assert response.status_code == 200, response.text
+    token = response.headers.get("x-rwdb-pin")
+    assert (token is None) == ("set-cookie" not in response.headers)
+    return token
+
+
+def token_lsn(token: str) -> int:
+    token_data = fastapi_rwdb.get_database().signer.load(token, max_age=3600)
+    assert token_data is not None, "the token must verify"
+    return token_data.lsn
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("kind", list(SYNC))
+async def test_a_token_exactly_when_the_commit_wrote(app: FastAPI, flavour: str, kind: str) -> None:
+    before = primary_lsn()
+    token = await post(app, f"/{flavour}/{kind}")
+    wrote = SYNC[kind][1]
+    if not wrote:
+        assert token is None
+        return
+    assert token is not None
+    # The position after the commit: past where the WAL was before it (a transaction
+    # that changed no row writes no commit record), not past now.
+    lsn = token_lsn(token)
+    assert lsn != UNKNOWN_LSN
+    if "no row" in kind:
+        assert before <= lsn <= primary_lsn()
+    else:
+        assert before < lsn <= primary_lsn()
+
+
+@pytest.mark.parametrize("what", ["execute", "scalar", "connection", "select"])
+async def test_async_session_api_is_tracked(app: FastAPI, what: str) -> None:
+    before = primary_lsn()
+    token = await post(app, f"/async-native/{what}")
+    if what == "select":
+        assert token is None
+    else:
+        assert token is not None and before < token_lsn(token) <= primary_lsn()
