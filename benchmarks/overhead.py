@@ -15,6 +15,7 @@ wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import time
@@ -218,61 +219,101 @@ def _summarise(
 
 # ------------------------------------------------- one client, requests interleaved
 
-INTERLEAVED = ("baseline", "rwdb", "control")  # control: a second, independent baseline
-
 
 async def interleaved_routes(ids: list[int], seconds: float, block: int) -> dict[str, Any]:
-    """One request at a time, the three apps taking turns request by request.
-
-    Neighbouring requests of the three apps are milliseconds apart, so whatever
-    else the machine does hits all three alike. With one request in flight the
-    process does nothing else meanwhile, so the process CPU time spent in a
-    request is that request's own. ``control`` is a second baseline with its own
-    engines and pools: its ratio to the baseline is this harness's noise floor
-    (A/A test). Ratios are taken per block of ``block`` turns; the figures are
-    medians over blocks.
+    """One request at a time, three apps taking turns request by request: the
+    baseline, fastapi_rwdb, and ``control``, a second baseline with its own engines
+    and pools, whose ratio to the baseline is this harness's noise floor (A/A test).
     """
     w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
     baselines = [Baseline(w, r), Baseline(w, r)]
-    apps = {"baseline": baselines[0].app(), "control": baselines[1].app()}
-    apps["rwdb"], _ = rwdb_app(w, r)
-    routes: dict[str, Any] = {}
-    async with (
-        apps["baseline"].router.lifespan_context(apps["baseline"]),
-        apps["control"].router.lifespan_context(apps["control"]),
-        apps["rwdb"].router.lifespan_context(apps["rwdb"]),
-    ):
-        token = await fresh_token(apps["rwdb"])
-        for route in ROUTES:
-            requests = {name: Requests(route, ids, token) for name in INTERLEAVED}
-            for name in INTERLEAVED:  # warm-up
+    apps = {"baseline": baselines[0].app(), "rwdb": rwdb_app(w, r)[0]}
+    apps["control"] = baselines[1].app()
+    routes = await _interleave(apps, ROUTES, ids, seconds, block)
+    for r in routes.values():
+        ratios = r.pop("ratios")
+        r.update(
+            throughput_ratio=ratios["rwdb"]["throughput"],
+            cpu_ratio=ratios["rwdb"]["cpu"],
+            p50_ratio=ratios["rwdb"]["p50"],
+            p99_ratio=ratios["rwdb"]["p99"],
+            control_ratio=ratios["control"]["throughput"],
+            control_p50_ratio=ratios["control"]["p50"],
+            cleared=r["cleared"].get("rwdb", 0),
+        )
+    return {"seconds_per_route": seconds, "block": block, "routes": routes}
+
+
+#: What a write costs in each pinning mode: the package without read-your-writes
+#: (off), tokens without the WAL position (window), and the default (lsn).
+PIN_MODES = ("off", "window", "lsn")
+
+
+async def write_cost_by_mode(ids: list[int], seconds: float, block: int) -> dict[str, Any]:
+    """The write routes, interleaved as above, on fastapi_rwdb in each pinning mode."""
+    w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
+    apps = {"baseline": Baseline(w, r).app()}
+    for mode in PIN_MODES:
+        apps[mode] = rwdb_app(w, r, pin_mode=mode)[0]
+    writes = [route for route in ROUTES if route[0] in ("sync_write", "async_write")]
+    routes = await _interleave(apps, writes, ids, seconds, block)
+    return {"seconds_per_route": seconds, "block": block, "modes": PIN_MODES, "routes": routes}
+
+
+async def _interleave(
+    apps: dict[str, Any],
+    routes: list[tuple[Any, ...]],
+    ids: list[int],
+    seconds: float,
+    block: int,
+) -> dict[str, Any]:
+    """Run ``routes`` on ``apps`` (the first is the baseline), one request at a time,
+    taking turns request by request.
+
+    Neighbouring requests of the apps are milliseconds apart, so whatever else
+    the machine does hits them all alike. With one request in flight the process
+    does nothing else meanwhile, so the process CPU time spent in a request is
+    that request's own. Ratios to the baseline are taken per block of ``block``
+    turns; the figures are medians over blocks.
+    """
+    names = list(apps)
+    base_name, others = names[0], names[1:]
+    results: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps.values():
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        token = await fresh_token(apps["rwdb" if "rwdb" in apps else "lsn"])
+        for route in routes:
+            requests = {name: Requests(route, ids, token) for name in names}
+            for name in names:  # warm-up
                 for _ in range(20):
                     await call(apps[name], *requests[name].next())
-            wall: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
-            cpu: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
-            blocks: dict[str, list[float]] = {"rwdb": [], "control": [], "rwdb_cpu": []}
-            cleared = errors = turns = 0
+            wall: dict[str, list[float]] = {name: [] for name in names}
+            cpu: dict[str, list[float]] = {name: [] for name in names}
+            tput: dict[str, list[float]] = {name: [] for name in others}
+            cpu_blocks: dict[str, list[float]] = {name: [] for name in others}
+            cleared: Counter[str] = Counter()
+            errors = turns = 0
             gc.collect()
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline or turns % block:
-                k = turns % 3  # rotate who goes first
-                for name in INTERLEAVED[k:] + INTERLEAVED[:k]:
+                k = turns % len(names)  # rotate who goes first
+                for name in names[k:] + names[:k]:
                     args = requests[name].next()
                     t0, c0 = time.perf_counter(), time.process_time()
                     response = await call(apps[name], *args)
                     cpu[name].append(time.process_time() - c0)
                     wall[name].append(time.perf_counter() - t0)
                     errors += response.status != 200
-                    if name == "rwdb" and response.header(b"x-rwdb-pin") == b"":
-                        cleared += 1
+                    if response.header(b"x-rwdb-pin") == b"":
+                        cleared[name] += 1
                 turns += 1
                 if turns % block == 0:
-                    base = sum(wall["baseline"][-block:])
-                    blocks["rwdb"].append(base / sum(wall["rwdb"][-block:]))
-                    blocks["control"].append(base / sum(wall["control"][-block:]))
-                    blocks["rwdb_cpu"].append(
-                        sum(cpu["rwdb"][-block:]) / sum(cpu["baseline"][-block:])
-                    )
+                    base_wall = sum(wall[base_name][-block:])
+                    base_cpu = sum(cpu[base_name][-block:])
+                    for name in others:
+                        tput[name].append(base_wall / sum(wall[name][-block:]))
+                        cpu_blocks[name].append(sum(cpu[name][-block:]) / base_cpu)
             figures = {
                 name: {
                     "rps": len(wall[name]) / sum(wall[name]),
@@ -281,21 +322,25 @@ async def interleaved_routes(ids: list[int], seconds: float, block: int) -> dict
                     "cpu_us": sum(cpu[name]) / len(cpu[name]) * 1e6,
                     "requests": len(wall[name]),
                 }
-                for name in INTERLEAVED
+                for name in names
             }
-            routes[route[0]] = {
+            base_fig = figures[base_name]
+            results[route[0]] = {
                 "label": route[1],
                 **figures,
-                "throughput_ratio": spread(blocks["rwdb"]),
-                "control_ratio": spread(blocks["control"]),
-                "cpu_ratio": spread(blocks["rwdb_cpu"]),
-                "p50_ratio": figures["rwdb"]["p50_ms"] / figures["baseline"]["p50_ms"],
-                "p99_ratio": figures["rwdb"]["p99_ms"] / figures["baseline"]["p99_ms"],
-                "control_p50_ratio": figures["control"]["p50_ms"] / figures["baseline"]["p50_ms"],
-                "cleared": cleared,
+                "ratios": {
+                    name: {
+                        "throughput": spread(tput[name]),
+                        "cpu": spread(cpu_blocks[name]),
+                        "p50": figures[name]["p50_ms"] / base_fig["p50_ms"],
+                        "p99": figures[name]["p99_ms"] / base_fig["p99_ms"],
+                    }
+                    for name in others
+                },
+                "cleared": dict(cleared),
                 "errors": errors,
             }
-    return {"seconds_per_route": seconds, "block": block, "routes": routes}
+    return results
 
 
 async def _run(quick: bool) -> dict[str, Any]:
@@ -303,9 +348,10 @@ async def _run(quick: bool) -> dict[str, Any]:
     await asyncio.to_thread(wait_replicas_have, ids)
     counted = await count_round_trips(ids, per_route=10 if quick else 40)
     one_client = await interleaved_routes(ids, *((2.0, 20) if quick else (24.0, 40)))
+    by_mode = await write_cost_by_mode(ids, *((2.0, 20) if quick else (24.0, 40)))
     rounds, duration = (2, 0.25) if quick else (16, 0.3)
     timed = await time_routes(ids, rounds, duration)
-    return {"one_client": one_client, "timing": timed, "wire": counted}
+    return {"one_client": one_client, "by_mode": by_mode, "timing": timed, "wire": counted}
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -259,6 +259,7 @@ def _overhead(data: dict[str, Any], png: str) -> list[str]:
         "Throughput ratio: fastapi_rwdb / baseline (above 1 is faster). Latency and CPU "
         "ratios: fastapi_rwdb / baseline (above 1 is slower).",
         "",
+        *_by_mode(data.get("by_mode")),
         f"### {t['concurrency']} requests in flight",
         "",
         "| route | baseline req/s | rwdb req/s | **throughput ratio** (IQR) | p50 ratio | "
@@ -289,8 +290,10 @@ def _overhead(data: dict[str, Any], png: str) -> list[str]:
         "before binding it) waits for the server, so their sum is the number of round "
         "trips; it includes what SQLAlchemy events do not see (the pool's pre-ping, "
         "psycopg's `BEGIN`, the rollback on return, statements sent straight on the "
-        "driver connection). `statements` is what SQLAlchemy's `before_cursor_execute` "
-        f"sees. {wire['requests_per_route']} requests per route, sequential, pools warm.",
+        "driver connection). `statements` is what the server is asked to run: one per "
+        "`Parse`, and one per non-empty `;`-separated part of a simple `Query` "
+        "(psycopg's ping, an empty query, is none). "
+        f"{wire['requests_per_route']} requests per route, sequential, pools warm.",
         "",
         "| route | baseline round trips | rwdb round trips | extra | baseline statements | "
         "rwdb statements | connections opened | rwdb reads served by |",
@@ -301,22 +304,56 @@ def _overhead(data: dict[str, Any], png: str) -> list[str]:
         routed = ", ".join(f"{k} {v}" for k, v in w["routed"].items() if k != "-") or "-"
         lines.append(
             f"| {r['label']} | {b['round_trips']:g} | {w['round_trips']:g} | "
-            f"{w['round_trips'] - b['round_trips']:+g} | {b['sqlalchemy_statements']:g} | "
-            f"{w['sqlalchemy_statements']:g} | {b['connects'] + w['connects']:g} | {routed} |"
+            f"{w['round_trips'] - b['round_trips']:+g} | {b['statements']:g} | "
+            f"{w['statements']:g} | {b['connects'] + w['connects']:g} | {routed} |"
         )
     lines += [
         "",
-        "Where the round trips go: a psycopg read is pre-ping, `BEGIN`, `SELECT`, "
-        "`ROLLBACK` (4); an asyncpg read is pre-ping (SQLAlchemy wraps it in "
-        "`BEGIN`/`ROLLBACK` for PgBouncer, and asyncpg describes every statement before "
-        "running it, so 4), `BEGIN`, `SELECT` (2), `ROLLBACK` (8). fastapi_rwdb adds, "
-        "after a commit that wrote, the primary's WAL position (`SELECT "
-        "pg_current_wal_lsn()`: 1 round trip on psycopg, 2 on asyncpg), before a commit "
-        "after textual SQL the question whether the transaction wrote (1), and for a "
-        "read with a token the replica's replay position (1 on psycopg, 2 on asyncpg).",
+        "Where the round trips go: a psycopg read is pre-ping (an empty query), `BEGIN`, "
+        "`SELECT`, `ROLLBACK` (4, on both sides). The baseline's asyncpg read is "
+        "SQLAlchemy's pre-ping (`BEGIN`, `SELECT 1` described then run, `ROLLBACK`: 4), "
+        "`BEGIN`, the `SELECT` (described, then run: 2), `ROLLBACK`: 8. fastapi_rwdb pings "
+        "asyncpg with one simple-protocol `SELECT 1` outside a transaction: 5. It adds: "
+        "after a commit that wrote, the primary's WAL position (a statement in the "
+        "COMMIT's own message on psycopg; one round trip after it on asyncpg, a `COPY` of "
+        "the one value, which needs no describe step); before a commit after textual SQL, "
+        "the question whether the transaction wrote (in the COMMIT's message on psycopg, "
+        "two round trips on asyncpg); for a read with a token, the replica's replay position, "
+        "asked by the checkout ping instead of its empty query (no round trip more).",
         "",
     ]
     return lines
+
+
+def _by_mode(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    modes = data["modes"]
+    lines = [
+        "### What a write pays for read-your-writes",
+        "",
+        "The write routes once more, interleaved the same way (one client, "
+        f"{data['seconds_per_route']:.0f} s per route), with fastapi_rwdb in each pinning "
+        "mode next to the baseline. `off`: the package without read-your-writes (split, "
+        "sessions, middleware, write tracking). `window`: plus the token, signed and set "
+        "as cookie and header, without a WAL position. `lsn` (the default): plus the "
+        "primary's WAL position read after the COMMIT: one statement more, sent in the "
+        "COMMIT's own message on psycopg and in one round trip more on asyncpg. The "
+        "difference between `window` and `lsn` is that statement's cost on the server.",
+        "",
+        "| route | "
+        + " | ".join(f"`{m}`: throughput ratio (IQR)" for m in modes)
+        + " | `lsn`: CPU/request ratio |",
+        "| --- | " + " | ".join("---" for _ in modes) + " | ---: |",
+    ]
+    for r in data["routes"].values():
+        cells = []
+        for m in modes:
+            tr = r["ratios"][m]["throughput"]
+            cells.append(f"{_r(tr['median'])} ({_r(tr['p25'])}-{_r(tr['p75'])})")
+        lsn_cpu = r["ratios"]["lsn"]["cpu"]["median"] if "lsn" in modes else float("nan")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_r(lsn_cpu)} |")
+    return [*lines, ""]
 
 
 def _micro(data: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Token signing and the middleware's parsing: pure logic, no database."""
+"""Token signing, the middleware's parsing and LSN text: pure logic, no database."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from fastapi_rwdb.debug import format_lsn
+from fastapi_rwdb.engines import parse_lsn
 from fastapi_rwdb.middleware import _cookie_value
 from fastapi_rwdb.tokens import MAX_LENGTH, Token, TokenSigner
 
@@ -69,3 +71,19 @@ def test_repr_hides_the_key() -> None:
 )
 def test_cookie_parsing_tolerates_garbage(header: bytes, value: bytes | None) -> None:
     assert _cookie_value(header, b"rwdb_pin") == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0/0", 0),
+        ("0/5031C28", 0x5031C28),
+        ("16/B374D848", (0x16 << 32) | 0xB374D848),
+        ("FFFFFFFF/FFFFFFFF", 2**64 - 1),
+        (None, None),
+    ],
+)
+def test_lsn_text_parses_as_postgres_orders_it(text: str | None, value: int | None) -> None:
+    assert parse_lsn(text) == value
+    if value is not None:
+        assert format_lsn(value) == text
