@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from .context import request_state
 from .engines import (
     ROLE_OPTION,
     AsyncEnginePair,
@@ -273,7 +274,15 @@ _default_lock = threading.Lock()
 
 
 def get_database() -> Database:
-    """The process-wide :class:`Database` the dependencies use."""
+    """The :class:`Database` the dependencies and scopes use.
+
+    Inside a request, the one of the app serving it (its middleware says which,
+    so two apps set up with different settings can share a process); elsewhere
+    the process-wide one that :func:`configure` (and so ``setup()``) installs.
+    """
+    state = request_state.get()
+    if state is not None and state.database is not None:
+        return state.database
     return _default
 
 

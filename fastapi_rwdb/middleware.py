@@ -47,7 +47,10 @@ class ReadYourWritesMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = RequestState(token=self._incoming(scope["headers"]) if self._issue else None)
+        state = RequestState(
+            token=self._incoming(scope["headers"]) if self._issue else None,
+            database=self.database,
+        )
         reset = request_state.set(state)
 
         async def send_with_token(message: Message) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .tokens import Token
+
+if TYPE_CHECKING:
+    from .database import Database
 
 
 @dataclass(slots=True)
@@ -23,6 +27,7 @@ class RequestState:
     read_target: str | None = None  # "replica" or "primary", for the routing header
     read_reason: str | None = None
     version: int = 0  # bumped on every change that can alter a routing decision
+    database: Database | None = None  # the serving app's, for get_database()
 
     def note_commit(self, lsn: int) -> None:
         self.commit_lsn = lsn if self.commit_lsn is None else max(self.commit_lsn, lsn)

@@ -152,3 +152,38 @@ def test_environment_alone_is_enough_without_setup() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "False"]
+
+
+async def test_two_apps_in_one_process_keep_their_own_settings() -> None:
+    """Each request uses the Database of the app serving it, not the last setup()."""
+    from fastapi_rwdb import Database, RWDBSettings, get_database
+
+    key = "test-secret-key-0123456789abcdef"
+
+    def make(mode: str) -> FastAPI:
+        app = FastAPI()
+        database = fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=key, pin_mode=mode)))
+
+        @app.post("/write")
+        async def write(db: AsyncWriteSession) -> dict[str, bool]:
+            await db.execute(text("INSERT INTO rwdb_items (name) VALUES ('two apps')"))
+            await db.commit()
+            return {"own": get_database() is database}
+
+        return app
+
+    apps = {mode: make(mode) for mode in ("lsn", "off")}
+    # setup() of the "off" app ran last: it holds the process-wide Database now.
+    responses = {}
+    async with (
+        apps["lsn"].router.lifespan_context(apps["lsn"]),
+        apps["off"].router.lifespan_context(apps["off"]),
+    ):
+        for mode, app in apps.items():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                responses[mode] = await c.post("/write")
+    assert all(r.json() == {"own": True} for r in responses.values())
+    token = responses["lsn"].headers["x-rwdb-pin"]
+    assert int(token.split(".")[1], 16) > 0  # a real WAL position, read in lsn mode
+    assert "x-rwdb-pin" not in responses["off"].headers
