@@ -236,15 +236,15 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
         finally:
             raw.autocommit = was
         return None if row is None else row[0]
-    return fetch_in_transaction(raw, sql, timeout)
+    return _fetch_by_copy(raw, sql, timeout)
 
 
-def fetch_in_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
-    """:func:`fetch_outside_transaction` on asyncpg, inside whatever transaction is open.
+def _fetch_by_copy(raw: Any, sql: str, timeout: float | None) -> str | None:
+    """:func:`fetch_outside_transaction` on asyncpg.
 
     asyncpg's ``fetchval`` costs two round trips (it describes the statement
-    first); a ``COPY ... TO STDOUT`` of the same query goes in the simple
-    protocol and returns its row in one.
+    first); a ``COPY (...) TO STDOUT`` of the same query goes in the simple
+    protocol and returns its row, as text, in one.
     """
     chunks: list[bytes] = []
 

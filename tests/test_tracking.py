@@ -3,6 +3,7 @@ and nothing that only read gets one. Against the real stack, both drivers."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -159,3 +161,32 @@ async def test_async_session_api_is_tracked(app: FastAPI, what: str) -> None:
         assert token is None
     else:
         assert token is not None and before < token_lsn(token) <= primary_lsn()
+
+
+def _write_then_failed_savepoint(s: Session) -> None:
+    s.execute(insert(items).values(name=_name()))
+    # The savepoint is rolled back; the outer write stands.
+    with contextlib.suppress(DBAPIError), s.begin_nested():
+        s.execute(text("SELECT 1/0"))
+
+
+def _savepoint_write_only(s: Session) -> None:
+    with s.begin_nested():
+        s.execute(insert(items).values(name=_name()))
+
+
+SAVEPOINTS = {
+    "write, then a savepoint that fails": (_write_then_failed_savepoint, True),
+    "a write inside a released savepoint": (_savepoint_write_only, True),
+}
+SYNC.update(SAVEPOINTS)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("kind", list(SAVEPOINTS))
+async def test_savepoints_neither_lose_nor_invent_a_write(
+    app: FastAPI, flavour: str, kind: str
+) -> None:
+    before = primary_lsn()
+    token = await post(app, f"/{flavour}/{kind}")
+    assert token is not None and before < token_lsn(token) <= primary_lsn()
