@@ -2,7 +2,7 @@
 
 Run everything and write ``benchmarks/results.md`` (plus PNG plots)::
 
-    .venv/bin/python -m benchmarks            # the full run, about 6 minutes
+    .venv/bin/python -m benchmarks            # the full run, about 7 minutes
     .venv/bin/python -m benchmarks --quick    # a smoke run, well under a minute
     .venv/bin/python -m benchmarks --only overhead,micro
 
@@ -14,10 +14,13 @@ Parts:
     windows, off).
 ``overhead``
     The hand-written two-engine pattern against fastapi_rwdb, same routes, same
-    pools: throughput and latency ratios, and the database round trips each
-    route issues (counted on the wire).
+    pools: throughput and latency ratios, the write routes in each pinning mode,
+    and the round trips and statements each route costs (counted on the wire).
 ``micro``
     The middleware's own cost per request, without a database.
+
+Not part of the run: ``python -m benchmarks.profile "METHOD /path"`` profiles
+one route on both apps and prints where fastapi_rwdb's extra time and calls go.
 
 Raw figures go to ``benchmarks/out/*.json`` (not committed); the report is
 rebuilt from whatever parts are there, so ``--only`` refreshes one section.

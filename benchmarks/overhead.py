@@ -343,12 +343,48 @@ async def _interleave(
     return results
 
 
+def raw_commit_cost(rounds: int, per_round: int = 40) -> dict[str, Any]:
+    """What the LSN statement costs the server, with psycopg alone (no SQLAlchemy, no
+    package code): an INSERT and its COMMIT, against the same with the WAL position
+    read in the COMMIT's message, alternating, through HAProxy and PgBouncer."""
+    import psycopg
+
+    from .common import TABLE, dsn
+
+    insert = f"INSERT INTO {TABLE} (client, payload) VALUES ('raw', 'x') RETURNING id"
+    with psycopg.connect(dsn(), prepare_threshold=None) as conn:
+
+        def plain() -> None:
+            conn.execute(insert).fetchone()
+            conn.commit()
+
+        def with_lsn() -> None:
+            conn.execute(insert).fetchone()
+            cursor = conn.cursor()
+            cursor.execute("COMMIT; SELECT pg_current_wal_lsn()::text")
+            cursor.nextset()
+            cursor.fetchone()
+            cursor.close()
+            conn.commit()  # nothing left to commit: sends nothing
+
+        times: dict[str, list[float]] = {"commit": [], "commit_lsn": []}
+        for n in range(rounds):
+            order = [("commit", plain), ("commit_lsn", with_lsn)]
+            for name, step in order if n % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                times[name].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {name: spread(values) for name, values in times.items()}
+
+
 async def _run(quick: bool) -> dict[str, Any]:
     ids = await asyncio.to_thread(prepare_table, 2000)
     await asyncio.to_thread(wait_replicas_have, ids)
     counted = await count_round_trips(ids, per_route=10 if quick else 40)
     one_client = await interleaved_routes(ids, *((2.0, 20) if quick else (24.0, 40)))
     by_mode = await write_cost_by_mode(ids, *((2.0, 20) if quick else (24.0, 40)))
+    by_mode["raw_commit_ms"] = await asyncio.to_thread(raw_commit_cost, 4 if quick else 30)
     rounds, duration = (2, 0.25) if quick else (16, 0.3)
     timed = await time_routes(ids, rounds, duration)
     return {"one_client": one_client, "by_mode": by_mode, "timing": timed, "wire": counted}
