@@ -30,7 +30,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default=",".join(PARTS),
         help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all); the "
-        "report keeps the other parts' figures from their last run",
+        "report keeps the other parts' figures from their last run; --only '' only rebuilds "
+        "the report",
     )
     parser.add_argument("--seed", type=int, default=7, help="workload seed of the offload part")
     parser.add_argument("--output", type=Path, help="where to write the report")
@@ -72,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         _say("checking the stack")
         common.check_stack()
     started = time.monotonic()
-    env = common.environment()
-    common.save("environment", env)
+    if args.parts:
+        env = common.environment()
+        common.save("environment", env)
+    else:  # only rebuilding the report: keep the machine and versions of the runs
+        env = common.load("environment") or common.environment()
     for part in [p for p in PARTS if p in args.parts]:
         _say(f"running {part}{' (quick)' if args.quick else ''}")
         t0 = time.monotonic()
