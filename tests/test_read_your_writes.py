@@ -390,3 +390,17 @@ async def test_savepoint_commit_issues_no_token_before_the_real_commit() -> None
     assert seen["after_savepoint"] is None
     assert isinstance(seen["after_commit"], int) and seen["after_commit"] > 0
     assert "rwdb_pin=" in response.headers["set-cookie"]
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_caught_up_check_without_the_checkout_ping(flavour: str) -> None:
+    """With RWDB_POOL_PRE_PING off, the session asks for the replay position itself."""
+    app = make_app(pool_pre_ping=False)
+    async with app.router.lifespan_context(app), client(app) as c:
+        await c.get(f"{flavour}/notes/warm-up")
+        name = (await c.post(f"{flavour}/notes")).json()["name"]
+        await replicas_have(name)
+        found = await c.get(f"{flavour}/notes/{name}")
+    assert found.json()["found"] is True
+    assert found.headers["x-rwdb-read"] == "replica"
+    assert found.headers[TOKEN_HEADER] == ""  # the replica had it: token cleared
