@@ -41,8 +41,8 @@ _FRESH = "rwdb_fresh"
 #: than pg_lsn arithmetic, and the same on both drivers.
 REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: Set while a read session checks a replica's replay position: the checkout ping
-#: then asks for that position instead of ``SELECT 1`` (same round trip, and the
-#: check needs no query of its own). Other checkouts ping the cheap way.
+#: then asks for that position instead of running its no-op query (same round
+#: trip, and the check needs no query of its own). Other checkouts ping the cheap way.
 want_replay_lsn: ContextVar[bool] = ContextVar("rwdb_want_replay_lsn", default=False)
 # Worth another try when opening a connection: the server or the proxy in front
 # of it is restarting, failing over, or out of slots for a moment.
@@ -334,8 +334,8 @@ def _instrument(
             SQLAlchemy pings asyncpg inside BEGIN/ROLLBACK: four round trips
             behind PgBouncer. This one is one round trip on both drivers, outside
             any transaction. When a read session is about to check a replica for a
-            client's write, it asks for the replay position instead of ``SELECT 1``,
-            so read-your-writes needs no query of its own. A connection opened just now
+            client's write, it asks for the replay position instead of a no-op, so
+            read-your-writes needs no query of its own. A connection opened just now
             is not pinged, as in SQLAlchemy: should it be unusable, the request's
             own statement fails and the pool is invalidated.
             """
