@@ -9,6 +9,10 @@ run inline on the event loop's thread instead of the thread pool, so the
 profiler sees them (it follows one thread only). The output lists the functions
 whose own time or call count differs most between the apps, per request.
 
+A deterministic profiler rather than a sampling one (py-spy, pyinstrument):
+the two apps differ by a few dozen calls per request, which exact call counts
+show and samples drown in noise.
+
 Read the times with care: a deterministic profiler inflates small Python
 functions, and a function that runs right after a database round trip is
 often charged for the wait of a descheduled process. Call counts are exact;

@@ -377,7 +377,7 @@ def _micro(data: dict[str, Any]) -> list[str]:
         f"{data['rounds']} rounds, the variants' order reversed every other round. Cost is "
         "the variant's time per request minus its baseline's in the same round (median "
         f"over rounds). The token is a valid one ({data['token_length']} characters), so it "
-        "is parsed and its HMAC-SHA256 checked; the cookie header also carries two other "
+        "is parsed and its signature checked; the cookie header also carries two other "
         "cookies. The trivial FastAPI route shows the cost against the smallest real "
         "request.",
         "",

@@ -35,7 +35,8 @@ def good() -> str:
         "1.zz.123.sig",
         good()[:-2] + "AA",  # wrong signature
         good().replace("1e240", "1e241"),  # LSN changed, signature kept
-        "2" + good()[1:],  # unknown version
+        "1" + good()[1:],  # another version (1: HMAC-SHA256)
+        "9" + good()[1:],  # unknown version
         good() + "x" * MAX_LENGTH,  # oversized
         TokenSigner(b"another-apps-key-0123456789").dump(Token(123456, int(NOW) + 30)),
         signer.dump(Token(123456, int(NOW) - 1)),  # expired
@@ -52,6 +53,14 @@ def test_default_now_is_the_clock() -> None:
     loaded = signer.load(raw, max_age=30)
     assert loaded is not None and loaded.lsn == 1
     assert signer.load(signer.dump(Token(1, int(time.time()) - 5)), max_age=30) is None
+
+
+def test_keys_longer_than_blake2b_takes_still_sign_and_differ() -> None:
+    long_key = b"x" * 64 + b"tail-that-must-count"
+    token = Token(lsn=7, expires=int(NOW) + 30)
+    raw = TokenSigner(long_key).dump(token)
+    assert TokenSigner(long_key).load(raw, max_age=30, now=NOW) == token
+    assert TokenSigner(b"x" * 64).load(raw, max_age=30, now=NOW) is None
 
 
 def test_repr_hides_the_key() -> None:
