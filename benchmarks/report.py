@@ -454,32 +454,48 @@ def _summary(
             f"| middleware cost per request (informational) | {row['cost_us']['median']:.1f} us "
             f"without a token, {tok['cost_us']['median']:.1f} us with one | |"
         )
-    lines += ["", *MISSED, ""]
+    if overhead:
+        lines += ["", *_missed(overhead)]
+    lines.append("")
     return lines
 
 
-#: Why the write targets are missed, from the profiles (``python -m benchmarks.profile``)
-#: and the by-mode table; kept by hand, so it says what the figures above cannot.
-MISSED = [
-    "Where a write misses the throughput target, the cost is the WAL position read "
-    "after the COMMIT, which read-your-writes by LSN needs: with `RWDB_PIN_MODE=off` or "
-    "`window` (the `off`/`window` figures above) the same writes meet it. On psycopg "
-    "that read is a statement in the COMMIT's own message: no round trip, but the "
-    "server still parses, plans and runs it in a transaction of its own (its cost with "
-    "psycopg alone is measured under the by-mode table). asyncpg cannot send "
-    "it with the COMMIT and return its row, so there it is a round trip of its own, "
-    "made as cheap as one can be (a `COPY` of the one value: one round trip where "
-    "`fetchval` takes two). What was ours and is fixed: a single engine event listener "
-    "(which put every statement on SQLAlchemy's event path), the commit sent through "
-    "SQLAlchemy's statement machinery, the question whether the transaction wrote "
-    "asked on every commit, and a ping that ran `SELECT 1` where an empty query does.",
-    "",
-    "A sync read pays the middleware and the routing decision: a few microseconds each "
-    "on a warm CPU (section 3), several times that inside a request on two cores that "
-    "the stack keeps busy, which evicts them from the caches between round trips. It "
-    "sits at the target, within a few hundredths of the A/A control; the async read, "
-    "whose ping saves three round trips, is well above it.",
-]
+def _missed(overhead: dict[str, Any]) -> list[str]:
+    """Why targets are missed: the figures from this run, the reasons from the
+    profiles (``python -m benchmarks.profile``), which no table shows."""
+    one = overhead["one_client"]["routes"]
+    by_mode = (overhead.get("by_mode") or {}).get("routes", {})
+
+    def mode(route: str, name: str) -> str:
+        ratios = by_mode.get(route, {}).get("ratios", {})
+        return _r(ratios[name]["throughput"]["median"]) if name in ratios else "-"
+
+    return [
+        "**Why.** The writes pay for the WAL position read after the COMMIT, which "
+        "read-your-writes by LSN needs. Without it the same writes run at "
+        f"{mode('sync_write', 'off')} (psycopg) and {mode('async_write', 'off')} (asyncpg) "
+        f"of the baseline with `RWDB_PIN_MODE=off`, and {mode('sync_write', 'window')} and "
+        f"{mode('async_write', 'window')} with `window` (a token, no position). On psycopg "
+        "the read is a statement in the COMMIT's own message: no round trip, but the server "
+        "still parses, plans and runs it in a transaction of its own (its cost with psycopg "
+        "alone is measured under the by-mode table). asyncpg cannot send it with the "
+        "COMMIT and return its row, so there it is a round trip of its own, made as cheap "
+        "as one can be (a `COPY` of the one value: one round trip where `fetchval` takes "
+        "two). What was ours and is fixed: an engine event listener (one puts every "
+        "statement of the app on SQLAlchemy's event path), the commit sent through "
+        "SQLAlchemy's statement machinery, the question whether the transaction wrote asked "
+        "on every commit, a ping that ran `SELECT 1` where an empty query does, and "
+        "tokens signed with HMAC-SHA256 through OpenSSL where keyed BLAKE2b costs less "
+        "than half.",
+        "",
+        f"A sync read ({_r(one['sync_read']['throughput_ratio']['median'])}) pays the "
+        "middleware and the routing decision: a few microseconds each on a warm CPU "
+        "(section 3), several times that inside a request on two cores that the stack "
+        "keeps busy and whose caches it keeps evicting. In the four full runs of "
+        "2026-11-29 it landed between 0.957 and 0.973 (4 in flight: 0.959 to 1.016), "
+        "about 3.5 % behind. The async read, whose ping saves three round trips, is well "
+        "ahead.",
+    ]
 
 
 def write_report(

