@@ -213,12 +213,7 @@ def _ping_query(dbapi_connection: Any, replay_lsn: bool, timeout: float) -> int 
         return parse_lsn(fetch_outside_transaction(raw, REPLAY_LSN_SQL, timeout))
     if isinstance(raw, psycopg.Connection):
         # An empty query, as SQLAlchemy's own ping: the server has nothing to parse.
-        was = raw.autocommit
-        raw.autocommit = True
-        try:
-            raw.execute(";")
-        finally:
-            raw.autocommit = was
+        _execute_autocommit(raw, ";")
     else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
         await_(raw.execute("SELECT 1", timeout=timeout))
     return None
@@ -229,14 +224,20 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
     (psycopg or asyncpg) outside any transaction: one statement, one round trip,
     no BEGIN and no ROLLBACK around it. ``sql`` must return one text column."""
     if isinstance(raw, psycopg.Connection):
-        was = raw.autocommit
-        raw.autocommit = True
-        try:
-            row = raw.execute(sql).fetchone()
-        finally:
-            raw.autocommit = was
+        row = _execute_autocommit(raw, sql).fetchone()
         return None if row is None else row[0]
     return _fetch_by_copy(raw, sql, timeout)
+
+
+def _execute_autocommit(raw: psycopg.Connection[Any], sql: str) -> psycopg.Cursor[Any]:
+    """``sql`` on psycopg outside any transaction (no BEGIN first); the cursor holds
+    the results, so they can be fetched after autocommit is restored."""
+    was = raw.autocommit
+    raw.autocommit = True
+    try:
+        return raw.execute(sql)
+    finally:
+        raw.autocommit = was
 
 
 def _fetch_by_copy(raw: Any, sql: str, timeout: float | None) -> str | None:

@@ -206,8 +206,7 @@ def _commit_reading_lsn(conn: Connection, *, check: bool) -> tuple[bool, int]:
             raise  # pragma: no cover
     finally:
         cursor.close()
-    lsn = parse_lsn(lsn_row[0]) if lsn_row else None
-    return wrote, UNKNOWN_LSN if lsn is None else lsn
+    return wrote, _lsn_or_unknown(lsn_row[0] if lsn_row else None)
 
 
 def current_lsn(conn: Connection) -> int:
@@ -216,5 +215,11 @@ def current_lsn(conn: Connection) -> int:
     Straight on the driver connection, in one round trip: through SQLAlchemy
     it would cost a BEGIN and a ROLLBACK around the one SELECT.
     """
-    lsn = parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL))
+    return _lsn_or_unknown(
+        fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL)
+    )
+
+
+def _lsn_or_unknown(text: str | None) -> int:
+    lsn = parse_lsn(text)
     return UNKNOWN_LSN if lsn is None else lsn

@@ -11,6 +11,8 @@ from fastapi_rwdb.engines import parse_lsn
 from fastapi_rwdb.middleware import _cookie_value
 from fastapi_rwdb.tokens import MAX_LENGTH, Token, TokenSigner
 
+from .forgery import wrong_signature
+
 KEY = b"k" * 32
 signer = TokenSigner(KEY)
 NOW = 1_900_000_000.0
@@ -25,11 +27,6 @@ def good() -> str:
     return signer.dump(Token(lsn=123456, expires=int(NOW) + 30))
 
 
-def _flip_first_signature_char(token: str) -> str:
-    body, _, signature = token.rpartition(".")
-    return f"{body}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}"
-
-
 @pytest.mark.parametrize(
     "raw",
     [
@@ -38,7 +35,7 @@ def _flip_first_signature_char(token: str) -> str:
         "garbage",
         "....",
         "1.zz.123.sig",
-        _flip_first_signature_char(good()),  # wrong signature
+        wrong_signature(good()),  # wrong signature
         good().replace("1e240", "1e241"),  # LSN changed, signature kept
         "1" + good()[1:],  # another version (1: HMAC-SHA256)
         "9" + good()[1:],  # unknown version
