@@ -898,6 +898,57 @@ cmd_start_node() {
     say "$n is up as ${st%/*} ($([[ $st == leader/* ]] && echo primary || echo streaming replica)) after $(since "$t0")s"
 }
 
+# Superuser SQL on one node's own PostgreSQL port (not through PgBouncer).
+node_super_sql() { # NODE SQL
+    PGPASSWORD=$SUPER_PASSWORD "$(psql_bin)" -X -At -v ON_ERROR_STOP=1 \
+        "host=127.0.0.1 port=$(pg_port "$1") user=$SUPER_USER dbname=postgres connect_timeout=2" -c "$2"
+}
+paused_file() { echo "$STACK_DIR/replay_paused"; }
+
+cmd_pause_replay() {
+    (($# == 1)) || die "usage: $0 pause-replay NODE"
+    local n=$1 st
+    node_index "$n" >/dev/null
+    st=$(members 2>/dev/null | awk -v o="$n" '$1 == o { print $2 "/" $3 }')
+    [[ $st == */streaming ]] || die "$n is not a streaming replica (state: ${st:-unknown})"
+    # Patroni (PostgreSQL 14+) resumes a paused replay on its next loop unless the
+    # cluster is in maintenance mode; so pause the cluster first.
+    patronictl_ pause --wait "$SCOPE" >/dev/null 2>&1 || patronictl_ pause "$SCOPE" >/dev/null 2>&1 || true
+    patronictl_ list "$SCOPE" 2>/dev/null | grep -qi 'maintenance mode' \
+        || die "could not put the cluster in maintenance mode (patronictl pause)"
+    node_super_sql "$n" "SELECT pg_wal_replay_pause()" >/dev/null || die "pg_wal_replay_pause() failed on $n"
+    local deadline=$(($(date +%s) + 10)) v
+    while :; do
+        v=$(node_super_sql "$n" "SELECT pg_get_wal_replay_pause_state()" 2>/dev/null || true)
+        [[ $v == paused ]] && break
+        (($(date +%s) < deadline)) || die "$n did not report its replay paused (state: ${v:-?})"
+        sleep 0.1
+    done
+    grep -qx "$n" "$(paused_file)" 2>/dev/null || echo "$n" >>"$(paused_file)"
+    own "$(paused_file)"
+    say "WAL replay paused on $n; cluster in maintenance mode until every paused node is resumed"
+}
+
+cmd_resume_replay() {
+    (($# == 1)) || die "usage: $0 resume-replay NODE|all"
+    local targets=() n rest
+    if [[ $1 == all ]]; then targets=("${NODES[@]}"); else node_index "$1" >/dev/null; targets=("$1"); fi
+    for n in "${targets[@]}"; do
+        node_super_sql "$n" "SELECT pg_wal_replay_resume() WHERE pg_is_in_recovery()" >/dev/null 2>&1 || true
+        if [[ -f $(paused_file) ]]; then
+            rest=$(grep -vx "$n" "$(paused_file)" || true)
+            if [[ -n $rest ]]; then echo "$rest" >"$(paused_file)"; else rm -f "$(paused_file)"; fi
+        fi
+    done
+    if [[ ! -s $(paused_file) ]]; then
+        rm -f "$(paused_file)"
+        patronictl_ resume --wait "$SCOPE" >/dev/null 2>&1 || patronictl_ resume "$SCOPE" >/dev/null 2>&1 || true
+        say "WAL replay resumed on ${targets[*]}; cluster out of maintenance mode"
+    else
+        say "WAL replay resumed on ${targets[*]}; still paused: $(tr '\n' ' ' <"$(paused_file)")"
+    fi
+}
+
 cmd_env() {
     cat <<EOF
 # fastapi_rwdb app settings for the local HA stack (scripts/stack.sh)
@@ -958,6 +1009,9 @@ PgBouncer per node 16432-16434; HAProxy write $WRITE_PORT / read $READ_PORT / st
   status                patronictl list, who is behind each HAProxy port, process states
   lag DELAY             set recovery_min_apply_delay on the replicas (1s, 200ms, 1000, 0 = off)
   switchover [NODE]     switch the primary to a replica (default: first streaming replica)
+  pause-replay NODE     pause WAL replay on one replica (puts the cluster in maintenance mode,
+                        or Patroni would resume it); the other replica stays current
+  resume-replay NODE|all  resume it; maintenance mode ends once no node is paused
   stop-node NODE        stop one node's Patroni + PostgreSQL
   start-node NODE       start it again and wait until it runs (leader) or streams (replica)
   kill-node NODE        SIGKILL one node's Patroni + PostgreSQL (crash)
@@ -985,7 +1039,7 @@ main() {
     local cmd=${1:-help}
     (($#)) && shift
     case $cmd in
-        install | up | down | lag | switchover | stop-node | start-node | kill-node) lock_stack ;;
+        install | up | down | lag | switchover | stop-node | start-node | kill-node | pause-replay | resume-replay) lock_stack ;;
     esac
     case $cmd in
         install) cmd_install "$@" ;;
@@ -997,6 +1051,8 @@ main() {
         stop-node) cmd_stop_node "$@" ;;
         start-node) cmd_start_node "$@" ;;
         kill-node) cmd_kill_node "$@" ;;
+        pause-replay) cmd_pause_replay "$@" ;;
+        resume-replay) cmd_resume_replay "$@" ;;
         env) cmd_env "$@" ;;
         psql) cmd_psql "$@" ;;
         logs) cmd_logs "$@" ;;
