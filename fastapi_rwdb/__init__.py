@@ -26,6 +26,7 @@ from .engines import (
 )
 from .errors import DatabaseUnavailableError, ReadOnlySessionError, RWDBError, SettingsError
 from .scopes import (
+    current_token,
     get_async_read_db_context,
     get_async_write_db_context,
     get_read_db_context,
@@ -51,6 +52,7 @@ __all__ = [
     "WriteSession",
     "configure",
     "connect_args",
+    "current_token",
     "get_async_db",
     "get_async_read_db",
     "get_async_read_db_context",

@@ -1,11 +1,5 @@
-"""The per-request routing state, shared between the middleware and the sessions."""
+"""Kept for imports written before ``request_state`` moved to :mod:`fastapi_rwdb.state`."""
 
-from __future__ import annotations
+from .state import request_state
 
-from contextvars import ContextVar
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .state import RequestState
-
-request_state: ContextVar[RequestState | None] = ContextVar("rwdb_request_state", default=None)
+__all__ = ["request_state"]

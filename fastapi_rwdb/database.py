@@ -18,7 +18,6 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from .context import request_state
 from .engines import (
     ROLE_OPTION,
     AsyncEnginePair,
@@ -27,9 +26,11 @@ from .engines import (
     make_engine_pair,
 )
 from .health import ReadSideHealth
-from .sessions import BINDS, ReadBinds, read_class, session_classes, write_class
+from .lsn import MAX_LSN
+from .sessions import BINDS, STATE, WAIT_MS, ReadBinds, read_class, session_classes, write_class
 from .settings import RWDBSettings
-from .tokens import TokenSigner
+from .state import RequestState, request_state
+from .tokens import Token, TokenSigner
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -101,7 +102,11 @@ class Database:
             with self._lock:
                 if self._health is None:
                     self._health = ReadSideHealth(
-                        s.read_fallback_after, s.read_retry_seconds, s.max_replica_lag
+                        s.read_fallback_after,
+                        s.read_retry_seconds,
+                        s.max_replica_lag,
+                        s.replicas,
+                        s.lag_check_interval,
                     )
         return self._health
 
@@ -164,6 +169,7 @@ class Database:
                         settings.pin_wait_ms,
                         is_async,
                         self.health,
+                        settings.consistency,
                     )
                 }
 
@@ -204,16 +210,47 @@ class Database:
         """A session on the primary. The caller commits and closes it."""
         return self._makers()["write"]()  # type: ignore[no-any-return]
 
-    def read_session(self, *, primary: bool = False) -> Session:
-        """A read-only session on a replica, or on the primary when ``primary``."""
-        return self._makers()["primary_read" if primary else "read"]()  # type: ignore[no-any-return]
+    def read_session(
+        self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
+    ) -> Session:
+        """A read-only session on a replica, or on the primary when ``primary``.
+
+        ``after``: a token from :func:`fastapi_rwdb.current_token`; the reads then
+        go only to a replica that has replayed its position (waiting up to
+        ``wait`` seconds for one), else to the primary.
+        """
+        session: Session = self._makers()["primary_read" if primary else "read"]()
+        if after is not None and not primary:
+            self._read_after(session.info, after, wait)
+        return session
 
     def async_write_session(self) -> AsyncSession:
         return self._makers()["async_write"]()  # type: ignore[no-any-return]
 
-    def async_read_session(self, *, primary: bool = False) -> AsyncSession:
+    def async_read_session(
+        self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
+    ) -> AsyncSession:
         key = "async_primary_read" if primary else "async_read"
-        return self._makers()[key]()  # type: ignore[no-any-return]
+        session: AsyncSession = self._makers()[key]()
+        if after is not None and not primary:
+            self._read_after(session.info, after, wait)
+        return session
+
+    def _read_after(self, info: dict[Any, Any], after: str, wait: float) -> None:
+        """Give a job's session a routing state of its own, holding ``after``'s position."""
+        token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
+        if token is None:
+            # Not ours (another key, garbled): the position is unknown, so only the
+            # primary is sure to have the write the job is about.
+            logger.warning(
+                "fastapi_rwdb: read session after= a token that does not verify "
+                "(another RWDB_SECRET_KEY?); reading from the primary"
+            )
+            token = Token(lsn=MAX_LSN, expires=0)
+            info[STATE] = RequestState(token=token, replica_behind=True, database=self)
+        else:
+            info[STATE] = RequestState(token=token, database=self)
+        info[WAIT_MS] = max(0, round(wait * 1000))
 
     # -- shutdown -----------------------------------------------------------------
 

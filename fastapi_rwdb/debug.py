@@ -36,12 +36,12 @@ from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 from starlette.concurrency import run_in_threadpool
 
-from .context import request_state
 from .database import Database
 from .errors import RWDBError
+from .lsn import format_lsn
 from .routing import Route, choose_read_route
 from .settings import RWDBSettings, Side
-from .state import RequestState
+from .state import RequestState, request_state
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -60,13 +60,6 @@ FACTS_SQL = text(
 
 _NO_STORE = {"Cache-Control": "no-store"}
 _ERROR_CHARS = 240
-
-
-def format_lsn(lsn: int | None) -> str | None:
-    """An LSN as PostgreSQL prints it (``0/5031C28``)."""
-    if lsn is None:
-        return None
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 # -- protection ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from sqlalchemy.util import await_
 
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .health import ReadSideHealth
+from .lsn import parse_lsn
 from .settings import Driver, RWDBSettings, Side, parse_url
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -34,16 +35,20 @@ ROLE_OPTION = "rwdb_role"
 
 READ_ONLY_SQLSTATE = "25006"
 
-#: Connection-record info key: the replay position the read side's checkout ping saw.
-REPLAY_LSN_INFO = "rwdb_replay_lsn"
+#: Connection-record info key: the WAL position the checkout ping read, when asked.
+POSITION_INFO = "rwdb_position"
 _FRESH = "rwdb_fresh"
-#: LSNs travel as text ("16/B374D848") and are parsed here: cheaper for the server
-#: than pg_lsn arithmetic, and the same on both drivers.
-REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn()::text"
-#: Set while a read session checks a replica's replay position: the checkout ping
-#: then asks for that position instead of running its no-op query (same round
-#: trip, and the check needs no query of its own). Other checkouts ping the cheap way.
-want_replay_lsn: ContextVar[bool] = ContextVar("rwdb_want_replay_lsn", default=False)
+#: How far the server behind a connection is: the replay position on a replica,
+#: the current position on a primary (whose data is all there is). As text: see lsn.py.
+POSITION_SQL = (
+    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_lsn() END)::text"
+)
+#: Set while a read session checks out a connection whose position it needs (a
+#: client's token, the lag limit, session consistency): the checkout ping then
+#: reads that position instead of running its no-op query. Same round trip, so
+#: knowing where the server is costs nothing more. Other checkouts ping the cheap way.
+want_position: ContextVar[bool] = ContextVar("rwdb_want_position", default=False)
 # Worth another try when opening a connection: the server or the proxy in front
 # of it is restarting, failing over, or out of slots for a moment.
 _TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
@@ -198,19 +203,11 @@ def is_transient_connect_error(exc: BaseException) -> bool:
     return False
 
 
-def parse_lsn(text: str | None) -> int | None:
-    """``'16/B374D848'`` as an int; ``None`` (a primary has no replay position) stays None."""
-    if text is None:
-        return None
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def _ping_query(dbapi_connection: Any, replay_lsn: bool, timeout: float) -> int | None:
+def _ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | None:
     # psycopg's connection is the DBAPI connection; asyncpg's sits under SQLAlchemy's adapter.
     raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    if replay_lsn:
-        return parse_lsn(fetch_outside_transaction(raw, REPLAY_LSN_SQL, timeout))
+    if position:
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
     if isinstance(raw, psycopg.Connection):
         # An empty query, as SQLAlchemy's own ping: the server has nothing to parse.
         _execute_autocommit(raw, ";")
@@ -334,23 +331,24 @@ def _instrument(
 
             SQLAlchemy pings asyncpg inside BEGIN/ROLLBACK: four round trips
             behind PgBouncer. This one is one round trip on both drivers, outside
-            any transaction. When a read session is about to check a replica for a
-            client's write, it asks for the replay position instead of a no-op, so
-            read-your-writes needs no query of its own. A connection opened just now
-            is not pinged, as in SQLAlchemy: should it be unusable, the request's
-            own statement fails and the pool is invalidated.
+            any transaction. When a read session needs to know how far the server
+            has got (see ``want_position``), the ping reads that position instead
+            of running a no-op, so read-your-writes needs no query of its own. A
+            connection opened just now is not pinged, as in SQLAlchemy: should it
+            be unusable, the request's own statement fails and the pool is
+            invalidated.
             """
             if record.info.pop(_FRESH, False):
                 return
-            replay_lsn = side == "read" and want_replay_lsn.get()
+            position = want_position.get()
             try:
-                value = _ping_query(dbapi_connection, replay_lsn, settings.connect_timeout)
+                value = _ping_query(dbapi_connection, position, settings.connect_timeout)
             except Exception as exc:
                 # After a failover every pooled connection is likely dead: discard
                 # them all; the pool opens a new one for this checkout.
                 raise InvalidatePoolError(f"ping failed: {_brief(exc)}") from exc
-            if replay_lsn:
-                record.info[REPLAY_LSN_INFO] = value
+            if position:
+                record.info[POSITION_INFO] = value
 
     if side == "read":
 

@@ -3,7 +3,8 @@
 It reads the client's token (cookie or header), shares a fresh
 :class:`~fastapi_rwdb.state.RequestState` with the sessions through a
 contextvar, and, as the response starts, hands out a new token if the request
-committed a write, or clears the old one once a replica has caught up.
+committed a write (or, in session consistency, read newer data than its token
+says), or clears the old one once every replica has it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .context import request_state
 from .database import Database, get_database
-from .state import RequestState
+from .state import RequestState, request_state
 from .tokens import Token
 
 logger = logging.getLogger("fastapi_rwdb")
+
+_REJECTED_LOG_EVERY = 60.0  # seconds
+_ERROR_BODY = b"Internal Server Error"
 
 
 @dataclass
@@ -29,6 +32,7 @@ class ReadYourWritesMiddleware:
     database: Database | None = None
     _cookie: bytes = field(init=False, repr=False)
     _header: bytes = field(init=False, repr=False)
+    _rejected_logged_at: float = field(init=False, repr=False, default=-_REJECTED_LOG_EVERY)
 
     def __post_init__(self) -> None:
         self.database = self.database or get_database()
@@ -36,8 +40,10 @@ class ReadYourWritesMiddleware:
         self._cookie = s.cookie_name.encode()
         self._header = s.token_header.lower().encode()
         self._signer = self.database.signer
+        self._health = self.database.health
         self._issue = s.pin_mode != "off"
         self._window = s.pin_mode == "window"
+        self._session = s.pin_mode == "lsn" and s.consistency == "session"
         self._pin_seconds = s.pin_seconds
         self._routing_header = s.routing_header
         attrs = f"; Path=/; HttpOnly; SameSite=Lax{'; Secure' if s.cookie_secure else ''}"
@@ -50,11 +56,13 @@ class ReadYourWritesMiddleware:
         state = RequestState(
             token=self._incoming(scope["headers"]) if self._issue else None,
             database=self.database,
+            scope=scope,
         )
         reset = request_state.set(state)
 
         async def send_with_token(message: Message) -> None:
             if message["type"] == "http.response.start":
+                state.response_started = True
                 extra = self._outgoing(state)
                 if extra:
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
@@ -62,43 +70,104 @@ class ReadYourWritesMiddleware:
 
         try:
             await self.app(scope, receive, send_with_token)
+        except Exception:
+            if state.commit_lsn is not None and not state.response_started:
+                # The write is committed, but Starlette's outermost error middleware
+                # would send the 500, outside this one, without the token: the client
+                # would be told it failed and then not see it. Send that 500 here.
+                await send_with_token(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(_ERROR_BODY)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": _ERROR_BODY})
+            raise
         finally:
             request_state.reset(reset)
 
     def _incoming(self, headers: list[tuple[bytes, bytes]]) -> Token | None:
-        raw: bytes | None = None
+        """The newest valid token among every header and cookie that may carry one.
+
+        A client can hold an old token in one place and a newer one in another
+        (an API client that stored a header, a browser with its cookie); the
+        newest is the one that protects its latest write. Empty, forged, expired
+        and garbled values are ignored, wherever they stand.
+        """
+        best: Token | None = None
+        rejected: str | None = None
         for name, value in headers:
             if name == self._header:
-                raw = value  # an explicit header wins over the cookie
-                break
-            if name == b"cookie" and raw is None:
-                raw = _cookie_value(value, self._cookie)
-        if not raw:
-            return None
-        token = self._signer.load(raw.decode("latin-1"), max_age=self._pin_seconds)
-        if token is None:
-            metrics.record_token("rejected")
-        return token
+                raws = value.split(b",")
+            elif name == b"cookie":
+                raws = _cookie_values(value, self._cookie)
+            else:
+                continue
+            for raw in raws:
+                raw = raw.strip()
+                if not raw:
+                    continue
+                text = raw.decode("latin-1")
+                token = self._signer.load(text, max_age=self._pin_seconds)
+                if token is None:
+                    rejected = text
+                elif best is None or (token.lsn, token.expires) > (best.lsn, best.expires):
+                    best = token
+        if rejected is not None:
+            self._reject(rejected)
+        return best
+
+    def _reject(self, raw: str) -> None:
+        metrics.record_token("rejected")
+        if self._signer.load(raw, max_age=self._pin_seconds, check_expiry=False) is not None:
+            return  # merely expired: routine for API clients that keep a header
+        now = time.monotonic()
+        if now - self._rejected_logged_at < _REJECTED_LOG_EVERY:
+            return
+        self._rejected_logged_at = now
+        logger.warning(
+            "fastapi_rwdb: a read-your-writes token failed its signature check and was ignored "
+            "(forged, garbled, or signed with another key). If this repeats for ordinary "
+            "clients, the processes serving the app do not share one key: set RWDB_SECRET_KEY "
+            "to the same value everywhere (or keep the old one in RWDB_SECRET_KEY_FALLBACKS "
+            "while rotating). Logged at most once a minute."
+        )
 
     def _outgoing(self, state: RequestState) -> list[tuple[bytes, bytes]]:
         extra: list[tuple[bytes, bytes]] = []
-        if state.commit_lsn is not None and self._issue:
-            value = self._signer.dump(
-                Token(lsn=state.commit_lsn, expires=int(time.time() + self._pin_seconds))
-            )
-            extra.append((b"set-cookie", (self._set_cookie % (value, self._pin_seconds)).encode()))
-            extra.append((self._header, value.encode()))
-            metrics.record_token("issued")
-        elif (
-            state.token is not None
-            and not self._window
-            and state.replica_caught_up
-            and not state.replica_behind
-        ):
-            # A replica has the client's last write: back to plain replica reads.
-            extra.append((b"set-cookie", (self._set_cookie % ("", 0)).encode()))
-            extra.append((self._header, b""))
-            metrics.record_token("cleared")
+        if self._issue:
+            incoming = state.token
+            lsn = state.commit_lsn
+            if self._session and state.seen_lsn is not None:
+                lsn = state.seen_lsn if lsn is None else max(lsn, state.seen_lsn)
+            if lsn is not None and (
+                state.commit_lsn is not None or incoming is None or lsn > incoming.lsn
+            ):
+                # A new position to protect; never one older than the client's.
+                if incoming is not None and incoming.lsn > lsn:
+                    lsn = incoming.lsn
+                value = self._signer.dump(
+                    Token(lsn=lsn, expires=int(time.time() + self._pin_seconds))
+                )
+                extra.append(
+                    (b"set-cookie", (self._set_cookie % (value, self._pin_seconds)).encode())
+                )
+                extra.append((self._header, value.encode()))
+                metrics.record_token("issued")
+            elif (
+                incoming is not None
+                and not self._window
+                and not self._session
+                and self._health.all_replayed(incoming.lsn)
+            ):
+                # Every replica has the client's last write: back to plain replica reads.
+                extra.append((b"set-cookie", (self._set_cookie % ("", 0)).encode()))
+                extra.append((self._header, b""))
+                metrics.record_token("cleared")
         if self._routing_header and state.read_target is not None:
             value = state.read_target
             if state.read_target == "primary":
@@ -107,10 +176,11 @@ class ReadYourWritesMiddleware:
         return extra
 
 
-def _cookie_value(header: bytes, name: bytes) -> bytes | None:
-    """The value of cookie ``name`` in a Cookie header; tolerant of any garbage."""
+def _cookie_values(header: bytes, name: bytes) -> list[bytes]:
+    """Every value of cookie ``name`` in a Cookie header; tolerant of any garbage."""
+    found = []
     for part in header.split(b";"):
         key, sep, value = part.strip().partition(b"=")
         if sep and key == name:
-            return value.strip(b'"')
-    return None
+            found.append(value.strip(b'"'))
+    return found

@@ -5,10 +5,17 @@ ends normally and rolls back when it raises; the read scope never commits.
 Reads that must see the very latest data (right after a write in another
 process, or in a test that just inserted rows) ask for ``primary=True``: they
 stay read-only but run on the primary.
+
+A job that acts on a request's write (a ``BackgroundTasks`` function, a Celery,
+arq or RQ task) gets :func:`current_token` from that request as a plain string
+argument and opens its reads with ``after=token``: a replica serves them once it
+has replayed that write, so the job never acts on data older than the request
+that started it, and the primary is used only when no replica has it in time.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -16,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .database import get_database
+from .state import request_state
+from .tokens import Token
 
 
 @contextmanager
@@ -31,9 +40,15 @@ def get_write_db_context() -> Iterator[Session]:
 
 
 @contextmanager
-def get_read_db_context(*, primary: bool = False) -> Iterator[Session]:
-    """Read-only session on a replica (``primary=True``: on the primary); always closes."""
-    with get_database().read_session(primary=primary) as session:
+def get_read_db_context(
+    *, primary: bool = False, after: str | None = None, wait: float = 1.0
+) -> Iterator[Session]:
+    """Read-only session on a replica (``primary=True``: on the primary); always closes.
+
+    ``after``: a token from :func:`current_token`; the session reads only where
+    its write has been replayed, waiting up to ``wait`` seconds for a replica.
+    """
+    with get_database().read_session(primary=primary, after=after, wait=wait) as session:
         yield session
 
 
@@ -49,6 +64,32 @@ async def get_async_write_db_context() -> AsyncIterator[AsyncSession]:
 
 
 @asynccontextmanager
-async def get_async_read_db_context(*, primary: bool = False) -> AsyncIterator[AsyncSession]:
-    async with get_database().async_read_session(primary=primary) as session:
+async def get_async_read_db_context(
+    *, primary: bool = False, after: str | None = None, wait: float = 1.0
+) -> AsyncIterator[AsyncSession]:
+    database = get_database()
+    async with database.async_read_session(primary=primary, after=after, wait=wait) as session:
         yield session
+
+
+def current_token() -> str | None:
+    """The read-your-writes token of the current request, as a string for a job.
+
+    The position this request committed, or else the client's own token (in
+    session consistency, also what its reads have seen). ``None`` outside a
+    request, when there is nothing to protect, or when pinning is not by WAL
+    position (``RWDB_PIN_MODE`` window or off). Call it after the commit.
+    """
+    state = request_state.get()
+    if state is None or state.database is None:
+        return None
+    database = state.database
+    settings = database.settings
+    if settings.pin_mode != "lsn":
+        return None
+    lsns = [state.commit_lsn, state.token.lsn if state.token else None, state.seen_lsn]
+    known = [lsn for lsn in lsns if lsn is not None]
+    if not known:
+        return None
+    token = Token(lsn=max(known), expires=int(time.time() + settings.pin_seconds))
+    return database.signer.dump(token)

@@ -21,16 +21,20 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import await_
 
 from . import metrics, tracking
-from .context import request_state
-from .engines import REPLAY_LSN_INFO, REPLAY_LSN_SQL, parse_lsn, want_replay_lsn
+from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
 from .errors import ReadOnlySessionError
 from .health import ReadSideHealth
-from .routing import PinMode, choose_read_route
+from .lsn import parse_lsn
+from .routing import PinMode, Route, choose_read_route
+from .settings import Consistency
+from .state import RequestState, request_state
 
 SessionKind = Literal["auto", "sqlalchemy", "sqlmodel"]
 
 #: Session.info keys.
 BINDS = "rwdb_read_binds"
+STATE = "rwdb_state"  # a RequestState of the session's own (a job's token)
+WAIT_MS = "rwdb_wait_ms"  # overrides RWDB_PIN_WAIT_MS for one session
 _CHOICE = "rwdb_read_choice"
 _OWNED = "rwdb_owned_connections"
 
@@ -64,6 +68,7 @@ class ReadBinds:
     wait_ms: int
     is_async: bool
     health: ReadSideHealth | None = None
+    consistency: Consistency = "read-your-writes"
 
 
 _classes: dict[tuple[str, type[Session]], type[Session]] = {}
@@ -100,75 +105,162 @@ class _RoutedReads(Session):
             return super().get_bind(mapper, **kw)
         return _route(self, binds)
 
+    # The connections a routing check took belong to the session: every way a
+    # session lets go of its transaction gives them back to the pool.
     def close(self) -> None:
         super().close()
-        for conn in self.info.pop(_OWNED, ()):
-            conn.close()
-        self.info.pop(_CHOICE, None)
+        _release(self)
+
+    def reset(self) -> None:
+        super().reset()
+        _release(self)
+
+    def invalidate(self) -> None:
+        for conn in self.info.get(_OWNED, ()):
+            conn.invalidate()
+        super().invalidate()
+        _release(self)
 
 
-def _route(self: Session, binds: ReadBinds) -> Engine | Connection:
-    state = request_state.get()
+def _release(session: Session) -> None:
+    for conn in session.info.pop(_OWNED, ()):
+        conn.close()
+    session.info.pop(_CHOICE, None)
+
+
+def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
+    # A job's session carries its own state (get_read_db_context(after=...)).
+    state: RequestState | None = session.info.get(STATE) or request_state.get()
     version = -1 if state is None else state.version
-    cached = self.info.get(_CHOICE)
+    cached = session.info.get(_CHOICE)
     if cached is not None and cached[0] == version:
         return cached[1]  # type: ignore[no-any-return]
 
     route = choose_read_route(state, binds.mode, binds.health)
-    bind: Engine | Connection = binds.primary if route.target == "primary" else binds.replica
+    # Session consistency: note how far the server behind each read has got, so that
+    # the client's later reads go nowhere older.
+    track = state is not None and binds.consistency == "session" and binds.mode == "lsn"
+    bind: Engine | Connection
+    position: int | None = None
     reason = route.reason
-    if route.min_lsn is not None:
-        bind, reason = _replica_if_caught_up(self, binds, route.min_lsn)
-    target = "primary" if bind is binds.primary else "replica"
+    if route.target == "primary":
+        bind = binds.primary
+        if track:
+            bind, position = _checkout(session, binds.primary, binds)
+    elif route.min_lsn is None and not track:
+        bind = binds.replica
+    else:
+        bind, reason, position = _replica_at_least(session, binds, route)
+    if track and position is not None:
+        assert state is not None
+        state.note_seen(position)
+    target = "primary" if route.target == "primary" or reason in _PRIMARY_REASONS else "replica"
     metrics.record_route(target, reason)
     if state is not None:
         state.read_target = target
         state.read_reason = reason
-    self.info[_CHOICE] = (version, bind)
+    session.info[_CHOICE] = (version, bind)
     return bind
 
 
-def _replica_if_caught_up(
-    session: Session, binds: ReadBinds, min_lsn: int
-) -> tuple[Engine | Connection, str]:
-    """Check the replay position on the connection that will serve the reads.
+_PRIMARY_REASONS = frozenset({"replica-behind", "replica-lag"})
+_PASSED = {"lsn-check": "caught-up", "lag-check": "within-lag"}
+#: Connections a read may try, one after another, before going to the primary. Each
+#: is one more pooled connection (perhaps to another replica) and one round trip;
+#: only idle ones are taken, so the check never waits for the pool.
+_TRIES = 3
 
-    Through HAProxy a pooled connection stays on one node, so the session is
-    bound to this very connection; another one could reach another replica.
+
+def _replica_at_least(
+    session: Session, binds: ReadBinds, route: Route
+) -> tuple[Engine | Connection, str, int | None]:
+    """A replica connection whose server has replayed ``route.min_lsn``, else the primary.
+
+    The position is read on the connection that will serve the reads: through
+    HAProxy a pooled connection stays on one node, while another connection can
+    reach another replica. So the session is bound to this very connection. A
+    connection found behind is held while the next is taken, so the pool cannot
+    hand the same one back.
     """
-    state = request_state.get()
-    assert state is not None
-    reset = want_replay_lsn.set(True)
+    state = session.info.get(STATE) or request_state.get()
+    held: list[tuple[Connection, int | None]] = []
+    chosen: Connection | None = None
+    chosen_position: int | None = None
     try:
-        conn = binds.replica.connect()
-    finally:
-        want_replay_lsn.reset(reset)
-    try:
-        deadline = time.monotonic() + binds.wait_ms / 1000
-        # The checkout ping has just read the position on this connection (unless
-        # the connection is new or RWDB_POOL_PRE_PING is off); later polls ask again.
-        replayed: Any = conn.connection.info.pop(REPLAY_LSN_INFO, _UNKNOWN)
-        while True:
-            if replayed is _UNKNOWN:
-                replayed = parse_lsn(conn.exec_driver_sql(REPLAY_LSN_SQL).scalar())
-            # NULL: the read port reached a primary (HAProxy's backup), which has it all.
-            if replayed is None or replayed >= min_lsn:
-                state.replica_caught_up = True
-                session.info.setdefault(_OWNED, []).append(conn)
-                return conn, "caught-up"
-            if time.monotonic() >= deadline:
+        for attempt in range(_TRIES):
+            if attempt and _idle(binds.replica) == 0:
                 break
-            if binds.is_async:
-                await_(asyncio.sleep(0.01))
-            else:
-                time.sleep(0.01)
-            replayed = _UNKNOWN
+            conn, position = _checkout(None, binds.replica, binds)
+            held.append((conn, position))
+            if _far_enough(position, route.min_lsn):
+                chosen, chosen_position = conn, position
+                break
+        wait_ms = session.info.get(WAIT_MS, binds.wait_ms)
+        if chosen is None and wait_ms and held:
+            # Give the most advanced of them a little time to catch up.
+            conn, position = max(held, key=lambda item: item[1] or -1)
+            deadline = time.monotonic() + wait_ms / 1000
+            while not _far_enough(position, route.min_lsn) and time.monotonic() < deadline:
+                if binds.is_async:
+                    await_(asyncio.sleep(0.01))
+                else:
+                    time.sleep(0.01)
+                position = _position_of(conn)
+            if _far_enough(position, route.min_lsn):
+                chosen, chosen_position = conn, position
+    finally:
+        for conn, _ in held:
+            if conn is not chosen:
+                conn.close()
+    if chosen is None:
+        if state is not None:
+            state.replica_behind = True
+        if binds.consistency == "session" and binds.mode == "lsn" and state is not None:
+            conn, position = _checkout(session, binds.primary, binds)
+            return conn, route.if_behind, position
+        return binds.primary, route.if_behind, None
+    session.info.setdefault(_OWNED, []).append(chosen)
+    return chosen, _PASSED.get(route.reason, route.reason), chosen_position
+
+
+def _far_enough(position: int | None, min_lsn: int | None) -> bool:
+    return min_lsn is None or (position is not None and position >= min_lsn)
+
+
+def _checkout(
+    owner: Session | None, engine: Engine, binds: ReadBinds
+) -> tuple[Connection, int | None]:
+    """A connection and its server's WAL position, read by the checkout ping.
+
+    A value passed through a pool hook: ``want_position`` asks the checkout
+    ping (engines.py) to read the position instead of running its no-op, and
+    the ping leaves it in the connection record's info. A connection opened
+    just now is not pinged, so then the position is asked for here.
+    """
+    reset = want_position.set(True)
+    try:
+        conn = engine.connect()
+    finally:
+        want_position.reset(reset)
+    try:
+        position = conn.connection.info.pop(POSITION_INFO, _UNKNOWN)
+        if position is _UNKNOWN:
+            position = _position_of(conn)
     except BaseException:
         conn.close()
         raise
-    conn.close()
-    state.replica_behind = True
-    return binds.primary, "replica-behind"
+    if owner is not None:
+        owner.info.setdefault(_OWNED, []).append(conn)
+    return conn, position
+
+
+def _position_of(conn: Connection) -> int | None:
+    return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
+
+
+def _idle(engine: Engine) -> int:
+    checkedin = getattr(engine.pool, "checkedin", None)
+    return int(checkedin()) if callable(checkedin) else 0
 
 
 def _refuse_flush(session: Session, flush_context: Any, instances: Any) -> None:

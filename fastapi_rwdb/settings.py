@@ -21,6 +21,7 @@ logger = logging.getLogger("fastapi_rwdb")
 
 Side = Literal["write", "read"]
 Driver = Literal["psycopg", "asyncpg"]
+Consistency = Literal["read-your-writes", "session"]
 
 # Variables whose values must never be echoed back, not even in an error.
 SECRET_VARIABLES = frozenset(
@@ -91,6 +92,13 @@ class RWDBSettings(BaseSettings):
     pin_seconds: float = Field(30.0, gt=0, le=86400, validation_alias="RWDB_PIN_SECONDS")
     # How long a read may wait for a replica to catch up before using the primary.
     pin_wait_ms: int = Field(0, ge=0, le=10000, validation_alias="RWDB_PIN_WAIT_MS")
+    # read-your-writes: a client never reads older than its own writes. session: nor
+    # older than anything it has read (monotonic reads); its token then follows its reads.
+    consistency: Consistency = Field("read-your-writes", validation_alias="RWDB_CONSISTENCY")
+    # How many replicas the read port can reach. A token is dropped before it expires
+    # only when this many replicas (unset: the most this process has seen streaming)
+    # have replayed it.
+    replicas: int | None = Field(None, ge=0, le=1000, validation_alias="RWDB_REPLICAS")
     # Shared by every worker that serves the app; random per process when unset.
     secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
     cookie_name: str = Field(
@@ -108,8 +116,9 @@ class RWDBSettings(BaseSettings):
     read_fallback_after: int = Field(3, ge=1, validation_alias="RWDB_READ_FALLBACK_AFTER")
     # ... and the read side is tried again after this many seconds.
     read_retry_seconds: float = Field(5.0, gt=0, validation_alias="RWDB_READ_RETRY_SECONDS")
-    # Replay lag (seconds) above which reads go to the primary; unset: no lag check.
+    # Replay lag (seconds) above which a replica serves no reads; unset: no lag check.
     max_replica_lag: float | None = Field(None, gt=0, validation_alias="RWDB_MAX_REPLICA_LAG")
+    # How often the primary is asked for its replicas' positions (pg_stat_replication).
     lag_check_interval: float = Field(1.0, ge=0.05, validation_alias="RWDB_LAG_CHECK_INTERVAL")
 
     # --- built-in routes ---------------------------------------------------------------

@@ -44,10 +44,19 @@ class TokenSigner:
         body = f"{VERSION}.{token.lsn:x}.{token.expires}"
         return f"{body}.{self._sign(body)}"
 
-    def load(self, raw: str | None, max_age: float, now: float | None = None) -> Token | None:
+    def load(
+        self,
+        raw: str | None,
+        max_age: float,
+        now: float | None = None,
+        *,
+        check_expiry: bool = True,
+    ) -> Token | None:
         """The token in ``raw`` if it is ours, intact and unexpired; else ``None``.
 
-        ``max_age`` rejects expiries further out than any token we issue.
+        ``max_age`` rejects expiries further out than any token we issue. A job
+        handed a token (``check_expiry=False``) still trusts an expired one: a
+        WAL position stays a WAL position.
         """
         if not raw or len(raw) > MAX_LENGTH:
             return None
@@ -62,6 +71,10 @@ class TokenSigner:
             token = Token(lsn=int(lsn_hex, 16), expires=int(expires))
         except ValueError:
             return None
+        if not 0 <= token.lsn < 2**64:
+            return None
+        if not check_expiry:
+            return token
         now = time.time() if now is None else now
         if not now < token.expires <= now + max_age + 1:
             return None

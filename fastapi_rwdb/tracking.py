@@ -29,8 +29,9 @@ import psycopg
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
-from .context import request_state
-from .engines import fetch_outside_transaction, parse_lsn
+from .engines import fetch_outside_transaction
+from .lsn import MAX_LSN, parse_lsn
+from .state import request_state
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -45,8 +46,8 @@ CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn()::text"
 #: the simple query protocol, so the statements travel together).
 COMMIT_READING_LSN_SQL = f"COMMIT; {CURRENT_LSN_SQL}"
 CHECK_COMMIT_READING_LSN_SQL = f"{XACT_SQL}; COMMIT; {CURRENT_LSN_SQL}"
-#: The highest pg_lsn: no replica ever reports having replayed it.
-UNKNOWN_LSN = 2**64 - 1
+#: A commit whose position could not be read: no replica ever reports having replayed it.
+UNKNOWN_LSN = MAX_LSN
 
 
 class TrackedWrites(Session):

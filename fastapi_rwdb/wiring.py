@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from .database import Database, configure
 from .debug import debug_router
-from .health import watch_lag
+from .health import watch_replicas
 from .middleware import ReadYourWritesMiddleware
 from .outages import HANDLED, unavailable_handler
 from .settings import RWDBSettings
@@ -58,11 +58,12 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
 
 
 def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:
+    """The primary's view of its replicas, for the lag limit and for dropping tokens
+    early; neither needs it in the other pinning modes."""
     settings = database.settings
-    if settings.max_replica_lag is None:
+    if settings.max_replica_lag is None and settings.pin_mode != "lsn":
         return None
-    engines = database.async_engines
     return asyncio.create_task(
-        watch_lag(database.health, engines.write, engines.read, settings.lag_check_interval),
-        name="fastapi_rwdb lag watch",
+        watch_replicas(database.health, database.async_engines.write),
+        name="fastapi_rwdb replica watch",
     )

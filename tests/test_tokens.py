@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from fastapi_rwdb.debug import format_lsn
-from fastapi_rwdb.engines import parse_lsn
-from fastapi_rwdb.middleware import _cookie_value
+from fastapi_rwdb.lsn import format_lsn, parse_lsn
+from fastapi_rwdb.middleware import _cookie_values
 from fastapi_rwdb.tokens import MAX_LENGTH, Token, TokenSigner
 
 from .forgery import wrong_signature
@@ -72,16 +71,17 @@ def test_repr_hides_the_key() -> None:
 @pytest.mark.parametrize(
     ("header", "value"),
     [
-        (b"rwdb_pin=abc", b"abc"),
-        (b"a=1; rwdb_pin=abc; b=2", b"abc"),
-        (b'rwdb_pin="abc"', b"abc"),
-        (b"rwdb_pinx=abc", None),
-        (b";;;=;rwdb_pin", None),
-        (b"\xff\xfe; rwdb_pin=\xff", b"\xff"),
+        (b"rwdb_pin=abc", [b"abc"]),
+        (b"a=1; rwdb_pin=abc; b=2", [b"abc"]),
+        (b'rwdb_pin="abc"', [b"abc"]),
+        (b"rwdb_pinx=abc", []),
+        (b";;;=;rwdb_pin", []),
+        (b"\xff\xfe; rwdb_pin=\xff", [b"\xff"]),
+        (b"rwdb_pin=old; x=1; rwdb_pin=new", [b"old", b"new"]),
     ],
 )
-def test_cookie_parsing_tolerates_garbage(header: bytes, value: bytes | None) -> None:
-    assert _cookie_value(header, b"rwdb_pin") == value
+def test_cookie_parsing_tolerates_garbage(header: bytes, value: list[bytes]) -> None:
+    assert _cookie_values(header, b"rwdb_pin") == value
 
 
 @pytest.mark.parametrize(
