@@ -15,13 +15,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .engines import (
     ROLE_OPTION,
     AsyncEnginePair,
     EnginePair,
+    make_async_engine,
     make_async_engine_pair,
     make_engine_pair,
 )
@@ -135,6 +136,24 @@ class Database:
         """The asyncpg pair; built on first use."""
         return self._once(
             "async_engines", lambda: make_async_engine_pair(self.settings, self.health)
+        )
+
+    @property
+    def monitor_engine(self) -> AsyncEngine:
+        """One connection to the primary for the background replica view.
+
+        Its own, so that the view never takes a write connection from the app (a
+        write must not wait behind it) and never counts in the app's pools.
+        """
+        return self._once(
+            "monitor",
+            lambda: make_async_engine(
+                self.settings.url("write", "asyncpg"),
+                self.settings,
+                side="read",
+                pool_size=1,
+                max_overflow=0,
+            ),
         )
 
     def is_built(self, name: str) -> bool:
@@ -254,14 +273,18 @@ class Database:
 
     # -- shutdown -----------------------------------------------------------------
 
-    def _forget_engines(self) -> tuple[EnginePair | None, AsyncEnginePair | None]:
+    def _forget_engines(
+        self,
+    ) -> tuple[EnginePair | None, AsyncEnginePair | None, AsyncEngine | None]:
         with self._lock:
             built, self._built = self._built, {}
-        return built.get("engines"), built.get("async_engines")
+        return built.get("engines"), built.get("async_engines"), built.get("monitor")
 
     async def dispose(self) -> None:
         """Close every pooled connection; the engines rebuild themselves if used again."""
-        pair, async_pair = self._forget_engines()
+        pair, async_pair, monitor = self._forget_engines()
+        if monitor is not None:
+            await monitor.dispose()
         if async_pair is not None:
             await async_pair.write.dispose()
             await async_pair.read.dispose()
@@ -271,7 +294,9 @@ class Database:
 
     def dispose_sync(self) -> None:
         """:meth:`dispose` for code with no event loop (the async pools are dropped)."""
-        pair, async_pair = self._forget_engines()
+        pair, async_pair, monitor = self._forget_engines()
+        if monitor is not None:
+            monitor.sync_engine.dispose(close=False)
         if pair is not None:
             pair.write.dispose()
             pair.read.dispose()

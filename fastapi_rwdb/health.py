@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -222,11 +223,20 @@ async def view_replicas(write: AsyncEngine) -> tuple[int, list[tuple[str, str, i
     ]
 
 
-async def watch_replicas(health: ReadSideHealth, write: AsyncEngine) -> None:
-    """Runs for the life of the app (started by setup's lifespan)."""
+async def watch_replicas(
+    health: ReadSideHealth, write: Callable[[], AsyncEngine], in_use: Callable[[], bool]
+) -> None:
+    """Runs for the life of the app (started by setup's lifespan).
+
+    It waits until the app has used the database (``in_use``): an app that
+    never reads opens no connection for it, as nothing connects before first use.
+    """
     while True:
+        if not in_use():
+            await asyncio.sleep(health.interval)
+            continue
         try:
-            primary_lsn, rows = await view_replicas(write)
+            primary_lsn, rows = await view_replicas(write())
             health.record_view(primary_lsn, rows)
         except asyncio.CancelledError:
             raise

@@ -64,6 +64,10 @@ def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:
     if settings.max_replica_lag is None and settings.pin_mode != "lsn":
         return None
     return asyncio.create_task(
-        watch_replicas(database.health, database.async_engines.write),
+        watch_replicas(
+            database.health,
+            lambda: database.monitor_engine,
+            lambda: database.is_built("engines") or database.is_built("async_engines"),
+        ),
         name="fastapi_rwdb replica watch",
     )

@@ -247,8 +247,8 @@ async def test_the_lag_limit_applies_to_the_replica_behind_each_connection(
     writer.start()
     try:
         async with serve(app):
+            await warm_any(app, flavour)  # the app uses the database: its replica view starts
             await asyncio.sleep(1.2)  # the paused replica is now more than 0.5 s behind
-            await warm_any(app, flavour)
             async with client(app) as c:
                 answers = [(await c.get(f"{flavour}/notes/x")).json() for _ in range(30)]
     finally:
