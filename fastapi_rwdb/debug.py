@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .database import Database
 from .errors import RWDBError
+from .health import view_replicas
 from .lsn import format_lsn
 from .routing import Route, choose_read_route
 from .settings import RWDBSettings, Side
@@ -214,11 +215,46 @@ async def check_read_write_split(database: Database) -> dict[str, Any]:
         "status": "problem" if problems else "ok",
         "problems": problems,
         **pairs,
+        "replicas": await _replicas_report(database, problems),
         "caller": _caller_report(state, route, settings, replay),
         "note": (
             "Each new connection through the read port may reach another replica; "
             "this shows the ones this check got."
         ),
+    }
+
+
+async def _replicas_report(database: Database, problems: list[str]) -> dict[str, Any]:
+    """Every replica the primary streams to, as the primary sees it right now."""
+    health = database.health
+    try:
+        primary_lsn, rows = await view_replicas(database.monitor_engine)
+    except Exception as exc:
+        return {"error": describe_error(exc, database.settings)}
+    health.record_view(primary_lsn, rows)
+    expected = health.expected_replicas
+    streaming = [r for r in health.replicas if r.state == "streaming"]
+    if expected is not None and len(streaming) < expected:
+        problems.append(
+            f"the primary streams to {len(streaming)} replica(s), RWDB_REPLICAS says "
+            f"{expected}: tokens are kept until they expire"
+        )
+    return {
+        "primary_lsn": format_lsn(primary_lsn),
+        "expected": expected,
+        "most_seen_streaming": health.most_replicas_seen,
+        "list": [
+            {
+                "name": r.name,
+                "state": r.state,
+                "replay_lsn": format_lsn(r.replay_lsn),
+                "lag_bytes": r.lag_bytes,
+                # At least this far behind; 0 once it has what the primary had at the
+                # previous look (resolution: RWDB_LAG_CHECK_INTERVAL).
+                "lag_seconds": None if r.lag_seconds is None else round(r.lag_seconds, 3),
+            }
+            for r in health.replicas
+        ],
     }
 
 
@@ -367,16 +403,21 @@ def _explain_route(
         lsn = format_lsn(route.min_lsn)
         replayed = [c["server"] for c in checked or () if c["replayed"]]
         missing = [c["server"] for c in checked or () if not c["replayed"]]
+        what = (
+            "the primary's position RWDB_MAX_REPLICA_LAG seconds ago"
+            if route.if_behind == "replica-lag"
+            else "your last write"
+        )
         summary = (
-            f"a read session goes to a replica only if that replica has replayed {lsn}, "
-            "else to the primary"
+            f"a read session goes to a replica only if that replica has replayed {lsn} "
+            f"({what}), else to the primary"
         )
         if not checked:
             return f"{summary}; this check could not reach a replica to compare"
         if not missing:
             return (
                 f"{summary}; the replica(s) this check reached have, so your reads go to a "
-                "replica and your token is cleared on the next one"
+                "replica; your token is cleared once every replica has it"
             )
         if not replayed:
             return (
@@ -400,7 +441,7 @@ _PRIMARY_BECAUSE = {
         "the read side refused several connections in a row, and is tried again after "
         "RWDB_READ_RETRY_SECONDS"
     ),
-    "replica-lag": "the replicas are further behind than RWDB_MAX_REPLICA_LAG",
+    "replica-lag": "every replica is further behind than RWDB_MAX_REPLICA_LAG",
     "replica-behind": "a replica was found behind your last write earlier in this request",
     "wrote-in-request": "this request committed a write",
 }

@@ -15,6 +15,9 @@ module-level flag is checked). With it, these are registered on
 ``rwdb_pool_size``, ``rwdb_pool_checked_out``, ``rwdb_pool_overflow`` ``{pair, side}``
     The four connection pools (``pair`` ``sync``/``async``, ``side``
     ``write``/``read``), read when scraped; pools not built yet are left out.
+``rwdb_replica_lag_bytes``, ``rwdb_replica_lag_seconds`` ``{replica}``
+    Each replica the primary streams to (``pg_stat_replication``), from the
+    app's last background look; left out while there is none.
 
 Nothing is served over HTTP: mount ``prometheus_client.make_asgi_app()``
 wherever the application wants its metrics.
@@ -59,10 +62,17 @@ if ENABLED:
             from .debug import pool_stats
 
             families = _pool_families()
-            size, checked_out, overflow = families
+            size, checked_out, overflow, lag_bytes, lag_seconds = families
             database = get_database()
             if not (database.is_built("engines") or database.is_built("async_engines")):
                 return families  # and never load settings from here
+            health = database.health
+            if health.fresh():
+                for replica in health.replicas:
+                    if replica.lag_bytes is not None:
+                        lag_bytes.add_metric([replica.name], replica.lag_bytes)
+                    if replica.lag_seconds is not None:
+                        lag_seconds.add_metric([replica.name], replica.lag_seconds)
             for pair, sides in pool_stats(database).items():
                 for side, stats in sides.items():
                     if not stats["built"]:
@@ -82,6 +92,16 @@ if ENABLED:
             ),
             GaugeMetricFamily(
                 "rwdb_pool_overflow", "Connections open beyond the pool size", labels=labels
+            ),
+            GaugeMetricFamily(
+                "rwdb_replica_lag_bytes",
+                "WAL a replica has still to replay",
+                labels=["replica"],
+            ),
+            GaugeMetricFamily(
+                "rwdb_replica_lag_seconds",
+                "How long ago the primary had WAL a replica has not replayed yet",
+                labels=["replica"],
             ),
         ]
 

@@ -542,3 +542,18 @@ async def test_metrics_are_a_no_op_when_disabled(
         await c.get("/notes")
         await c.post("/notes")
     assert (sample(name, **labels), sample("rwdb_tokens_total", event="issued")) == before
+
+
+async def test_split_report_and_metrics_list_every_replica_the_primary_streams_to(
+    app: FastAPI,
+) -> None:
+    async with client(app) as c:
+        body = (await c.get(SPLIT)).json()
+    replicas = body["replicas"]["list"]
+    assert len(replicas) == 2, body["replicas"]
+    for replica in replicas:
+        assert replica["state"] == "streaming"
+        assert replica["lag_bytes"] is not None and replica["lag_bytes"] >= 0
+        assert replica["lag_seconds"] is not None
+        for gauge in ("rwdb_replica_lag_bytes", "rwdb_replica_lag_seconds"):
+            assert REGISTRY.get_sample_value(gauge, {"replica": replica["name"]}) is not None
