@@ -225,15 +225,18 @@ async def check_read_write_split(database: Database) -> dict[str, Any]:
 
 
 async def _replicas_report(database: Database, problems: list[str]) -> dict[str, Any]:
-    """Every replica the primary streams to, as the primary sees it right now."""
+    """Every replica the primary streams to, as the primary sees it right now.
+
+    Only reported: the app's own view (what its routing uses) is left alone, so
+    this check changes nothing for the caller, its token included.
+    """
     health = database.health
     try:
         primary_lsn, rows = await view_replicas(database.monitor_engine)
     except Exception as exc:
         return {"error": describe_error(exc, database.settings)}
-    health.record_view(primary_lsn, rows)
     expected = health.expected_replicas
-    streaming = [r for r in health.replicas if r.state == "streaming"]
+    streaming = [row for row in rows if row[1] == "streaming"]
     if expected is not None and len(streaming) < expected:
         problems.append(
             f"the primary streams to {len(streaming)} replica(s), RWDB_REPLICAS says "
@@ -245,15 +248,15 @@ async def _replicas_report(database: Database, problems: list[str]) -> dict[str,
         "most_seen_streaming": health.most_replicas_seen,
         "list": [
             {
-                "name": r.name,
-                "state": r.state,
-                "replay_lsn": format_lsn(r.replay_lsn),
-                "lag_bytes": r.lag_bytes,
-                # At least this far behind; 0 once it has what the primary had at the
-                # previous look (resolution: RWDB_LAG_CHECK_INTERVAL).
-                "lag_seconds": None if r.lag_seconds is None else round(r.lag_seconds, 3),
+                "name": name,
+                "state": state,
+                "replay_lsn": format_lsn(replay),
+                "lag_bytes": None if replay is None else max(0, primary_lsn - replay),
+                # At least this far behind, from the app's recent looks at the
+                # primary (resolution: RWDB_LAG_CHECK_INTERVAL; 0 when it has them all).
+                "lag_seconds": None if replay is None else round(health.lag_seconds_of(replay), 3),
             }
-            for r in health.replicas
+            for name, state, replay in sorted(rows)
         ],
     }
 
