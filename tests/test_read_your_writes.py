@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import time
 import uuid
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import event, text
 
@@ -410,3 +411,77 @@ async def test_caught_up_check_without_the_checkout_ping(flavour: str) -> None:
     assert found.json()["found"] is True
     assert found.headers["x-rwdb-read"] == "replica"
     assert found.headers[TOKEN_HEADER] == ""  # every replica had it: token cleared
+
+
+def late_commit_app() -> FastAPI:
+    """Routes that commit where the client can no longer be given a token."""
+    app = make_app()
+
+    @app.post("/late/crash")
+    def crash(db: WriteSession) -> None:
+        db.execute(text("INSERT INTO rwdb_items (name) VALUES ('then crashed')"))
+        db.commit()
+        raise RuntimeError("an unhandled error after the commit")
+
+    @app.post("/late/stream")
+    def stream_commit(db: WriteSession) -> StreamingResponse:
+        def body() -> Iterator[bytes]:
+            yield b"writing..."
+            db.execute(text("INSERT INTO rwdb_items (name) VALUES ('in a stream')"))
+            db.commit()
+            yield b"done"
+
+        return StreamingResponse(body())
+
+    @app.post("/async/late/stream")
+    async def stream_commit_async(db: AsyncWriteSession) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"writing..."
+            await db.execute(text("INSERT INTO rwdb_items (name) VALUES ('in a stream')"))
+            await db.commit()
+            yield b"done"
+
+        return StreamingResponse(body())
+
+    def commit_in_teardown(db: WriteSession) -> Iterator[None]:
+        yield
+        db.execute(text("INSERT INTO rwdb_items (name) VALUES ('in a teardown')"))
+        db.commit()
+
+    @app.post("/late/teardown", dependencies=[Depends(commit_in_teardown)])
+    def teardown() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+async def test_a_commit_then_an_unhandled_error_still_hands_out_the_token(
+    lagging_replicas: float,
+) -> None:
+    app = late_commit_app()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=transport, base_url="http://testserver"
+    ) as c:
+        response = await c.post("/late/crash")
+        assert response.status_code == 500
+        assert "rwdb_pin=" in response.headers["set-cookie"]
+        assert response.headers[TOKEN_HEADER]
+        # The client's next read goes where the committed row is.
+        read = await c.get("/notes/then%20crashed")
+        assert read.json()["found"] is True
+        assert read.headers["x-rwdb-read"].startswith("primary")
+
+
+@pytest.mark.parametrize("path", ["/late/stream", "/async/late/stream", "/late/teardown"])
+async def test_a_commit_after_the_response_started_is_logged_with_the_route(
+    caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    app = late_commit_app()
+    with caplog.at_level(logging.WARNING, logger="fastapi_rwdb"):
+        async with app.router.lifespan_context(app), client(app) as c:
+            response = await c.post(path)
+    assert response.status_code == 200
+    assert "set-cookie" not in response.headers  # too late for a token ...
+    warnings = [r.getMessage() for r in caplog.records if "after its response" in r.getMessage()]
+    assert len(warnings) == 1 and f"POST {path}" in warnings[0]  # ... but never silently
