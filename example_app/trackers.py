@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Response
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+import fastapi_rwdb
 from fastapi_rwdb.sqlmodel import ReadSession, WriteSession
 
 from .models import (
@@ -32,6 +33,7 @@ from .models import (
     TrackerRead,
     TrackerUpdate,
 )
+from .worker import fold_new_points
 
 router = APIRouter(prefix="/trackers", tags=["trackers"])
 
@@ -136,13 +138,18 @@ def delete_tracker(tracker_id: int, db: WriteSession) -> Response:
 
 
 @router.post("/{tracker_id}/locations", response_model=TrackerDetail, status_code=201)
-def add_location(tracker_id: int, body: LocationCreate, db: WriteSession) -> TrackerDetail:
+def add_location(
+    tracker_id: int, body: LocationCreate, db: WriteSession, jobs: BackgroundTasks
+) -> TrackerDetail:
     """Record a point and answer with the tracker and its latest points, the new one
     included: a read of what this request just wrote, so it stays on the write session.
 
     A ``ReadSession`` in this request would also see the point: once a request has
     committed a write, fastapi_rwdb sends its read sessions to the primary. Reading
     through the write session says so in the code, and needs no second connection.
+
+    The daily summary is folded after the response, by the worker's job, which is
+    handed this request's token: its replica reads wait for this very point.
     """
     tracker_or_404(db, tracker_id)
     db.add(
@@ -154,4 +161,5 @@ def add_location(tracker_id: int, body: LocationCreate, db: WriteSession) -> Tra
         )
     )
     db.commit()
+    jobs.add_task(fold_new_points, token=fastapi_rwdb.current_token())
     return tracker_detail(db, tracker_id)

@@ -12,6 +12,14 @@ the worker picks each side itself with the context managers:
 * the closing report reads back what this run just wrote, which a replica may
   not have replayed yet, so it reads on the primary (``primary=True``).
 
+The same fold also runs as a job right after a request records a point
+(``POST /trackers/{id}/locations`` hands it to ``BackgroundTasks``, with
+``fastapi_rwdb.current_token()``). Its scan then reads with ``after=token``: a
+replica serves it only once it has replayed that request's write, so the job
+never misses the very point it was started for. A queue (Celery, arq, RQ) would
+carry the token the same way, as a plain string argument; from the command line,
+``--after TOKEN``.
+
 A replica may trail the primary: it can still list as new a point that an
 earlier run has already claimed. The claim on the primary is therefore
 conditional (``UPDATE ... WHERE NOT processed RETURNING id``) and only the
@@ -51,15 +59,16 @@ def utc_day(moment: datetime) -> date:
     return moment.astimezone(UTC).date()
 
 
-def scan(after_id: int, batch_size: int) -> Sequence[Location]:
-    """The next batch of new points, by id, from a replica."""
+def scan(after_id: int, batch_size: int, token: str | None = None) -> Sequence[Location]:
+    """The next batch of new points, by id, from a replica (one that has replayed
+    ``token``'s write, when given)."""
     query = (
         select(Location)
         .where(col(Location.id) > after_id, col(Location.processed).is_(False))
         .order_by(col(Location.id))
         .limit(batch_size)
     )
-    with get_read_db_context() as db:
+    with get_read_db_context(after=token) as db:
         return db.scalars(query).all()
 
 
@@ -120,14 +129,21 @@ def report(days: set[date]) -> tuple[int, int]:
     return int(trackers), int(points)
 
 
-def run(batch_size: int = 500, max_batches: int | None = None) -> Totals:
+def run(batch_size: int = 500, max_batches: int | None = None, token: str | None = None) -> Totals:
     # The app creates the tables at start-up; the worker may well run first.
     with fastapi_rwdb.get_database().engines.write.begin() as conn:
         create_tables(conn)
+    return fold_new_points(batch_size, max_batches, token)
+
+
+def fold_new_points(
+    batch_size: int = 500, max_batches: int | None = None, token: str | None = None
+) -> Totals:
+    """Fold every new point; the job a request starts after recording one."""
     totals = Totals()
     after_id = 0
     while max_batches is None or totals.batches < max_batches:
-        points = scan(after_id, batch_size)
+        points = scan(after_id, batch_size, token)
         if not points:
             break
         after_id = max(p.id for p in points if p.id is not None)
@@ -147,6 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=500, help="points per batch (500)")
     parser.add_argument("--max-batches", type=int, default=None, help="stop after N batches")
+    parser.add_argument(
+        "--after",
+        metavar="TOKEN",
+        default=None,
+        help="a read-your-writes token: scan only where its write has been replayed",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -154,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     database = fastapi_rwdb.get_database()
     try:
-        totals = run(args.batch_size, args.max_batches)
+        totals = run(args.batch_size, args.max_batches, args.after)
         print(
             f"worker: {totals.batches} batch(es), {totals.scanned} new point(s) read from a "
             f"replica, {totals.claimed} claimed and summarised on the primary, "

@@ -25,12 +25,14 @@ from sqlalchemy.orm import Session
 from .database import get_database
 from .state import request_state
 from .tokens import Token
+from .tracking import OWN_UNIT
 
 
 @contextmanager
 def get_write_db_context() -> Iterator[Session]:
     """Primary session; commits on success, rolls back on error, always closes."""
     with get_database().write_session() as session:
+        session.info[OWN_UNIT] = True
         try:
             yield session
         except BaseException:
@@ -55,6 +57,7 @@ def get_read_db_context(
 @asynccontextmanager
 async def get_async_write_db_context() -> AsyncIterator[AsyncSession]:
     async with get_database().async_write_session() as session:
+        session.info[OWN_UNIT] = True
         try:
             yield session
         except BaseException:

@@ -39,10 +39,12 @@ class RequestState:
     scope: Any = None  # the ASGI scope, to name the route in warnings
     response_started: bool = False
 
-    def note_commit(self, lsn: int) -> None:
+    def note_commit(self, lsn: int, *, own: bool = False) -> None:
+        """A write session committed ``lsn``; ``own``: in a unit of work of its own
+        (a job's ``get_write_db_context()``), which needs no token after the response."""
         self.commit_lsn = lsn if self.commit_lsn is None else max(self.commit_lsn, lsn)
         self.version += 1
-        if self.response_started:
+        if self.response_started and not own:
             _warn_late_commit(self.scope)
 
     def note_seen(self, lsn: int) -> None:

@@ -36,6 +36,9 @@ from .state import request_state
 logger = logging.getLogger("fastapi_rwdb")
 
 _WROTE = "rwdb_wrote"  # Session.info: True, or "maybe"
+#: Session.info: the session is a unit of work of its own (get_write_db_context()),
+#: as a job's is; its commits after a response has started are expected, not lost.
+OWN_UNIT = "rwdb_own_unit"
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
 _COMMITTED_LSN = "rwdb_committed_lsn"
@@ -147,12 +150,12 @@ def _after_commit(session: Session) -> None:
     if state is None:
         return
     if committed_lsn is not None:
-        state.note_commit(committed_lsn)
+        state.note_commit(committed_lsn, own=session.info.get(OWN_UNIT, False))
         return
     if conn is None:
         return
     if session.info.get("rwdb_pin_mode", "lsn") != "lsn":
-        state.note_commit(0)
+        state.note_commit(0, own=session.info.get(OWN_UNIT, False))
         return
     try:
         lsn = current_lsn(conn)
@@ -166,7 +169,7 @@ def _after_commit(session: Session) -> None:
             exc_info=True,
         )
         lsn = UNKNOWN_LSN
-    state.note_commit(lsn)
+    state.note_commit(lsn, own=session.info.get(OWN_UNIT, False))
 
 
 def _forget(session: Session) -> None:
