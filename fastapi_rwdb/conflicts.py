@@ -1,4 +1,7 @@
-"""Replay conflicts: a replica cancelled a read to apply the primary's changes.
+"""Replica reads that fail for reasons of the replica's, not of the query: retried
+when nothing had been read yet.
+
+Replay conflicts: a replica cancelled a read to apply the primary's changes.
 
 A replica replaying WAL must sometimes remove row versions (VACUUM on the
 primary) or take a lock that a running query still needs. It waits
@@ -16,6 +19,14 @@ outage: the same read would succeed elsewhere.
 * Otherwise the transaction has read rows a retry elsewhere might contradict;
   :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
   with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.outages`).
+
+The same first-statement rule covers a replica connection lost under a plain
+replica read (no token to honour): when a node leaves the read port (promoted
+in a switchover or failover, restarted), HAProxy closes its sessions, and a
+read in flight on one would fail although the other replica is fine. It is run
+once more on the read port. A read checked against the client's token is not
+retried there (another replica may not have the client's write); it fails as
+any lost connection does (a 503).
 
 The retry needs the statement itself, so it hooks where every ORM and Core
 statement of a session passes: SQLAlchemy's private
@@ -63,22 +74,26 @@ class ReplayConflictRetry(Session):
         try:
             return super()._execute_internal(statement, *args, **kw)
         except DBAPIError as exc:
-            if sqlstate_of(exc) not in CONFLICT_SQLSTATES or not _on_replica(self, binds.replica):
+            if not _on_replica(self, binds.replica):
                 raise
-            transaction = self.get_transaction()
-            # Only a transaction SQLAlchemy began by itself can be rolled back and begun
-            # again here; inside ``with session.begin():`` the caller owns it.
-            autobegun = transaction is not None and (
-                transaction.origin is SessionTransactionOrigin.AUTOBEGIN
-            )
-            if not (first and autobegun):
+            conflict = sqlstate_of(exc) in CONFLICT_SQLSTATES
+            retry = first and _autobegun(self)
+            if conflict and not retry:
                 raise ReplicaConflictError(
                     "a replica cancelled this read to replay the primary's changes (SQLSTATE "
                     f"{sqlstate_of(exc)}, conflict with recovery) after the transaction had "
                     "already read; retry the request"
                 ) from exc
+            # A replica connection lost under a plain replica read (HAProxy closes the
+            # sessions of a node that leaves the read port: a promotion, a restart): any
+            # other replica will do. Not under a read checked against the client's token,
+            # whose connection was chosen for the position it had replayed.
+            lost = exc.connection_invalidated and super().get_bind() is binds.replica
+            if not (retry and (conflict or lost)):
+                raise
             self.rollback()  # expires loaded objects, as any rollback does
-            _move_to_primary(self)
+            if conflict:
+                _move_to_primary(self)
             return super()._execute_internal(statement, *args, **kw)
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
@@ -105,6 +120,13 @@ def _after_begin(session: Session, transaction: Any, connection: Connection) -> 
 def _after_transaction_end(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_CONNECTIONS, None)
+
+
+def _autobegun(session: Session) -> bool:
+    """Only a transaction SQLAlchemy began by itself can be rolled back and begun again
+    here; inside ``with session.begin():`` the caller owns it."""
+    transaction = session.get_transaction()
+    return transaction is not None and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
 
 
 def _on_replica(session: Session, replica: Engine) -> bool:

@@ -194,6 +194,48 @@ async def test_first_statement_in_an_explicit_begin_is_a_503(client: httpx.Async
     assert response.headers["retry-after"] == "1"
 
 
+def terminate_scans() -> int:
+    """On each replica, as the superuser: end the backends running this module's scan."""
+    ended = 0
+    for port in replica_settings([]):
+        node_dsn = f"host=127.0.0.1 port={port} user=postgres password=postgres_pw dbname=rwdb"
+        with psycopg.connect(node_dsn, connect_timeout=2, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                (f"%FROM {TABLE}%",),
+            ).fetchone()
+            ended += row[0] if row else 0
+    return ended
+
+
+async def while_terminated(client: httpx.AsyncClient, path: str) -> httpx.Response:
+    """``GET path`` while the replica connection serving it is closed under it (as
+    HAProxy does to a node that leaves the read port)."""
+    request = asyncio.create_task(client.get(path))
+    await asyncio.sleep(0.6)
+    assert await asyncio.to_thread(terminate_scans) == 1
+    return await request
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_first_statement_whose_replica_connection_is_lost_runs_again_on_a_replica(
+    client: httpx.AsyncClient, flavour: str
+) -> None:
+    response = await while_terminated(client, f"{flavour}/scan")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-rwdb-read"] == "replica"
+    assert response.json()["in_recovery"] is True
+
+
+async def test_later_statement_whose_replica_connection_is_lost_is_a_503(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await while_terminated(client, "/scan-second")
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+
+
 @pytest.mark.parametrize("flavour", ["", "/async"])
 async def test_without_a_conflict_the_scan_stays_on_a_replica(
     client: httpx.AsyncClient, flavour: str
