@@ -62,8 +62,9 @@ _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved th
 
 
 class ReplayConflictRetry(Session):
-    """Mixed in before the routing read session: retries or explains a read that a
-    replica's WAL replay cancelled."""
+    """Mixed in before the routing read session: retries, where nothing had been read
+    yet, a read that a replica cancelled (replay conflict) or lost (connection closed);
+    otherwise lets it fail as a 503."""
 
     def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
         # Private SQLAlchemy method overridden on purpose: see the module docstring.
