@@ -24,7 +24,13 @@ from .engines import (
     make_engine,
     make_engine_pair,
 )
-from .errors import DatabaseUnavailableError, ReadOnlySessionError, RWDBError, SettingsError
+from .errors import (
+    DatabaseUnavailableError,
+    ReadOnlySessionError,
+    ReplicaConflictError,
+    RWDBError,
+    SettingsError,
+)
 from .scopes import (
     current_token,
     get_async_read_db_context,
@@ -48,6 +54,7 @@ __all__ = [
     "RWDBSettings",
     "ReadOnlySessionError",
     "ReadSession",
+    "ReplicaConflictError",
     "SettingsError",
     "WriteSession",
     "configure",

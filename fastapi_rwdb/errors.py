@@ -32,3 +32,14 @@ class DatabaseUnavailableError(RWDBError, ConnectionError):
     psycopg an ``OperationalError``). :func:`fastapi_rwdb.setup` turns it into a
     503 with ``Retry-After``.
     """
+
+
+class ReplicaConflictError(RWDBError):
+    """A replica cancelled a read to replay the primary's changes (SQLSTATE ``40001``,
+    "conflict with recovery") after the transaction had already read something.
+
+    The first statement of a transaction is retried on the primary instead: nothing
+    had been seen yet. Here something had, so a silent retry elsewhere could mix two
+    points in time; the request fails, and :func:`fastapi_rwdb.setup` turns this into
+    a 503 with ``Retry-After``. Raised from the driver error, kept as ``__cause__``.
+    """

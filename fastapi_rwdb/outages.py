@@ -16,11 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .engines import READ_ONLY_SQLSTATE, sqlstate_of
-from .errors import DatabaseUnavailableError
+from .errors import DatabaseUnavailableError, ReplicaConflictError
 
 logger = logging.getLogger("fastapi_rwdb")
 
-HANDLED = (DatabaseUnavailableError, PoolTimeoutError, DBAPIError)
+HANDLED = (DatabaseUnavailableError, ReplicaConflictError, PoolTimeoutError, DBAPIError)
 
 _SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 
@@ -29,6 +29,8 @@ def unavailable_reason(exc: BaseException) -> str | None:
     """Why the database is unavailable, if ``exc`` says it is; else ``None``."""
     if isinstance(exc, DatabaseUnavailableError):
         return str(exc)
+    if isinstance(exc, ReplicaConflictError):
+        return "a replica cancelled the read to replay the primary's changes (replay conflict)"
     if isinstance(exc, PoolTimeoutError):
         return "every database connection of this worker is busy (pool timeout)"
     if isinstance(exc, DBAPIError):

@@ -75,11 +75,16 @@ _classes: dict[tuple[str, type[Session]], type[Session]] = {}
 
 
 def read_class(base: type[Session]) -> type[Session]:
-    """``base`` made to route each transaction and to refuse flushes."""
+    """``base`` made to route each transaction, to refuse flushes and to retry a
+    first read that a replica's WAL replay cancelled (:mod:`fastapi_rwdb.conflicts`)."""
     key = ("read", base)
     if key not in _classes:
-        cls = type(f"Read{base.__name__}", (_RoutedReads, base), {"__module__": __name__})
+        from . import conflicts  # imports this module: import it only once it is loaded
+
+        mixins = (conflicts.ReplayConflictRetry, _RoutedReads, base)
+        cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)
+        conflicts.watch_read_class(cls)
         _classes[key] = cls
     return _classes[key]
 

@@ -1,0 +1,145 @@
+"""Replica reads that fail for reasons of the replica's, not of the query: retried
+when nothing had been read yet.
+
+Replay conflicts: a replica cancelled a read to apply the primary's changes.
+
+A replica replaying WAL must sometimes remove row versions (VACUUM on the
+primary) or take a lock that a running query still needs. It waits
+``max_standby_streaming_delay`` and then cancels the query with SQLSTATE
+``40001``, "canceling statement due to conflict with recovery" (``40P01`` when
+replay deadlocked on a buffer pin). That is not the caller's bug and not an
+outage: the same read would succeed elsewhere.
+
+* If the cancelled statement was the **first** of its transaction, nothing has
+  been seen yet: the transaction is rolled back and the statement run again on
+  the primary, through the read session's own primary bind
+  (``ReadBinds.primary``, READ ONLY like every read). The session stays on the
+  primary until it is closed, so a request never reads older data after newer.
+  The response says ``X-RWDB-Read: primary; reason=replay-conflict``.
+* Otherwise the transaction has read rows a retry elsewhere might contradict;
+  :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
+  with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.outages`).
+
+The same first-statement rule covers a replica connection lost under a plain
+replica read (no token to honour): when a node leaves the read port (promoted
+in a switchover or failover, restarted), HAProxy closes its sessions, and a
+read in flight on one would fail although the other replica is fine. It is run
+once more on the read port. A read checked against the client's token is not
+retried there (another replica may not have the client's write); it fails as
+any lost connection does (a 503).
+
+The retry needs the statement itself, so it hooks where every ORM and Core
+statement of a session passes: SQLAlchemy's private
+``Session._execute_internal`` (``execute``, ``scalar(s)``, ``get``, SQLModel's
+``exec``, and the async session's, which runs the sync one), as
+:mod:`fastapi_rwdb.tracking` does for the write side. Nothing is added to a
+statement that succeeds but a dictionary lookup. Not covered: statements run
+on a connection taken with ``session.connection()``, and rows streamed with
+``yield_per``/``stream_results`` (the cancellation arrives while they are
+fetched, after some were handed out); those fail with the driver's error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, SessionTransactionOrigin
+
+from . import metrics
+from .context import request_state
+from .engines import sqlstate_of
+from .errors import ReplicaConflictError
+from .sessions import BINDS, ReadBinds
+
+#: SQLSTATEs of a query cancelled by WAL replay (snapshot, lock or buffer-pin conflicts).
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+REASON = "replay-conflict"
+
+_CONNECTIONS = "rwdb_read_connections"  # Session.info: connections of this transaction
+_ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
+
+
+class ReplayConflictRetry(Session):
+    """Mixed in before the routing read session: retries, where nothing had been read
+    yet, a read that a replica cancelled (replay conflict) or lost (connection closed);
+    otherwise lets it fail as a 503."""
+
+    def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+        # Private SQLAlchemy method overridden on purpose: see the module docstring.
+        binds: ReadBinds | None = self.info.get(BINDS)
+        if binds is None:
+            return super()._execute_internal(statement, *args, **kw)
+        first = not self.info.get(_CONNECTIONS)  # no connection yet: nothing read
+        try:
+            return super()._execute_internal(statement, *args, **kw)
+        except DBAPIError as exc:
+            if not _on_replica(self, binds.replica):
+                raise
+            conflict = sqlstate_of(exc) in CONFLICT_SQLSTATES
+            retry = first and _autobegun(self)
+            if conflict and not retry:
+                raise ReplicaConflictError(
+                    "a replica cancelled this read to replay the primary's changes (SQLSTATE "
+                    f"{sqlstate_of(exc)}, conflict with recovery) after the transaction had "
+                    "already read; retry the request"
+                ) from exc
+            # A replica connection lost under a plain replica read (HAProxy closes the
+            # sessions of a node that leaves the read port: a promotion, a restart): any
+            # other replica will do. Not under a read checked against the client's token,
+            # whose connection was chosen for the position it had replayed.
+            lost = exc.connection_invalidated and super().get_bind() is binds.replica
+            if not (retry and (conflict or lost)):
+                raise
+            self.rollback()  # expires loaded objects, as any rollback does
+            if conflict:
+                _move_to_primary(self)
+            return super()._execute_internal(statement, *args, **kw)
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
+        if self.info.get(_ON_PRIMARY) and kw.get("bind") is None:
+            return self.info[BINDS].primary  # type: ignore[no-any-return]
+        return super().get_bind(mapper, **kw)
+
+    def close(self) -> None:
+        super().close()
+        self.info.pop(_ON_PRIMARY, None)
+
+
+def watch_read_class(cls: type[Session]) -> None:
+    """Note which connections each transaction of a read session uses."""
+    event.listen(cls, "after_begin", _after_begin)
+    event.listen(cls, "after_transaction_end", _after_transaction_end)
+
+
+def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    if transaction.parent is None:  # savepoints share the transaction's connection
+        session.info.setdefault(_CONNECTIONS, []).append(connection)
+
+
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        session.info.pop(_CONNECTIONS, None)
+
+
+def _autobegun(session: Session) -> bool:
+    """Only a transaction SQLAlchemy began by itself can be rolled back and begun again
+    here; inside ``with session.begin():`` the caller owns it."""
+    transaction = session.get_transaction()
+    return transaction is not None and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
+
+
+def _on_replica(session: Session, replica: Engine) -> bool:
+    """Whether the transaction holds a connection of the read port's pool. (A 40001 on
+    the primary is a genuine serialization failure, not a replay conflict.)"""
+    return any(c.engine.pool is replica.pool for c in session.info.get(_CONNECTIONS, ()))
+
+
+def _move_to_primary(session: Session) -> None:
+    session.info[_ON_PRIMARY] = True
+    metrics.record_route("primary", REASON)
+    state = request_state.get()
+    if state is not None:
+        state.read_target = "primary"
+        state.read_reason = REASON
