@@ -48,10 +48,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransactionOrigin
 
 from . import metrics
-from .context import request_state
 from .engines import sqlstate_of
 from .errors import ReplicaConflictError
 from .sessions import BINDS, ReadBinds
+from .state import request_state
 
 #: SQLSTATEs of a query cancelled by WAL replay (snapshot, lock or buffer-pin conflicts).
 CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
