@@ -150,6 +150,27 @@ def replica_lag(delay: str) -> Iterator[None]:
         stack("lag", "0")
 
 
+@contextlib.contextmanager
+def replica_paused() -> Iterator[str]:
+    """One replica's WAL replay paused for the block (the other stays current); the
+    paused node's name is yielded. Always resumed afterwards, whatever happens."""
+    node = ""
+    for name, port in (("node1", 15432), ("node2", 15433), ("node3", 15434)):
+        conninfo = dsn().replace(f"port={env('POSTGRES_PORT')} ", f"port={port} ")
+        with psycopg.connect(conninfo, prepare_threshold=None) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        if row == (True,):
+            node = name
+            break
+    if not node:
+        raise RuntimeError("no replica to pause")
+    try:
+        stack("pause-replay", node)
+        yield node
+    finally:
+        stack("resume-replay", "all")
+
+
 # ------------------------------------------------------------------ a bare ASGI driver
 
 Headers = list[tuple[bytes, bytes]]

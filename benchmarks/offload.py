@@ -13,6 +13,12 @@ A read of one of the client's own rows that finds nothing, or a list that
 lacks the client's latest row, is a stale read: the client does not see its own
 write. ``X-RWDB-Read`` (``routing_header=True``) tells who served each read.
 Half the clients use the sync routes, half the async ones.
+
+A second run holds the replicas at *different* positions, the topology where a
+token cleared by the first replica that has the write breaks read-your-writes:
+one replica's WAL replay is paused (``stack.sh pause-replay``, resumed
+afterwards whatever happens), the other is current, and the same script runs
+again per mode (and with ``RWDB_CONSISTENCY=session``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
-from .common import SECRET_KEY, items, prepare_table, replica_delay, replica_lag
+from .common import SECRET_KEY, items, prepare_table, replica_delay, replica_lag, replica_paused
 
 DELAY = "200ms"
 MODES = [
@@ -46,6 +52,11 @@ MODES = [
     ("window_2s", "window 2 s", {"pin_mode": "window", "pin_seconds": 2}),
     ("window_15s", "window 15 s", {"pin_mode": "window", "pin_seconds": 15}),
     ("off", "no pinning", {"pin_mode": "off"}),
+]
+UNEQUAL_MODES = [
+    *MODES[:1],
+    ("session", "LSN tokens, session consistency", {"pin_mode": "lsn", "consistency": "session"}),
+    *MODES[1:],
 ]
 WRITE_SHARE = 0.10
 READ_JUST_WRITTEN = 0.5
@@ -181,7 +192,12 @@ async def _run(clients: int, seconds: float, seed: int) -> dict[str, Any]:
         for key, label, overrides in MODES:
             results[key] = {"label": label, **await run_mode(overrides, clients, seconds, seed)}
     after = await asyncio.to_thread(replica_delay)
+    unequal = {}
+    with replica_paused() as node:
+        for key, label, overrides in UNEQUAL_MODES:
+            unequal[key] = {"label": label, **await run_mode(overrides, clients, seconds, seed)}
     return {
+        "unequal": {"paused": node, "modes": unequal},
         "delay": DELAY,
         "replica_delay_seen": {"before": before, "during": during, "after": after},
         "clients": clients,

@@ -184,6 +184,40 @@ def _offload(data: dict[str, Any], png: str) -> list[str]:
             f"{c.get('stale_list', 0)} | {reasons or '-'} |"
         )
     lines += ["", f"![offload]({png})", ""]
+    if "unequal" in data:
+        lines += _unequal(data)
+    return lines
+
+
+def _unequal(data: dict[str, Any]) -> list[str]:
+    unequal = data["unequal"]
+    lines = [
+        "### Replicas at different positions",
+        "",
+        f"The same script and seed, {data['seconds_per_mode']:.0f} s per mode, with no apply "
+        f"delay but {unequal['paused']}'s WAL replay paused (`scripts/stack.sh pause-replay "
+        f"{unequal['paused']}`) while the other replica stays current. The read pools hold "
+        "connections to both, so a token cleared because one replica had the write would let "
+        "the next read reach the other.",
+        "",
+        "| mode | requests | reads | served by a replica | stale reads | "
+        "stale: just written / older / list | primary reads by reason |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for m in unequal["modes"].values():
+        c = m["counts"]
+        reasons = ", ".join(
+            f"{k.split('reason=')[1]} {n}"
+            for k, n in sorted(c.items())
+            if k.startswith("served: primary")
+        )
+        lines.append(
+            f"| {m['label']} | {m['requests']} | {c.get('reads', 0)} | "
+            f"{_pct(m['replica_share'])} | {c.get('stale', 0)} | "
+            f"{c.get('stale_just_written', 0)} / {c.get('stale_older', 0)} / "
+            f"{c.get('stale_list', 0)} | {reasons or '-'} |"
+        )
+    lines.append("")
     return lines
 
 
@@ -416,6 +450,15 @@ def _summary(
             lines.append(
                 f"| no pinning shows stale reads (the lag is real) | {off} stale | {_ok(off > 0)} |"
             )
+        unequal = (offload.get("unequal") or {}).get("modes", {})
+        for key in ("lsn", "session"):
+            if key in unequal:
+                u = unequal[key]
+                stale = u["counts"].get("stale", 0)
+                lines.append(
+                    f"| {u['label']}, one replica paused: no stale reads | {stale} stale, "
+                    f"{_pct(u['replica_share'])} of reads on a replica | {_ok(stale == 0)} |"
+                )
     if overhead:
         one, load = overhead["one_client"]["routes"], overhead["timing"]["routes"]
         by_mode = (overhead.get("by_mode") or {}).get("routes", {})

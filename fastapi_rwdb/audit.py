@@ -195,6 +195,8 @@ def audit_app(
             uses=uses,
         )
         findings = check_route(audited)
+        if dependant is not None:
+            findings += tuple(_late_teardowns(dependant))
         if findings and _ignored(audited, ignore):
             findings = tuple(replace(f, ignored=True) for f in findings)
         routes.append(replace(audited, findings=findings))
@@ -245,6 +247,30 @@ def _session_uses(dependant: Any, via: tuple[str, ...] = ()) -> Iterator[Session
             yield SessionUse(_callable_name(call), side, via)
         else:
             yield from _session_uses(sub, (*via, _callable_name(call)))
+
+
+def _late_teardowns(dependant: Any) -> Iterator[Finding]:
+    """A yield dependency of the app's own that holds a write session: FastAPI runs its
+    teardown after the response has been sent (unless ``scope="function"``), so a
+    commit there reaches the client without a read-your-writes token."""
+    for sub in getattr(dependant, "dependencies", ()):
+        call = _unwrap(sub.call)
+        if _side(call) is not None:
+            continue
+        yields = inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
+        writes = any(use.side == "write" for use in _session_uses(sub))
+        if yields and writes and getattr(sub, "scope", None) != "function":
+            name = _callable_name(call)
+            yield Finding(
+                "note",
+                "teardown-after-response",
+                f"{name} is a yield dependency holding a write session; its code after "
+                "`yield` runs once the response has been sent, so a commit there gives the "
+                "client no read-your-writes token (fastapi_rwdb logs a warning when it "
+                f"happens). Commit before returning, or declare Depends({name}, "
+                "scope='function') so the teardown runs before the response.",
+            )
+        yield from _late_teardowns(sub)
 
 
 def _side(call: Any) -> Side | None:

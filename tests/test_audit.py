@@ -359,3 +359,26 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], target: str, me
 def test_no_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "audit" in capsys.readouterr().err
+
+
+def test_a_yield_dependency_that_may_commit_after_the_response_is_a_note() -> None:
+    from collections.abc import Iterator
+
+    from fastapi_rwdb import WriteSession
+
+    app = FastAPI()
+
+    def audit_trail(db: WriteSession) -> Iterator[None]:
+        yield
+        db.commit()  # after the response: no token for the client
+
+    @app.post("/late", dependencies=[Depends(audit_trail)])
+    def late() -> None: ...
+
+    @app.post("/early", dependencies=[Depends(audit_trail, scope="function")])
+    def early() -> None: ...
+
+    routes = by_route(audit_app(app))
+    assert ("note", "teardown-after-response") in codes(routes["POST /late"])
+    assert "scope='function'" in routes["POST /late"].findings[-1].message
+    assert ("note", "teardown-after-response") not in codes(routes["POST /early"])
