@@ -148,6 +148,8 @@ async def simulate_client(
                     response.raise_for_status()
                     stale = not response.json()["found"]
                 served = response.headers.get("x-rwdb-read", "-")
+                if "set-cookie" in response.headers:
+                    tally["reads_setting_cookie"] += 1  # uncacheable by a shared cache
                 tally["reads"] += 1
                 tally[f"reads_{kind}"] += 1
                 tally["replica" if served == "replica" else "primary"] += 1

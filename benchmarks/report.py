@@ -201,8 +201,9 @@ def _unequal(data: dict[str, Any]) -> list[str]:
         "the next read reach the other.",
         "",
         "| mode | requests | reads | served by a replica | stale reads | "
-        "stale: just written / older / list | primary reads by reason |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "stale: just written / older / list | reads answered with Set-Cookie | "
+        "primary reads by reason |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for m in unequal["modes"].values():
         c = m["counts"]
@@ -215,7 +216,7 @@ def _unequal(data: dict[str, Any]) -> list[str]:
             f"| {m['label']} | {m['requests']} | {c.get('reads', 0)} | "
             f"{_pct(m['replica_share'])} | {c.get('stale', 0)} | "
             f"{c.get('stale_just_written', 0)} / {c.get('stale_older', 0)} / "
-            f"{c.get('stale_list', 0)} | {reasons or '-'} |"
+            f"{c.get('stale_list', 0)} | {c.get('reads_setting_cookie', 0)} | {reasons or '-'} |"
         )
     lines.append("")
     return lines
