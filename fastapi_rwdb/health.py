@@ -20,7 +20,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,8 +61,9 @@ class ReadSideHealth:
     primary_lsn: int | None = None
     viewed_at: float | None = None  # monotonic time of the last view
     most_replicas_seen: int = 0
-    # (monotonic time, primary WAL position) of recent views, oldest first.
-    _history: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+    # (monotonic time, primary WAL position) of recent views, oldest first. Replaced,
+    # never changed in place: request threads read it while the watcher records.
+    _history: tuple[tuple[float, int], ...] = field(default=(), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _lagging: bool = field(default=False, repr=False)
 
@@ -110,11 +110,12 @@ class ReadSideHealth:
     ) -> None:
         """Store one look at ``pg_stat_replication``: (name, state, replay position) rows."""
         now = time.monotonic() if now is None else now
+        keep = (self.max_lag or 0.0) + 4 * self.interval + 5.0
         with self._lock:
-            self._history.append((now, primary_lsn))
-            keep = (self.max_lag or 0.0) + 4 * self.interval + 5.0
-            while len(self._history) > 2 and self._history[1][0] < now - keep:
-                self._history.popleft()
+            history = [*self._history, (now, primary_lsn)]
+            while len(history) > 2 and history[1][0] < now - keep:
+                del history[0]
+            self._history = tuple(history)
             self.primary_lsn, self.viewed_at = primary_lsn, now
         self.replicas = tuple(
             ReplicaStatus(
