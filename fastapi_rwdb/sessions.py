@@ -151,7 +151,7 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     if route.target == "primary":
         bind = binds.primary
         if track:
-            bind, position = _checkout(session, binds.primary, binds)
+            bind, position = _checkout(session, binds.primary)
     elif route.min_lsn is None and not track:
         bind = binds.replica
     else:
@@ -195,7 +195,7 @@ def _replica_at_least(
         for attempt in range(_TRIES):
             if attempt and _idle(binds.replica) == 0:
                 break
-            conn, position = _checkout(None, binds.replica, binds)
+            conn, position = _checkout(None, binds.replica)
             held.append((conn, position))
             if _far_enough(position, route.min_lsn):
                 chosen, chosen_position = conn, position
@@ -221,7 +221,7 @@ def _replica_at_least(
         if state is not None:
             state.replica_behind = True
         if binds.consistency == "session" and binds.mode == "lsn" and state is not None:
-            conn, position = _checkout(session, binds.primary, binds)
+            conn, position = _checkout(session, binds.primary)
             return conn, route.if_behind, position
         return binds.primary, route.if_behind, None
     session.info.setdefault(_OWNED, []).append(chosen)
@@ -232,9 +232,7 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
     return min_lsn is None or (position is not None and position >= min_lsn)
 
 
-def _checkout(
-    owner: Session | None, engine: Engine, binds: ReadBinds
-) -> tuple[Connection, int | None]:
+def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | None]:
     """A connection and its server's WAL position, read by the checkout ping.
 
     A value passed through a pool hook: ``want_position`` asks the checkout
