@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -362,10 +363,6 @@ def test_no_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_yield_dependency_that_may_commit_after_the_response_is_a_note() -> None:
-    from collections.abc import Iterator
-
-    from fastapi_rwdb import WriteSession
-
     app = FastAPI()
 
     def audit_trail(db: WriteSession) -> Iterator[None]:
