@@ -22,7 +22,7 @@ from sqlalchemy.util import await_
 
 from . import metrics, tracking
 from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
-from .errors import ReadOnlySessionError
+from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .health import ReadSideHealth
 from .lsn import parse_lsn
 from .routing import PinMode, Route, choose_read_route
@@ -195,7 +195,10 @@ def _replica_at_least(
         for attempt in range(_TRIES):
             if attempt and _idle(binds.replica) == 0:
                 break
-            conn, position = _checkout(None, binds.replica)
+            try:
+                conn, position = _checkout(None, binds.replica)
+            except DatabaseUnavailableError:
+                continue  # that connection is gone (and discarded): try another
             held.append((conn, position))
             if _far_enough(position, route.min_lsn):
                 chosen, chosen_position = conn, position
@@ -210,7 +213,11 @@ def _replica_at_least(
                     await_(asyncio.sleep(0.01))
                 else:
                     time.sleep(0.01)
-                position = _position_of(conn)
+                try:
+                    position = _position_of(conn)
+                except Exception:
+                    conn.invalidate()
+                    break
             if _far_enough(position, route.min_lsn):
                 chosen, chosen_position = conn, position
     finally:
@@ -249,6 +256,14 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
         position = conn.connection.info.pop(POSITION_INFO, _UNKNOWN)
         if position is _UNKNOWN:
             position = _position_of(conn)
+    except Exception as exc:
+        # Asked on the driver's connection, so SQLAlchemy did not see the failure: a
+        # connection that cannot answer this serves nobody. Discard it.
+        conn.invalidate()
+        conn.close()
+        raise DatabaseUnavailableError(
+            "a database connection was lost while checking its WAL position"
+        ) from exc
     except BaseException:
         conn.close()
         raise
