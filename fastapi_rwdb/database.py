@@ -8,8 +8,8 @@ settings, which are lazy too, and a plain lock would deadlock right there.
 
 from __future__ import annotations
 
+import functools
 import logging
-import secrets
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from .engines import (
 from .health import ReadSideHealth
 from .sessions import BINDS, ReadBinds, read_class, session_classes, write_class
 from .settings import RWDBSettings
-from .tokens import TokenSigner
+from .tokens import TokenSigner, derive_key
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -107,13 +107,14 @@ class Database:
 
     @property
     def signer(self) -> TokenSigner:
-        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a per-process key)."""
+        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
+        database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
         # Kept apart from _built: disposing the pools must not change the key, or
         # every token handed out before would stop verifying.
         if self._signer is None:
             with self._lock:
                 if self._signer is None:
-                    self._signer = TokenSigner(_secret_key(self.settings))
+                    self._signer = TokenSigner(*_token_keys(self.settings))
         return self._signer
 
     # -- engines -------------------------------------------------------------------
@@ -257,16 +258,35 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
     return pair
 
 
-def _secret_key(settings: RWDBSettings) -> bytes:
+def _token_keys(settings: RWDBSettings) -> list[bytes]:
+    """The signing key first, then the keys that still verify.
+
+    With no ``RWDB_SECRET_KEY`` every process derives the same key from the
+    database credentials, so tokens keep working across workers and pods with
+    no setting; see :func:`fastapi_rwdb.tokens.derive_key`.
+    """
+    fallbacks = [key.encode() for key in settings.fallback_keys()]
     if settings.secret_key is not None:
-        return settings.secret_key.get_secret_value().encode()
-    if settings.pin_mode != "off":
+        return [settings.secret_key.get_secret_value().encode(), *fallbacks]
+    url = settings.url("write", "psycopg")
+    password = url.password or ""
+    if settings.pin_mode != "off" and not password:
         logger.warning(
-            "fastapi_rwdb: RWDB_SECRET_KEY is not set, so read-your-writes tokens are signed "
-            "with a random key of this process only. Every worker and instance serving the "
-            "app must share one key: set RWDB_SECRET_KEY to the same long random string."
+            "fastapi_rwdb: RWDB_SECRET_KEY is not set and the database password is empty "
+            "(trust authentication?), so the read-your-writes token key, derived from the "
+            "user and database names, can be guessed. A forged token cannot read or change "
+            "any data, nor touch other clients: it only sends its bearer's own reads to the "
+            "primary. Set RWDB_SECRET_KEY to the same long random string on every process "
+            "to rule that out."
         )
-    return secrets.token_bytes(32)
+    derived = _derived_key(url.username or "", url.database or "", str(password))
+    return [derived, *fallbacks]
+
+
+@functools.lru_cache(maxsize=8)
+def _derived_key(user: str, database: str, password: str) -> bytes:
+    # Cached: the derivation is slow on purpose, and tests build many Databases.
+    return derive_key(user, database, password)
 
 
 _default = Database()

@@ -8,6 +8,7 @@ that an error can name it.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -24,7 +25,14 @@ Driver = Literal["psycopg", "asyncpg"]
 
 # Variables whose values must never be echoed back, not even in an error.
 SECRET_VARIABLES = frozenset(
-    {"POSTGRES_PASSWORD", "RWDB_WRITE_URL", "RWDB_READ_URL", "RWDB_SECRET_KEY", "RWDB_DEBUG_TOKEN"}
+    {
+        "POSTGRES_PASSWORD",
+        "RWDB_WRITE_URL",
+        "RWDB_READ_URL",
+        "RWDB_SECRET_KEY",
+        "RWDB_SECRET_KEY_FALLBACKS",
+        "RWDB_DEBUG_TOKEN",
+    }
 )
 
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -91,8 +99,14 @@ class RWDBSettings(BaseSettings):
     pin_seconds: float = Field(30.0, gt=0, le=86400, validation_alias="RWDB_PIN_SECONDS")
     # How long a read may wait for a replica to catch up before using the primary.
     pin_wait_ms: int = Field(0, ge=0, le=10000, validation_alias="RWDB_PIN_WAIT_MS")
-    # Shared by every worker that serves the app; random per process when unset.
+    # Signs tokens; shared by every worker that serves the app. When unset, a key
+    # is derived from the database credentials (see database._token_keys).
     secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
+    # Former keys, still accepted when verifying tokens (comma-separated, or a JSON
+    # list of strings): set the old RWDB_SECRET_KEY here when changing it.
+    secret_key_fallbacks: SecretStr | None = Field(
+        None, validation_alias="RWDB_SECRET_KEY_FALLBACKS"
+    )
     cookie_name: str = Field(
         "rwdb_pin", pattern=r"^[A-Za-z0-9_.-]{1,64}$", validation_alias="RWDB_COOKIE_NAME"
     )
@@ -153,6 +167,19 @@ class RWDBSettings(BaseSettings):
             raise ValueError("must be at least 16 characters (use a long random string)")
         return value
 
+    @field_validator("secret_key_fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            split_keys(value.get_secret_value())
+        return value
+
+    def fallback_keys(self) -> list[str]:
+        """``RWDB_SECRET_KEY_FALLBACKS`` as a list, in the order given."""
+        if self.secret_key_fallbacks is None:
+            return []
+        return split_keys(self.secret_key_fallbacks.get_secret_value())
+
     def _side_url(self, side: Side) -> SecretStr | None:
         return self.write_url if side == "write" else self.read_url
 
@@ -200,6 +227,25 @@ def parse_url(raw: str) -> URL:
     if not url.host:
         raise ValueError("has no host")
     return url
+
+
+def split_keys(raw: str) -> list[str]:
+    """Keys given as ``a,b`` or as a JSON list (for keys that contain a comma);
+    each must be as long as ``RWDB_SECRET_KEY`` has to be. Never quotes a key."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            keys = json.loads(text)
+        except ValueError:
+            raise ValueError("is not a valid JSON list of strings") from None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise ValueError("is not a valid JSON list of strings")
+    else:
+        keys = [key.strip() for key in text.split(",") if key.strip()]
+    for number, key in enumerate(keys, 1):
+        if len(key) < 16:
+            raise ValueError(f"key {number} must be at least 16 characters")
+    return keys
 
 
 def _describe(exc: ValidationError) -> str:
