@@ -1,4 +1,5 @@
-"""The process-wide registry: settings, the two engine pairs and their sessionmakers.
+"""The process-wide registry: settings, the engines (a write, a read and a
+primary-read engine per driver) and their sessionmakers.
 
 Everything is built on first use, so the dependencies work with nothing but the
 ``POSTGRES_*`` variables set, and nothing connects at import time. One
@@ -15,16 +16,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .context import request_state
 from .engines import (
-    ROLE_OPTION,
     AsyncEnginePair,
     EnginePair,
     make_async_engine_pair,
+    make_async_primary_read_engine,
     make_engine_pair,
+    make_primary_read_engine,
 )
 from .health import ReadSideHealth
 from .sessions import BINDS, ReadBinds, read_class, session_classes, write_class
@@ -133,6 +135,18 @@ class Database:
             "async_engines", lambda: make_async_engine_pair(self.settings, self.health)
         )
 
+    @property
+    def primary_read_engine(self) -> Engine:
+        """The psycopg engine of reads that must see the primary (a pool of its own)."""
+        return self._once("primary_read", lambda: make_primary_read_engine(self.settings))
+
+    @property
+    def async_primary_read_engine(self) -> AsyncEngine:
+        """The asyncpg engine of reads that must see the primary (a pool of its own)."""
+        return self._once(
+            "async_primary_read", lambda: make_async_primary_read_engine(self.settings)
+        )
+
     def is_built(self, name: str) -> bool:
         return name in self._built
 
@@ -148,13 +162,10 @@ class Database:
             sync_cls, async_cls = self._classes()
             read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
             sync, aio = self.engines, self.async_engines
-            # A read that must see the primary still runs READ ONLY, so a write in a
-            # read session fails the same way whichever server it reached.
-            ro = {"postgresql_readonly": True, ROLE_OPTION: "read"}
-            primary, async_primary = (
-                sync.write.execution_options(**ro),
-                aio.write.execution_options(**ro),
-            )
+            # A read that must see the primary has a pool of its own, so it can never
+            # take a write's connection; it runs READ ONLY, so a write in a read
+            # session fails the same way whichever server it reached.
+            primary, async_primary = self.primary_read_engine, self.async_primary_read_engine
 
             def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
                 return {
@@ -218,31 +229,37 @@ class Database:
 
     # -- shutdown -----------------------------------------------------------------
 
-    def _forget_engines(self) -> tuple[EnginePair | None, AsyncEnginePair | None]:
+    def _forget_engines(self) -> tuple[list[Engine], list[AsyncEngine]]:
         with self._lock:
             built, self._built = self._built, {}
-        return built.get("engines"), built.get("async_engines")
+        sync: list[Engine] = []
+        aio: list[AsyncEngine] = []
+        if (pair := built.get("engines")) is not None:
+            sync += [pair.write, pair.read]
+        if (engine := built.get("primary_read")) is not None:
+            sync.append(engine)
+        if (async_pair := built.get("async_engines")) is not None:
+            aio += [async_pair.write, async_pair.read]
+        if (async_engine := built.get("async_primary_read")) is not None:
+            aio.append(async_engine)
+        return sync, aio
 
     async def dispose(self) -> None:
         """Close every pooled connection; the engines rebuild themselves if used again."""
-        pair, async_pair = self._forget_engines()
-        if async_pair is not None:
-            await async_pair.write.dispose()
-            await async_pair.read.dispose()
-        if pair is not None:
-            pair.write.dispose()
-            pair.read.dispose()
+        sync, aio = self._forget_engines()
+        for async_engine in aio:
+            await async_engine.dispose()
+        for engine in sync:
+            engine.dispose()
 
     def dispose_sync(self) -> None:
         """:meth:`dispose` for code with no event loop (the async pools are dropped)."""
-        pair, async_pair = self._forget_engines()
-        if pair is not None:
-            pair.write.dispose()
-            pair.read.dispose()
-        if async_pair is not None:
+        sync, aio = self._forget_engines()
+        for engine in sync:
+            engine.dispose()
+        for async_engine in aio:
             # Without a loop the async connections cannot be closed politely; drop them.
-            async_pair.write.sync_engine.dispose(close=False)
-            async_pair.read.sync_engine.dispose(close=False)
+            async_engine.sync_engine.dispose(close=False)
 
 
 def _log_built(pair: EnginePair, db: Database) -> EnginePair:

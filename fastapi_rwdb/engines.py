@@ -154,6 +154,32 @@ class AsyncEnginePair:
     read: AsyncEngine
 
 
+def make_primary_read_engine(settings: RWDBSettings) -> Engine:
+    """The primary, for reads that must see it: READ ONLY, with a pool of its own.
+
+    Apart from the write pool so that reads can never take the connections writes
+    need, and without the read side's breaker: its failures say nothing about the
+    replicas.
+    """
+    return make_engine(
+        settings.url("write", "psycopg"), settings, side="read", **_primary_read_pool(settings)
+    )
+
+
+def make_async_primary_read_engine(settings: RWDBSettings) -> AsyncEngine:
+    """The asyncpg twin of :func:`make_primary_read_engine`."""
+    return make_async_engine(
+        settings.url("write", "asyncpg"), settings, side="read", **_primary_read_pool(settings)
+    )
+
+
+def _primary_read_pool(settings: RWDBSettings) -> dict[str, Any]:
+    return {
+        "pool_size": settings.primary_read_pool_size,
+        "max_overflow": settings.primary_read_max_overflow,
+    }
+
+
 def make_engine_pair(settings: RWDBSettings, health: ReadSideHealth | None = None) -> EnginePair:
     return EnginePair(
         write=make_engine(settings.url("write", "psycopg"), settings, side="write"),

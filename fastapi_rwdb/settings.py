@@ -75,6 +75,13 @@ class RWDBSettings(BaseSettings):
     pool_pre_ping: bool = Field(True, validation_alias="RWDB_POOL_PRE_PING")
     # Reads usually outnumber writes, so the read pools are this many times larger.
     read_pool_multiplier: int = Field(2, ge=1, validation_alias="RWDB_READ_POOL_MULTIPLIER")
+    # Reads that must see the primary (a client's recent write, lag, the read side
+    # down, read_session(primary=True)) get a pool of their own, kept small: then no
+    # number of them can take the connections writes need.
+    primary_read_pool_size: int = Field(3, ge=1, validation_alias="RWDB_PRIMARY_READ_POOL_SIZE")
+    primary_read_max_overflow: int = Field(
+        5, ge=0, validation_alias="RWDB_PRIMARY_READ_MAX_OVERFLOW"
+    )
 
     # --- connecting ----------------------------------------------------------------
     connect_timeout: float = Field(5.0, gt=0, validation_alias="RWDB_CONNECT_TIMEOUT")
