@@ -324,9 +324,18 @@ def _instrument(
                 if attempt == retries:
                     if health is not None:
                         health.connect_failed()
+                    # Where, and what the driver said, go to the log only: the
+                    # exception's text may reach an anonymous client in a 503.
+                    logger.warning(
+                        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
+                        side,
+                        endpoint,
+                        retries + 1,
+                        _brief(exc),
+                    )
                     raise DatabaseUnavailableError(
-                        f"cannot connect to the {side} side at {endpoint} after "
-                        f"{retries + 1} attempts ({_brief(exc)})"
+                        f"cannot connect to the {side} side of the database after "
+                        f"{retries + 1} attempts"
                     ) from exc
                 logger.warning(
                     "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",

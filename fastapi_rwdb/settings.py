@@ -233,6 +233,17 @@ def parse_url(raw: str) -> URL:
         )
     if not url.host:
         raise ValueError("has no host")
+    if "@" in url.host:
+        # An '@' in the password, not percent-encoded: the URL splits at the first
+        # one, and the rest of the password becomes part of the host (and would be
+        # shown wherever the host is). Nothing of the URL is quoted here.
+        raise ValueError(
+            "has an '@' that is not percent-encoded in its user name or password; "
+            "write it as %40 (percent-encode any reserved character: "
+            "urllib.parse.quote(password, safe=''))"
+        )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError("has a port outside 1-65535")
     return url
 
 

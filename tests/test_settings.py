@@ -279,3 +279,52 @@ def test_trust_auth_without_a_key_warns_what_a_forged_token_can_do(
     Database(RWDBSettings(password=PASSWORD)).signer  # noqa: B018
     Database(RWDBSettings(password="", secret_key=NEW_KEY)).signer  # type: ignore[arg-type]  # noqa: B018
     assert caplog.text == ""
+
+
+# -- URLs that would be misread -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["RWDB_WRITE_URL", "RWDB_READ_URL"])
+def test_an_unencoded_at_in_the_password_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # Parsed as-is, the password's tail would become part of the host, shown everywhere.
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv(variable, "postgresql://rwdb_app:S3cr@3tPW@127.0.0.1:5432/rwdb")
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    message = str(info.value)
+    assert variable in message and "%40" in message and "percent-encode" in message
+    assert "S3cr" not in message and "3tPW" not in message
+
+
+def test_a_percent_encoded_at_is_the_password() -> None:
+    s = RWDBSettings(
+        write_url="postgresql://rwdb_app:S3cr%403tPW@127.0.0.1:5432/rwdb", password="x"
+    )  # type: ignore[arg-type]
+    url = s.url("write", "psycopg")
+    assert (url.password, url.host) == ("S3cr@3tPW", "127.0.0.1")
+    assert "3tPW" not in s.endpoint("write")
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+@pytest.mark.parametrize("variable", ["RWDB_WRITE_URL", "RWDB_READ_URL"])
+def test_url_ports_are_range_checked_like_postgres_port(
+    monkeypatch: pytest.MonkeyPatch, variable: str, port: str
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv(variable, f"postgresql://u:{PASSWORD}@h:{port}/db")
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    assert variable in str(info.value) and "1-65535" in str(info.value)
+    assert PASSWORD not in str(info.value)
+    monkeypatch.setenv("POSTGRES_PORT", port)
+    monkeypatch.delenv(variable)
+    with pytest.raises(SettingsError, match="POSTGRES_PORT"):
+        RWDBSettings()
+
+
+def test_url_port_ends_are_accepted() -> None:
+    for port in (1, 65535):
+        s = RWDBSettings(write_url=f"postgresql://u:p@h:{port}/db", password="x")  # type: ignore[arg-type]
+        assert s.url("write", "psycopg").port == port
