@@ -61,6 +61,9 @@ class Database:
         self._health: ReadSideHealth | None = None
         self._signer: TokenSigner | None = None
         self._checked = False
+        #: False once setup() has hooked this Database into an app's lifespan, True
+        #: when that lifespan runs (or once the middleware has warned that it did not).
+        self.lifespan_ok = True
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -118,6 +121,22 @@ class Database:
                 if self._signer is None:
                     self._signer = TokenSigner(*_token_keys(self.settings))
         return self._signer
+
+    def lifespan_missing(self, root_path: str) -> None:
+        """Say, once, that requests arrive but setup()'s lifespan never ran."""
+        self.lifespan_ok = True
+        where = f"mounted at {root_path}" if root_path else "this app"
+        logger.warning(
+            "fastapi_rwdb: requests are arriving for the app %s, but the lifespan that "
+            "setup() gave it never ran: %sits pools will not be disposed at shutdown. "
+            "Starlette does not run the lifespan of a mounted app; run it from the outer "
+            "app's lifespan with `async with fastapi_rwdb.lifespan(<the mounted app>): "
+            "yield` (or serve the app with its lifespan on).",
+            where,
+            "no replica-lag watch is running, and "
+            if self.settings.max_replica_lag is not None
+            else "",
+        )
 
     # -- engines -------------------------------------------------------------------
 
