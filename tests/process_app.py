@@ -6,6 +6,7 @@ It is configured only by the environment, as a deployment would be: no
 
 from __future__ import annotations
 
+import os
 import uuid
 
 from fastapi import FastAPI, HTTPException
@@ -28,7 +29,7 @@ def create(db: WriteSession) -> dict[str, str]:
     name = f"proc-{uuid.uuid4()}"
     db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
     db.commit()
-    return {"name": name}
+    return {"name": name, "pid": str(os.getpid())}
 
 
 @app.get("/items/{name}")
@@ -36,4 +37,4 @@ def read(name: str, db: ReadSession) -> dict[str, str]:
     row = db.execute(text("SELECT name FROM rwdb_items WHERE name = :n"), {"n": name}).first()
     if row is None:
         raise HTTPException(404, "no such item")
-    return {"name": row[0]}
+    return {"name": row[0], "pid": str(os.getpid())}

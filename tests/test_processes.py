@@ -32,9 +32,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def serve(port: int, env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.process_app:app", "--port", str(port)],
+        [sys.executable, "-m", "uvicorn", "tests.process_app:app", "--port", str(port), *options],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -56,9 +56,13 @@ def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"{base} did not start")
 
 
+def no_rwdb_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RWDB_")}
+
+
 @pytest.fixture
 def two_processes() -> Iterator[tuple[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RWDB_")}
+    env = no_rwdb_settings()
     ports = [free_port(), free_port()]
     processes = [serve(port, env) for port in ports]
     bases = [f"http://127.0.0.1:{port}" for port in ports]
@@ -97,3 +101,37 @@ def test_a_token_from_one_process_is_honoured_by_another(
         if read.status_code != 200:
             stale.append((i, read.status_code))
     assert stale == [], f"{len(stale)} of {WRITES} own reads did not see the write: {stale}"
+
+
+@pytest.fixture
+def two_workers() -> Iterator[str]:
+    port = free_port()
+    process = serve(port, no_rwdb_settings(), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_uvicorn_workers_honour_each_others_tokens(
+    two_workers: str, lagging_replicas: None
+) -> None:
+    """The kernel picks the worker of each connection: write and read until a dozen
+    reads have reached another worker than their write."""
+    crossed, stale, attempts = 0, [], 0
+    while crossed < WRITES and attempts < 20 * WRITES:
+        attempts += 1
+        written = httpx.post(f"{two_workers}/items", timeout=10)
+        assert written.status_code == 200, written.text
+        token, name = written.headers["x-rwdb-pin"], written.json()["name"]
+        read = httpx.get(f"{two_workers}/items/{name}", headers={"X-RWDB-Pin": token}, timeout=10)
+        if read.status_code == 200 and read.json()["pid"] == written.json()["pid"]:
+            continue  # same worker: proves nothing either way
+        crossed += 1
+        if read.status_code != 200:
+            stale.append(read.status_code)
+    assert crossed == WRITES, f"only {crossed} reads reached the other worker"
+    assert stale == [], f"{len(stale)} of {crossed} own reads on the other worker were stale"
