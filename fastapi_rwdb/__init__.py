@@ -39,7 +39,7 @@ from .scopes import (
     get_write_db_context,
 )
 from .settings import RWDBSettings
-from .wiring import setup
+from .wiring import lifespan, setup
 
 __all__ = [
     "AsyncDBSession",
@@ -71,6 +71,7 @@ __all__ = [
     "get_read_db_context",
     "get_write_db",
     "get_write_db_context",
+    "lifespan",
     "make_async_engine",
     "make_async_engine_pair",
     "make_engine",

@@ -1,4 +1,5 @@
-"""The process-wide registry: settings, the two engine pairs and their sessionmakers.
+"""The process-wide registry: settings, the engines (a write, a read and a
+primary-read engine per driver) and their sessionmakers.
 
 Everything is built on first use, so the dependencies work with nothing but the
 ``POSTGRES_*`` variables set, and nothing connects at import time. One
@@ -8,8 +9,8 @@ settings, which are lazy too, and a plain lock would deadlock right there.
 
 from __future__ import annotations
 
+import functools
 import logging
-import secrets
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,19 +20,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .engines import (
-    ROLE_OPTION,
     AsyncEnginePair,
     EnginePair,
     make_async_engine,
     make_async_engine_pair,
+    make_async_primary_read_engine,
     make_engine_pair,
+    make_primary_read_engine,
 )
 from .health import ReadSideHealth
 from .lsn import MAX_LSN
 from .sessions import BINDS, STATE, WAIT_MS, ReadBinds, read_class, session_classes, write_class
 from .settings import RWDBSettings
 from .state import RequestState, request_state
-from .tokens import Token, TokenSigner
+from .tokens import Token, TokenSigner, derive_key
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -61,6 +63,9 @@ class Database:
         self._health: ReadSideHealth | None = None
         self._signer: TokenSigner | None = None
         self._checked = False
+        #: False once setup() has hooked this Database into an app's lifespan, True
+        #: when that lifespan runs (or once the middleware has warned that it did not).
+        self.lifespan_ok = True
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -113,14 +118,31 @@ class Database:
 
     @property
     def signer(self) -> TokenSigner:
-        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a per-process key)."""
+        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
+        database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
         # Kept apart from _built: disposing the pools must not change the key, or
         # every token handed out before would stop verifying.
         if self._signer is None:
             with self._lock:
                 if self._signer is None:
-                    self._signer = TokenSigner(_secret_key(self.settings))
+                    self._signer = TokenSigner(*_token_keys(self.settings))
         return self._signer
+
+    def lifespan_missing(self, root_path: str) -> None:
+        """Say, once, that requests arrive but setup()'s lifespan never ran."""
+        self.lifespan_ok = True
+        where = f"mounted at {root_path}" if root_path else "this app"
+        logger.warning(
+            "fastapi_rwdb: requests are arriving for the app %s, but the lifespan that "
+            "setup() gave it never ran: %sits pools will not be disposed at shutdown. "
+            "Starlette does not run the lifespan of a mounted app; run it from the outer "
+            "app's lifespan with `async with fastapi_rwdb.lifespan(<the mounted app>): "
+            "yield` (or serve the app with its lifespan on).",
+            where,
+            "no replica-lag watch is running, and "
+            if self.settings.max_replica_lag is not None
+            else "",
+        )
 
     # -- engines -------------------------------------------------------------------
 
@@ -156,6 +178,18 @@ class Database:
             ),
         )
 
+    @property
+    def primary_read_engine(self) -> Engine:
+        """The psycopg engine of reads that must see the primary (a pool of its own)."""
+        return self._once("primary_read", lambda: make_primary_read_engine(self.settings))
+
+    @property
+    def async_primary_read_engine(self) -> AsyncEngine:
+        """The asyncpg engine of reads that must see the primary (a pool of its own)."""
+        return self._once(
+            "async_primary_read", lambda: make_async_primary_read_engine(self.settings)
+        )
+
     def is_built(self, name: str) -> bool:
         return name in self._built
 
@@ -171,13 +205,10 @@ class Database:
             sync_cls, async_cls = self._classes()
             read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
             sync, aio = self.engines, self.async_engines
-            # A read that must see the primary still runs READ ONLY, so a write in a
-            # read session fails the same way whichever server it reached.
-            ro = {"postgresql_readonly": True, ROLE_OPTION: "read"}
-            primary, async_primary = (
-                sync.write.execution_options(**ro),
-                aio.write.execution_options(**ro),
-            )
+            # A read that must see the primary has a pool of its own, so it can never
+            # take a write's connection; it runs READ ONLY, so a write in a read
+            # session fails the same way whichever server it reached.
+            primary, async_primary = self.primary_read_engine, self.async_primary_read_engine
 
             def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
                 return {
@@ -273,37 +304,39 @@ class Database:
 
     # -- shutdown -----------------------------------------------------------------
 
-    def _forget_engines(
-        self,
-    ) -> tuple[EnginePair | None, AsyncEnginePair | None, AsyncEngine | None]:
+    def _forget_engines(self) -> tuple[list[Engine], list[AsyncEngine]]:
         with self._lock:
             built, self._built = self._built, {}
-        return built.get("engines"), built.get("async_engines"), built.get("monitor")
+        sync: list[Engine] = []
+        aio: list[AsyncEngine] = []
+        if (pair := built.get("engines")) is not None:
+            sync += [pair.write, pair.read]
+        if (engine := built.get("primary_read")) is not None:
+            sync.append(engine)
+        if (async_pair := built.get("async_engines")) is not None:
+            aio += [async_pair.write, async_pair.read]
+        if (async_engine := built.get("async_primary_read")) is not None:
+            aio.append(async_engine)
+        if (monitor := built.get("monitor")) is not None:
+            aio.append(monitor)
+        return sync, aio
 
     async def dispose(self) -> None:
         """Close every pooled connection; the engines rebuild themselves if used again."""
-        pair, async_pair, monitor = self._forget_engines()
-        if monitor is not None:
-            await monitor.dispose()
-        if async_pair is not None:
-            await async_pair.write.dispose()
-            await async_pair.read.dispose()
-        if pair is not None:
-            pair.write.dispose()
-            pair.read.dispose()
+        sync, aio = self._forget_engines()
+        for async_engine in aio:
+            await async_engine.dispose()
+        for engine in sync:
+            engine.dispose()
 
     def dispose_sync(self) -> None:
         """:meth:`dispose` for code with no event loop (the async pools are dropped)."""
-        pair, async_pair, monitor = self._forget_engines()
-        if monitor is not None:
-            monitor.sync_engine.dispose(close=False)
-        if pair is not None:
-            pair.write.dispose()
-            pair.read.dispose()
-        if async_pair is not None:
+        sync, aio = self._forget_engines()
+        for engine in sync:
+            engine.dispose()
+        for async_engine in aio:
             # Without a loop the async connections cannot be closed politely; drop them.
-            async_pair.write.sync_engine.dispose(close=False)
-            async_pair.read.sync_engine.dispose(close=False)
+            async_engine.sync_engine.dispose(close=False)
 
 
 def _log_built(pair: EnginePair, db: Database) -> EnginePair:
@@ -319,16 +352,35 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
     return pair
 
 
-def _secret_key(settings: RWDBSettings) -> bytes:
+def _token_keys(settings: RWDBSettings) -> list[bytes]:
+    """The signing key first, then the keys that still verify.
+
+    With no ``RWDB_SECRET_KEY`` every process derives the same key from the
+    database credentials, so tokens keep working across workers and pods with
+    no setting; see :func:`fastapi_rwdb.tokens.derive_key`.
+    """
+    fallbacks = [key.encode() for key in settings.fallback_keys()]
     if settings.secret_key is not None:
-        return settings.secret_key.get_secret_value().encode()
-    if settings.pin_mode != "off":
+        return [settings.secret_key.get_secret_value().encode(), *fallbacks]
+    url = settings.url("write", "psycopg")
+    password = url.password or ""
+    if settings.pin_mode != "off" and not password:
         logger.warning(
-            "fastapi_rwdb: RWDB_SECRET_KEY is not set, so read-your-writes tokens are signed "
-            "with a random key of this process only. Every worker and instance serving the "
-            "app must share one key: set RWDB_SECRET_KEY to the same long random string."
+            "fastapi_rwdb: RWDB_SECRET_KEY is not set and the database password is empty "
+            "(trust authentication?), so the read-your-writes token key, derived from the "
+            "user and database names, can be guessed. A forged token cannot read or change "
+            "any data, nor touch other clients: it only sends its bearer's own reads to the "
+            "primary. Set RWDB_SECRET_KEY to the same long random string on every process "
+            "to rule that out."
         )
-    return secrets.token_bytes(32)
+    derived = _derived_key(url.username or "", url.database or "", str(password))
+    return [derived, *fallbacks]
+
+
+@functools.lru_cache(maxsize=8)
+def _derived_key(user: str, database: str, password: str) -> bytes:
+    # Cached: the derivation is slow on purpose, and tests build many Databases.
+    return derive_key(user, database, password)
 
 
 _default = Database()

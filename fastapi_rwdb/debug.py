@@ -11,7 +11,8 @@
     (with one plain sentence per problem) when not.
 
 ``GET {prefix}/pool-stats``
-    The four connection pools, read from memory; nothing is connected.
+    The six connection pools (write, read and primary_read, per driver), read
+    from memory; nothing is connected.
 
 With ``RWDB_DEBUG_TOKEN`` set, both want ``Authorization: Bearer <token>``.
 The routes only read: no data is written and the caller's pin is left as it
@@ -454,23 +455,40 @@ _PRIMARY_BECAUSE = {
 
 
 def pool_stats(database: Database) -> dict[str, Any]:
-    """The four pools, read from memory (the body of ``GET {prefix}/pool-stats``).
+    """The six pools, read from memory (the body of ``GET {prefix}/pool-stats``).
 
-    Engines that were never used are not built here: a pair not built yet is
-    reported with ``"built": false``, its configured size and zero connections.
+    Per driver: ``write``, ``read`` (the replicas) and ``primary_read`` (reads
+    that must see the primary). Engines that were never used are not built here:
+    one not built yet is reported with ``"built": false``, its configured size
+    and zero connections.
     """
     settings = database.settings
     report: dict[str, Any] = {}
-    for pair_name, key in (("sync", "engines"), ("async", "async_engines")):
-        built = database.is_built(key)
-        pair = getattr(database, key) if built else None
+    pairs = (
+        ("sync", "engines", "primary_read", "primary_read_engine"),
+        ("async", "async_engines", "async_primary_read", "async_primary_read_engine"),
+    )
+    for pair_name, pair_key, primary_key, primary_attr in pairs:
+        pair_built = database.is_built(pair_key)
+        pair = getattr(database, pair_key) if pair_built else None
+        primary_built = database.is_built(primary_key)
         sides: dict[str, Any] = {}
-        for side in ("write", "read"):
-            factor = settings.read_pool_multiplier if side == "read" else 1
-            size, max_overflow = settings.pool_size * factor, settings.max_overflow * factor
+        for side in ("write", "read", "primary_read"):
+            if side not in ("write", "read"):
+                built = primary_built
+                engine = getattr(database, primary_attr) if built else None
+                size = settings.primary_read_pool_size
+                max_overflow = settings.primary_read_max_overflow
+                endpoint = settings.endpoint("write")
+            else:
+                built = pair_built
+                engine = getattr(pair, side) if pair is not None else None
+                factor = settings.read_pool_multiplier if side == "read" else 1
+                size, max_overflow = settings.pool_size * factor, settings.max_overflow * factor
+                endpoint = settings.endpoint("read" if side == "read" else "write")
             entry: dict[str, Any] = {
                 "built": built,
-                "endpoint": settings.endpoint(side),
+                "endpoint": endpoint,
                 "size": size,
                 "max_overflow": max_overflow,
                 "checked_in": 0,
@@ -479,7 +497,7 @@ def pool_stats(database: Database) -> dict[str, Any]:
                 "open": 0,
                 "usage": 0.0,
             }
-            pool = getattr(pair, side).pool if pair is not None else None
+            pool = engine.pool if engine is not None else None
             if isinstance(pool, QueuePool):
                 size, out = pool.size(), pool.checkedout()
                 entry.update(

@@ -159,6 +159,32 @@ class AsyncEnginePair:
     read: AsyncEngine
 
 
+def make_primary_read_engine(settings: RWDBSettings) -> Engine:
+    """The primary, for reads that must see it: READ ONLY, with a pool of its own.
+
+    Apart from the write pool so that reads can never take the connections writes
+    need, and without the read side's breaker: its failures say nothing about the
+    replicas.
+    """
+    return make_engine(
+        settings.url("write", "psycopg"), settings, side="read", **_primary_read_pool(settings)
+    )
+
+
+def make_async_primary_read_engine(settings: RWDBSettings) -> AsyncEngine:
+    """The asyncpg twin of :func:`make_primary_read_engine`."""
+    return make_async_engine(
+        settings.url("write", "asyncpg"), settings, side="read", **_primary_read_pool(settings)
+    )
+
+
+def _primary_read_pool(settings: RWDBSettings) -> dict[str, Any]:
+    return {
+        "pool_size": settings.primary_read_pool_size,
+        "max_overflow": settings.primary_read_max_overflow,
+    }
+
+
 def make_engine_pair(settings: RWDBSettings, health: ReadSideHealth | None = None) -> EnginePair:
     return EnginePair(
         write=make_engine(settings.url("write", "psycopg"), settings, side="write"),
@@ -295,9 +321,18 @@ def _instrument(
                 if attempt == retries:
                     if health is not None:
                         health.connect_failed()
+                    # Where, and what the driver said, go to the log only: the
+                    # exception's text may reach an anonymous client in a 503.
+                    logger.warning(
+                        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
+                        side,
+                        endpoint,
+                        retries + 1,
+                        _brief(exc),
+                    )
                     raise DatabaseUnavailableError(
-                        f"cannot connect to the {side} side at {endpoint} after "
-                        f"{retries + 1} attempts ({_brief(exc)})"
+                        f"cannot connect to the {side} side of the database after "
+                        f"{retries + 1} attempts"
                     ) from exc
                 logger.warning(
                     "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",

@@ -30,7 +30,8 @@ class DatabaseUnavailableError(RWDBError, ConnectionError):
 
     Both drivers report it the same way (asyncpg would raise a bare ``OSError``,
     psycopg an ``OperationalError``). :func:`fastapi_rwdb.setup` turns it into a
-    503 with ``Retry-After``.
+    503 with ``Retry-After``. Its text names the side only: hosts, ports and the
+    driver's message are logged, and the error it was raised from carries them.
     """
 
 

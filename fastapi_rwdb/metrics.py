@@ -13,8 +13,9 @@ module-level flag is checked). With it, these are registered on
     Read-your-writes tokens ``issued``, ``rejected`` (sent by a client but
     forged, garbled, expired or foreign) and ``cleared``.
 ``rwdb_pool_size``, ``rwdb_pool_checked_out``, ``rwdb_pool_overflow`` ``{pair, side}``
-    The four connection pools (``pair`` ``sync``/``async``, ``side``
-    ``write``/``read``), read when scraped; pools not built yet are left out.
+    The six connection pools (``pair`` ``sync``/``async``, ``side``
+    ``write``/``read``/``primary_read``), read when scraped; pools not built yet
+    are left out.
 ``rwdb_replica_lag_bytes``, ``rwdb_replica_lag_seconds`` ``{replica}``
     Each replica the primary streams to (``pg_stat_replication``), from the
     app's last background look; left out while there is none.
@@ -64,7 +65,8 @@ if ENABLED:
             families = _pool_families()
             size, checked_out, overflow, lag_bytes, lag_seconds = families
             database = get_database()
-            if not (database.is_built("engines") or database.is_built("async_engines")):
+            built = ("engines", "async_engines", "primary_read", "async_primary_read")
+            if not any(database.is_built(name) for name in built):
                 return families  # and never load settings from here
             health = database.health
             if health.fresh():

@@ -53,6 +53,8 @@ class ReadYourWritesMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self.database.lifespan_ok:  # type: ignore[union-attr]  # setup()'s lifespan never ran
+            self.database.lifespan_missing(scope.get("root_path", ""))  # type: ignore[union-attr]
         state = RequestState(
             token=self._incoming(scope["headers"]) if self._issue else None,
             database=self.database,

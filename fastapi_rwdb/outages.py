@@ -4,6 +4,10 @@ During a switchover the write port is unusable for a few seconds, after a
 crash for about Patroni's ttl. Requests caught in that window fail; they must
 fail clearly and retryably, and a write is never reported as done unless its
 COMMIT returned.
+
+The client is told what happened and when to retry, never where: hosts, ports
+and driver messages are the topology the debug routes keep behind a token.
+They go to the log (secrets masked) instead.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .database import get_database
+from .debug import describe_error
 from .engines import READ_ONLY_SQLSTATE, sqlstate_of
 from .errors import DatabaseUnavailableError, ReplicaConflictError
 
 logger = logging.getLogger("fastapi_rwdb")
 
 HANDLED = (DatabaseUnavailableError, ReplicaConflictError, PoolTimeoutError, DBAPIError)
+RETRY_AFTER = 1  # seconds: a switchover's window is a few of them
 
 _SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 
@@ -49,9 +56,18 @@ async def unavailable_handler(request: Request, exc: Exception) -> Response:
     reason = unavailable_reason(exc)
     if reason is None:
         raise exc  # not an outage: the server's usual 500 and traceback
-    logger.warning("fastapi_rwdb: %s %s -> 503: %s", request.method, request.url.path, reason)
+    logger.warning(
+        "fastapi_rwdb: %s %s -> 503: %s (%s)",
+        request.method,
+        request.url.path,
+        reason,
+        describe_error(exc, get_database().settings),
+    )
     return JSONResponse(
-        {"detail": f"database temporarily unavailable: {reason}; retry shortly"},
+        {
+            "detail": f"database temporarily unavailable: {reason}; "
+            f"retry in {RETRY_AFTER} second{'s' if RETRY_AFTER != 1 else ''}"
+        },
         status_code=503,
-        headers={"Retry-After": "1"},
+        headers={"Retry-After": str(RETRY_AFTER)},
     )

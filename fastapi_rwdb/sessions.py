@@ -63,7 +63,7 @@ class ReadBinds:
     """Where a read session may go; for async sessions, the async engines' sync sides."""
 
     replica: Engine
-    primary: Engine  # the write engine, with READ ONLY transactions
+    primary: Engine  # the primary-read engine: its own pool, READ ONLY transactions
     mode: PinMode
     wait_ms: int
     is_async: bool

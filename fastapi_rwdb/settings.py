@@ -8,6 +8,7 @@ that an error can name it.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -25,7 +26,14 @@ Consistency = Literal["read-your-writes", "session"]
 
 # Variables whose values must never be echoed back, not even in an error.
 SECRET_VARIABLES = frozenset(
-    {"POSTGRES_PASSWORD", "RWDB_WRITE_URL", "RWDB_READ_URL", "RWDB_SECRET_KEY", "RWDB_DEBUG_TOKEN"}
+    {
+        "POSTGRES_PASSWORD",
+        "RWDB_WRITE_URL",
+        "RWDB_READ_URL",
+        "RWDB_SECRET_KEY",
+        "RWDB_SECRET_KEY_FALLBACKS",
+        "RWDB_DEBUG_TOKEN",
+    }
 )
 
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -68,6 +76,13 @@ class RWDBSettings(BaseSettings):
     pool_pre_ping: bool = Field(True, validation_alias="RWDB_POOL_PRE_PING")
     # Reads usually outnumber writes, so the read pools are this many times larger.
     read_pool_multiplier: int = Field(2, ge=1, validation_alias="RWDB_READ_POOL_MULTIPLIER")
+    # Reads that must see the primary (a client's recent write, lag, the read side
+    # down, read_session(primary=True)) get a pool of their own, kept small: then no
+    # number of them can take the connections writes need.
+    primary_read_pool_size: int = Field(3, ge=1, validation_alias="RWDB_PRIMARY_READ_POOL_SIZE")
+    primary_read_max_overflow: int = Field(
+        5, ge=0, validation_alias="RWDB_PRIMARY_READ_MAX_OVERFLOW"
+    )
 
     # --- connecting ----------------------------------------------------------------
     connect_timeout: float = Field(5.0, gt=0, validation_alias="RWDB_CONNECT_TIMEOUT")
@@ -99,8 +114,14 @@ class RWDBSettings(BaseSettings):
     # only when this many replicas (unset: the most this process has seen streaming)
     # have replayed it.
     replicas: int | None = Field(None, ge=0, le=1000, validation_alias="RWDB_REPLICAS")
-    # Shared by every worker that serves the app; random per process when unset.
+    # Signs tokens; shared by every worker that serves the app. When unset, a key
+    # is derived from the database credentials (see database._token_keys).
     secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
+    # Former keys, still accepted when verifying tokens (comma-separated, or a JSON
+    # list of strings): set the old RWDB_SECRET_KEY here when changing it.
+    secret_key_fallbacks: SecretStr | None = Field(
+        None, validation_alias="RWDB_SECRET_KEY_FALLBACKS"
+    )
     cookie_name: str = Field(
         "rwdb_pin", pattern=r"^[A-Za-z0-9_.-]{1,64}$", validation_alias="RWDB_COOKIE_NAME"
     )
@@ -162,6 +183,19 @@ class RWDBSettings(BaseSettings):
             raise ValueError("must be at least 16 characters (use a long random string)")
         return value
 
+    @field_validator("secret_key_fallbacks")
+    @classmethod
+    def _check_fallbacks(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            split_keys(value.get_secret_value())
+        return value
+
+    def fallback_keys(self) -> list[str]:
+        """``RWDB_SECRET_KEY_FALLBACKS`` as a list, in the order given."""
+        if self.secret_key_fallbacks is None:
+            return []
+        return split_keys(self.secret_key_fallbacks.get_secret_value())
+
     def _side_url(self, side: Side) -> SecretStr | None:
         return self.write_url if side == "write" else self.read_url
 
@@ -208,7 +242,37 @@ def parse_url(raw: str) -> URL:
         )
     if not url.host:
         raise ValueError("has no host")
+    if "@" in url.host:
+        # An '@' in the password, not percent-encoded: the URL splits at the first
+        # one, and the rest of the password becomes part of the host (and would be
+        # shown wherever the host is). Nothing of the URL is quoted here.
+        raise ValueError(
+            "has an '@' that is not percent-encoded in its user name or password; "
+            "write it as %40 (percent-encode any reserved character: "
+            "urllib.parse.quote(password, safe=''))"
+        )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError("has a port outside 1-65535")
     return url
+
+
+def split_keys(raw: str) -> list[str]:
+    """Keys given as ``a,b`` or as a JSON list (for keys that contain a comma);
+    each must be as long as ``RWDB_SECRET_KEY`` has to be. Never quotes a key."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            keys = json.loads(text)
+        except ValueError:
+            raise ValueError("is not a valid JSON list of strings") from None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise ValueError("is not a valid JSON list of strings")
+    else:
+        keys = [key.strip() for key in text.split(",") if key.strip()]
+    for number, key in enumerate(keys, 1):
+        if len(key) < 16:
+            raise ValueError(f"key {number} must be at least 16 characters")
+    return keys
 
 
 def _describe(exc: ValidationError) -> str:

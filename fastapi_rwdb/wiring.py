@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from .database import Database, configure
 from .debug import debug_router
@@ -31,7 +32,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     at start-up, not on the first request.
     """
     database = configure(settings)  # loads and checks the settings
-    database.signer  # noqa: B018 - warns now if RWDB_SECRET_KEY is missing
+    database.signer  # noqa: B018 - derives the key now, and warns if it is guessable
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:
         app.include_router(debug_router(database))
@@ -41,7 +42,8 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     inner = app.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+    async def rwdb_lifespan(app_: Any) -> AsyncIterator[Any]:
+        database.lifespan_ok = True
         watcher = _start_lag_watch(database)
         try:
             async with inner(app_) as state:
@@ -53,8 +55,31 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
                     await watcher
             await database.dispose()
 
-    app.router.lifespan_context = lifespan
+    app.router.lifespan_context = rwdb_lifespan
+    # Until it runs, the middleware warns (once) that it has not: a mounted app's
+    # lifespan is never run by Starlette, and nothing else would say so.
+    database.lifespan_ok = False
     return database
+
+
+@asynccontextmanager
+async def lifespan(*apps: Starlette) -> AsyncIterator[None]:
+    """Run the lifespans of ``apps``, mounted under the app whose lifespan this is in.
+
+    Starlette runs only the outermost app's lifespan, so an app that called
+    :func:`setup` and is mounted under another would never start its lag watcher
+    nor dispose of its pools. In the outer app's lifespan::
+
+        async with fastapi_rwdb.lifespan(api_app):
+            yield
+
+    Each app's whole lifespan runs (its own start-up and shutdown code too), the
+    first one first; they end in reverse order.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        yield
 
 
 def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:

@@ -523,9 +523,9 @@ async def test_metrics_count_routes_tokens_and_pools(app: FastAPI) -> None:
         db.execute(text("SELECT 1"))
     assert sample(routed_default[0], **routed_default[1]) == before["default"] + 5
 
-    # Any session builds both pairs, so all four pools are reported.
+    # Any session builds both pairs and the primary-read engines: all six pools are reported.
     for pair in ("sync", "async"):
-        for side, size in (("write", 3), ("read", 6)):
+        for side, size in (("write", 3), ("read", 6), ("primary_read", 3)):
             labels = {"pair": pair, "side": side}
             assert REGISTRY.get_sample_value("rwdb_pool_size", labels) == size
             assert REGISTRY.get_sample_value("rwdb_pool_checked_out", labels) == 0

@@ -460,9 +460,10 @@ async def test_a_commit_then_an_unhandled_error_still_hands_out_the_token(
 ) -> None:
     app = late_commit_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=transport, base_url="http://testserver"
-    ) as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as c,
+    ):
         response = await c.post("/late/crash")
         assert response.status_code == 500
         assert "rwdb_pin=" in response.headers["set-cookie"]

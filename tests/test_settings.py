@@ -165,3 +165,166 @@ def test_every_variable_is_in_the_readme_configuration_table() -> None:
     assert len(names) > 20
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     assert [n for n in names if not any(f"`{n}`" in row for row in rows)] == []
+
+
+# -- token keys -----------------------------------------------------------------------------
+
+OLD_KEY, NEW_KEY = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
+
+
+def _token_from(settings: RWDBSettings) -> str:
+    from fastapi_rwdb import Database
+    from fastapi_rwdb.tokens import Token
+
+    return Database(settings).signer.dump(Token(lsn=7, expires=2_000_000_000))
+
+
+def _accepts(settings: RWDBSettings, raw: str) -> bool:
+    from fastapi_rwdb import Database
+
+    signer = Database(settings).signer
+    return signer.load(raw, max_age=30, now=2_000_000_000 - 10) is not None
+
+
+def test_without_a_key_processes_sharing_credentials_share_a_derived_key() -> None:
+    # Two pods may reach the same database through different addresses.
+    a = RWDBSettings(password=PASSWORD, user="app", database="db", server="10.0.0.1")
+    b = RWDBSettings(
+        write_url=f"postgresql://app:{PASSWORD}@haproxy-b.internal:6432/db",
+        read_url=f"postgresql://app:{PASSWORD}@haproxy-b.internal:6433/db",
+    )
+    assert _accepts(b, _token_from(a)) and _accepts(a, _token_from(b))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"password": "another-password"},
+        {"user": "another_user"},
+        {"database": "another_db"},
+    ],
+)
+def test_the_derived_key_changes_with_the_credentials(other: dict[str, str]) -> None:
+    base = {"password": PASSWORD, "user": "app", "database": "db"}
+    raw = _token_from(RWDBSettings(**base))  # type: ignore[arg-type]
+    assert not _accepts(RWDBSettings(**{**base, **other}), raw)  # type: ignore[arg-type]
+
+
+def test_a_set_key_wins_over_the_derived_one() -> None:
+    derived = _token_from(RWDBSettings(password=PASSWORD))
+    assert not _accepts(RWDBSettings(password=PASSWORD, secret_key=NEW_KEY), derived)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fallbacks",
+    [OLD_KEY, f" {OLD_KEY} ,", f"another-old-key-0123,{OLD_KEY}", f'["{OLD_KEY}"]'],
+)
+def test_rotation_the_fallbacks_verify_and_the_new_key_signs(
+    monkeypatch: pytest.MonkeyPatch, fallbacks: str
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", PASSWORD)
+    monkeypatch.setenv("RWDB_SECRET_KEY", OLD_KEY)
+    before = RWDBSettings()
+    old_token = _token_from(before)
+    monkeypatch.setenv("RWDB_SECRET_KEY", NEW_KEY)
+    monkeypatch.setenv("RWDB_SECRET_KEY_FALLBACKS", fallbacks)
+    rotated = RWDBSettings()
+    assert _accepts(rotated, old_token)
+    new_token = _token_from(rotated)
+    assert not _accepts(before, new_token)  # signed with the new key, not a fallback
+    monkeypatch.delenv("RWDB_SECRET_KEY_FALLBACKS")
+    assert not _accepts(RWDBSettings(), old_token)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (f"{OLD_KEY},short", "key 2 must be at least 16"),
+        (f'["{OLD_KEY}", 3]', "JSON list of strings"),
+        (f'["{PASSWORD}"', "JSON list of strings"),
+    ],
+)
+def test_bad_fallbacks_name_the_variable_and_hide_the_keys(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv("RWDB_SECRET_KEY_FALLBACKS", value)
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    message = str(info.value)
+    assert "RWDB_SECRET_KEY_FALLBACKS" in message and says in message
+    assert OLD_KEY not in message and PASSWORD not in message
+
+
+def test_fallback_keys_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv("RWDB_SECRET_KEY_FALLBACKS", OLD_KEY)
+    s = RWDBSettings()
+    assert OLD_KEY not in repr(s) + str(s) + str(s.model_dump())
+    from fastapi_rwdb import Database
+
+    assert OLD_KEY not in repr(Database(s).signer)
+
+
+def test_trust_auth_without_a_key_warns_what_a_forged_token_can_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastapi_rwdb import Database
+
+    caplog.set_level(logging.WARNING, logger="fastapi_rwdb")
+    Database(RWDBSettings(password="")).signer  # noqa: B018
+    assert "RWDB_SECRET_KEY is not set" in caplog.text
+    assert "can be guessed" in caplog.text and "own reads" in caplog.text
+    caplog.clear()
+    Database(RWDBSettings(password=PASSWORD)).signer  # noqa: B018
+    Database(RWDBSettings(password="", secret_key=NEW_KEY)).signer  # type: ignore[arg-type]  # noqa: B018
+    assert caplog.text == ""
+
+
+# -- URLs that would be misread -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["RWDB_WRITE_URL", "RWDB_READ_URL"])
+def test_an_unencoded_at_in_the_password_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # Parsed as-is, the password's tail would become part of the host, shown everywhere.
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv(variable, "postgresql://rwdb_app:S3cr@3tPW@127.0.0.1:5432/rwdb")
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    message = str(info.value)
+    assert variable in message and "%40" in message and "percent-encode" in message
+    assert "S3cr" not in message and "3tPW" not in message
+
+
+def test_a_percent_encoded_at_is_the_password() -> None:
+    s = RWDBSettings(
+        write_url="postgresql://rwdb_app:S3cr%403tPW@127.0.0.1:5432/rwdb", password="x"
+    )  # type: ignore[arg-type]
+    url = s.url("write", "psycopg")
+    assert (url.password, url.host) == ("S3cr@3tPW", "127.0.0.1")
+    assert "3tPW" not in s.endpoint("write")
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+@pytest.mark.parametrize("variable", ["RWDB_WRITE_URL", "RWDB_READ_URL"])
+def test_url_ports_are_range_checked_like_postgres_port(
+    monkeypatch: pytest.MonkeyPatch, variable: str, port: str
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv(variable, f"postgresql://u:{PASSWORD}@h:{port}/db")
+    with pytest.raises(SettingsError) as info:
+        RWDBSettings()
+    assert variable in str(info.value) and "1-65535" in str(info.value)
+    assert PASSWORD not in str(info.value)
+    monkeypatch.setenv("POSTGRES_PORT", port)
+    monkeypatch.delenv(variable)
+    with pytest.raises(SettingsError, match="POSTGRES_PORT"):
+        RWDBSettings()
+
+
+def test_url_port_ends_are_accepted() -> None:
+    for port in (1, 65535):
+        s = RWDBSettings(write_url=f"postgresql://u:p@h:{port}/db", password="x")  # type: ignore[arg-type]
+        assert s.url("write", "psycopg").port == port

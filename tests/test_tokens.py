@@ -8,7 +8,7 @@ import pytest
 
 from fastapi_rwdb.lsn import format_lsn, parse_lsn
 from fastapi_rwdb.middleware import _cookie_values
-from fastapi_rwdb.tokens import MAX_LENGTH, Token, TokenSigner
+from fastapi_rwdb.tokens import MAX_LENGTH, Token, TokenSigner, derive_key
 
 from .forgery import wrong_signature
 
@@ -98,3 +98,118 @@ def test_lsn_text_parses_as_postgres_orders_it(text: str | None, value: int | No
     assert parse_lsn(text) == value
     if value is not None:
         assert format_lsn(value) == text
+
+
+# -- rotation -------------------------------------------------------------------------
+
+OLD, NEW = b"old-key-0123456789abcdef", b"new-key-0123456789abcdef"
+
+
+def test_the_first_key_signs_and_every_key_verifies() -> None:
+    token = Token(lsn=42, expires=int(NOW) + 30)
+    rotated = TokenSigner(NEW, OLD)
+    from_old = TokenSigner(OLD).dump(token)
+    assert rotated.load(from_old, max_age=30, now=NOW) == token  # a fallback verifies
+    from_new = rotated.dump(token)
+    assert from_new == TokenSigner(NEW).dump(token)  # the first key signs
+    assert TokenSigner(OLD).load(from_new, max_age=30, now=NOW) is None
+    assert TokenSigner(NEW, OLD, b"third-key-0123456789ab").load(from_new, 30, NOW) == token
+
+
+def test_a_key_dropped_from_the_fallbacks_no_longer_verifies() -> None:
+    token = Token(lsn=42, expires=int(NOW) + 30)
+    assert TokenSigner(NEW).load(TokenSigner(OLD).dump(token), max_age=30, now=NOW) is None
+    assert (
+        TokenSigner(NEW, OLD).load(wrong_signature(TokenSigner(OLD).dump(token)), 30, NOW) is None
+    )
+
+
+def test_repr_hides_every_key() -> None:
+    text = repr(TokenSigner(NEW, OLD))
+    assert "key-0123" not in text and "2" in text
+
+
+# -- what a correctly signed token may hold ----------------------------------------------
+
+
+def signed(body: str) -> str:
+    """A body signed with the test key, whatever it holds: what a key holder could mint."""
+    return f"{body}.{signer._sign(body)}"
+
+
+@pytest.mark.parametrize(
+    "lsn_text",
+    [
+        "-1",  # negative
+        "-0",
+        "10000000000000000",  # 2**64: one past the largest LSN
+        "+1",
+        " 1",
+        "1_0",
+        "AB",  # dump() writes lowercase only
+        "",
+        "0x1",
+    ],
+)
+def test_a_signed_lsn_outside_0_to_2_64_or_not_as_dumped_is_refused(lsn_text: str) -> None:
+    assert signer.load(signed(f"2.{lsn_text}.{int(NOW) + 30}"), max_age=30, now=NOW) is None
+
+
+def test_the_lsn_range_ends_are_accepted() -> None:
+    for lsn in (0, 2**64 - 1):
+        token = Token(lsn=lsn, expires=int(NOW) + 30)
+        assert signer.load(signer.dump(token), max_age=30, now=NOW) == token
+
+
+@pytest.mark.parametrize("expires", ["-5", "+1900000010", "1_900_000_010", ""])
+def test_a_signed_expiry_not_as_dumped_is_refused(expires: str) -> None:
+    assert signer.load(signed(f"2.1.{expires}"), max_age=30, now=NOW) is None
+
+
+# -- check_expiry -----------------------------------------------------------------------
+
+
+def test_check_expiry_false_returns_an_expired_token() -> None:
+    expired = Token(lsn=99, expires=int(NOW) - 3600)
+    raw = signer.dump(expired)
+    assert signer.load(raw, max_age=30, now=NOW) is None
+    assert signer.load(raw, max_age=30, now=NOW, check_expiry=False) == expired
+
+
+def test_check_expiry_false_still_checks_signature_format_and_upper_bound() -> None:
+    expired = signer.dump(Token(lsn=99, expires=int(NOW) - 3600))
+    assert signer.load(wrong_signature(expired), 30, NOW, check_expiry=False) is None
+    assert signer.load(signed(f"2.-1.{int(NOW) - 5}"), 30, NOW, check_expiry=False) is None
+    far = signer.dump(Token(lsn=99, expires=int(NOW) + 3600))
+    assert signer.load(far, max_age=30, now=NOW, check_expiry=False) is None
+
+
+# -- the key derived from the credentials -----------------------------------------------
+
+
+def test_the_derived_key_depends_on_user_database_and_password_only() -> None:
+    base = derive_key("app", "db", "pw")
+    assert base == derive_key("app", "db", "pw") and len(base) == 32
+    assert (
+        len(
+            {
+                base,
+                derive_key("app2", "db", "pw"),
+                derive_key("app", "db2", "pw"),
+                derive_key("app", "db", "pw2"),
+            }
+        )
+        == 4
+    )
+    # Length-prefixed: moving characters between the fields changes the key.
+    assert derive_key("ab", "c", "pw") != derive_key("a", "bc", "pw")
+
+
+def test_the_derived_key_is_not_a_plain_hash_of_the_password() -> None:
+    import hashlib
+
+    key = derive_key("app", "db", "pw")
+    assert key not in (
+        hashlib.blake2b(b"pw", digest_size=32).digest(),
+        hashlib.sha256(b"pw").digest(),
+    )
