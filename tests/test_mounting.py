@@ -22,7 +22,7 @@ from fastapi_rwdb import Database, ReadSession, RWDBSettings
 
 pytestmark = pytest.mark.stack
 
-WATCHER = "fastapi_rwdb lag watch"
+WATCHER = "fastapi_rwdb replica watch"
 
 
 def sub_app() -> tuple[FastAPI, Database]:
