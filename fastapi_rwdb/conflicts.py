@@ -48,13 +48,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransactionOrigin
 
 from . import metrics
-from .engines import sqlstate_of
+from .binds import BINDS, ReadBinds
 from .errors import ReplicaConflictError
-from .sessions import BINDS, ReadBinds
+from .faults import REPLAY_CONFLICT, sqlstate_of
 from .state import request_state
 
-#: SQLSTATEs of a query cancelled by WAL replay (snapshot, lock or buffer-pin conflicts).
-CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 REASON = "replay-conflict"
 
 _CONNECTIONS = "rwdb_read_connections"  # Session.info: connections of this transaction
@@ -77,7 +75,7 @@ class ReplayConflictRetry(Session):
         except DBAPIError as exc:
             if not _on_replica(self, binds.replica):
                 raise
-            conflict = sqlstate_of(exc) in CONFLICT_SQLSTATES
+            conflict = sqlstate_of(exc) in REPLAY_CONFLICT
             retry = first and _autobegun(self)
             if conflict and not retry:
                 raise ReplicaConflictError(

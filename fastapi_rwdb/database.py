@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .engines import (
     AsyncEnginePair,
     EnginePair,
@@ -30,7 +31,7 @@ from .engines import (
 )
 from .health import ReadSideHealth
 from .lsn import MAX_LSN
-from .sessions import BINDS, STATE, WAIT_MS, ReadBinds, read_class, session_classes, write_class
+from .sessions import read_class, session_classes, write_class
 from .settings import RWDBSettings
 from .state import RequestState, request_state
 from .tokens import Token, TokenSigner, derive_key

@@ -23,17 +23,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
 
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
+from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
 from .health import ReadSideHealth
 from .lsn import parse_lsn
 from .settings import Driver, RWDBSettings, Side, parse_url
 
 logger = logging.getLogger("fastapi_rwdb")
 
+# Where they were before faults.py held them; kept importable from here.
+__all__ = ["is_transient_connect_error", "sqlstate_of"]
+
 #: Execution option that marks a connection as serving a read session; errors on
 #: such a connection are reported as the caller's mistake, not a server problem.
 ROLE_OPTION = "rwdb_role"
 
-READ_ONLY_SQLSTATE = "25006"
 
 #: Connection-record info key: the WAL position the checkout ping read, when asked.
 POSITION_INFO = "rwdb_position"
@@ -49,9 +52,6 @@ POSITION_SQL = (
 #: reads that position instead of running its no-op query. Same round trip, so
 #: knowing where the server is costs nothing more. Other checkouts ping the cheap way.
 want_position: ContextVar[bool] = ContextVar("rwdb_want_position", default=False)
-# Worth another try when opening a connection: the server or the proxy in front
-# of it is restarting, failing over, or out of slots for a moment.
-_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
@@ -200,33 +200,6 @@ def make_async_engine_pair(
         write=make_async_engine(settings.url("write", "asyncpg"), settings, side="write"),
         read=make_async_engine(url, settings, side="read", health=health),
     )
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE of a driver error, wrapped by SQLAlchemy or not."""
-    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
-        code = getattr(candidate, "sqlstate", None)
-        if isinstance(code, str):
-            return code
-    return None
-
-
-def is_transient_connect_error(exc: BaseException) -> bool:
-    """Whether opening a connection may succeed if tried again shortly.
-
-    asyncpg reports a refused or reset socket as a bare ``OSError``; psycopg
-    wraps it in ``OperationalError`` without a SQLSTATE. Authentication
-    failures and unknown databases are not transient and fail at once.
-    """
-    if isinstance(exc, OSError):
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
-    if type(exc).__name__ == "OperationalError":
-        text = str(exc).lower()
-        return not any(word in text for word in ("authentication", "does not exist", "role "))
-    return False
 
 
 def _ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | None:

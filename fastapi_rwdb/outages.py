@@ -21,15 +21,13 @@ from starlette.responses import JSONResponse, Response
 
 from .database import get_database
 from .debug import describe_error
-from .engines import READ_ONLY_SQLSTATE, sqlstate_of
 from .errors import DatabaseUnavailableError, ReplicaConflictError
+from .faults import READ_ONLY_SQLSTATE, is_connection_failure, sqlstate_of
 
 logger = logging.getLogger("fastapi_rwdb")
 
 HANDLED = (DatabaseUnavailableError, ReplicaConflictError, PoolTimeoutError, DBAPIError)
 RETRY_AFTER = 1  # seconds: a switchover's window is a few of them
-
-_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
@@ -47,7 +45,7 @@ def unavailable_reason(exc: BaseException) -> str | None:
             return "the primary became read-only (failover in progress)"
         if exc.connection_invalidated:
             return "the database connection was lost (failover or restart)"
-        if code is not None and (code.startswith("08") or code in _SERVER_GOING_AWAY):
+        if is_connection_failure(code):
             return f"the database server is unavailable (SQLSTATE {code})"
     return None
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .health import ReadSideHealth
+from .settings import PinMode
 from .state import RequestState
 
-PinMode = Literal["lsn", "window", "off"]
+__all__ = ["REPLICA", "PinMode", "Route", "choose_read_route"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_
 
-from . import metrics, tracking
+from . import conflicts, metrics, tracking
+from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
-from .health import ReadSideHealth
 from .lsn import parse_lsn
-from .routing import PinMode, Route, choose_read_route
-from .settings import Consistency
+from .routing import Route, choose_read_route
+from .settings import SessionKind
 from .state import RequestState, request_state
 
-SessionKind = Literal["auto", "sqlalchemy", "sqlmodel"]
-
 #: Session.info keys.
-BINDS = "rwdb_read_binds"
-STATE = "rwdb_state"  # a RequestState of the session's own (a job's token)
-WAIT_MS = "rwdb_wait_ms"  # overrides RWDB_PIN_WAIT_MS for one session
 _CHOICE = "rwdb_read_choice"
 _OWNED = "rwdb_owned_connections"
 
@@ -58,19 +52,6 @@ def session_classes(kind: SessionKind) -> tuple[type[Session], type[AsyncSession
     return SQLModelSession, SQLModelAsyncSession
 
 
-@dataclass(frozen=True, slots=True)
-class ReadBinds:
-    """Where a read session may go; for async sessions, the async engines' sync sides."""
-
-    replica: Engine
-    primary: Engine  # the primary-read engine: its own pool, READ ONLY transactions
-    mode: PinMode
-    wait_ms: int
-    is_async: bool
-    health: ReadSideHealth | None = None
-    consistency: Consistency = "read-your-writes"
-
-
 _classes: dict[tuple[str, type[Session]], type[Session]] = {}
 
 
@@ -79,8 +60,6 @@ def read_class(base: type[Session]) -> type[Session]:
     first read that a replica's WAL replay cancelled (:mod:`fastapi_rwdb.conflicts`)."""
     key = ("read", base)
     if key not in _classes:
-        from . import conflicts  # imports this module: import it only once it is loaded
-
         mixins = (conflicts.ReplayConflictRetry, _RoutedReads, base)
         cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)

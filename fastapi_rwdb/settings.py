@@ -23,6 +23,8 @@ logger = logging.getLogger("fastapi_rwdb")
 Side = Literal["write", "read"]
 Driver = Literal["psycopg", "asyncpg"]
 Consistency = Literal["read-your-writes", "session"]
+PinMode = Literal["lsn", "window", "off"]
+SessionKind = Literal["auto", "sqlalchemy", "sqlmodel"]
 
 # Variables whose values must never be echoed back, not even in an error.
 SECRET_VARIABLES = frozenset(
@@ -95,14 +97,14 @@ class RWDBSettings(BaseSettings):
     prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")
     application_name: str = Field("fastapi-rwdb", validation_alias="RWDB_APPLICATION_NAME")
     # "auto" yields SQLModel's session when SQLModel is installed, else SQLAlchemy's.
-    session_class: Literal["auto", "sqlalchemy", "sqlmodel"] = Field(
+    session_class: SessionKind = Field(
         "auto", validation_alias="RWDB_SESSION_CLASS"
     )
 
     # --- read-your-writes ----------------------------------------------------------
     # lsn: after a write, read from a replica once it has replayed the write's WAL
     # position; window: read from the primary for pin_seconds after a write; off.
-    pin_mode: Literal["lsn", "window", "off"] = Field("lsn", validation_alias="RWDB_PIN_MODE")
+    pin_mode: PinMode = Field("lsn", validation_alias="RWDB_PIN_MODE")
     # Longest time a client stays pinned (the token's lifetime and the cookie's Max-Age).
     pin_seconds: float = Field(30.0, gt=0, le=86400, validation_alias="RWDB_PIN_SECONDS")
     # How long a read may wait for a replica to catch up before using the primary.
