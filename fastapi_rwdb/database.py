@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import pools
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .engines import (
     AsyncEnginePair,
@@ -191,6 +192,10 @@ class Database:
             "async_primary_read", lambda: make_async_primary_read_engine(self.settings)
         )
 
+    def pool_stats(self) -> dict[str, Any]:
+        """Every pool's size and use, read from memory; builds nothing."""
+        return pools.pool_stats(self)
+
     def is_built(self, name: str) -> bool:
         return name in self._built
 
@@ -346,8 +351,8 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
         "fastapi_rwdb engines: write %s, read %s (pool %d, read pool %d)",
         s.endpoint("write"),
         s.endpoint("read"),
-        s.pool_size,
-        s.pool_size * s.read_pool_multiplier,
+        s.pool_limits("write")[0],
+        s.pool_limits("read")[0],
     )
     db.check()
     return pair

@@ -81,10 +81,10 @@ def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
 
 
 def _pool_args(side: Side, settings: RWDBSettings) -> dict[str, Any]:
-    factor = settings.read_pool_multiplier if side == "read" else 1
+    size, overflow = settings.pool_limits(side)
     return {
-        "pool_size": settings.pool_size * factor,
-        "max_overflow": settings.max_overflow * factor,
+        "pool_size": size,
+        "max_overflow": overflow,
         "pool_timeout": settings.pool_timeout,
         "pool_recycle": settings.pool_recycle,
         # Done by the package's own checkout ping (see _instrument), not SQLAlchemy's.
@@ -179,10 +179,8 @@ def make_async_primary_read_engine(settings: RWDBSettings) -> AsyncEngine:
 
 
 def _primary_read_pool(settings: RWDBSettings) -> dict[str, Any]:
-    return {
-        "pool_size": settings.primary_read_pool_size,
-        "max_overflow": settings.primary_read_max_overflow,
-    }
+    size, overflow = settings.pool_limits("primary_read")
+    return {"pool_size": size, "max_overflow": overflow}
 
 
 def make_engine_pair(settings: RWDBSettings, health: ReadSideHealth | None = None) -> EnginePair:

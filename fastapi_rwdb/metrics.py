@@ -12,6 +12,9 @@ module-level flag is checked). With it, these are registered on
 ``rwdb_tokens_total{event}``
     Read-your-writes tokens ``issued``, ``rejected`` (sent by a client but
     forged, garbled, expired or foreign) and ``cleared``.
+
+The gauges below are registered by :func:`install`, which ``setup()`` calls:
+
 ``rwdb_pool_size``, ``rwdb_pool_checked_out``, ``rwdb_pool_overflow`` ``{pair, side}``
     The six connection pools (``pair`` ``sync``/``async``, ``side``
     ``write``/``read``/``primary_read``), read when scraped; pools not built yet
@@ -26,7 +29,7 @@ wherever the application wants its metrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
@@ -51,20 +54,18 @@ if ENABLED:
     )
 
     class _PoolCollector(Collector):
-        """Reads the process-wide Database's pools at scrape time."""
+        """Reads the process-wide Database's pools and replica view at scrape time."""
+
+        def __init__(self, database: Callable[[], Any]) -> None:
+            self._database = database
 
         def describe(self) -> Iterable[Any]:
             return _pool_families()
 
         def collect(self) -> Iterable[Any]:
-            # Imported here: this module is imported by the sessions, which the
-            # database module imports in turn.
-            from .database import get_database
-            from .debug import pool_stats
-
             families = _pool_families()
             size, checked_out, overflow, lag_bytes, lag_seconds = families
-            database = get_database()
+            database = self._database()
             built = ("engines", "async_engines", "primary_read", "async_primary_read")
             if not any(database.is_built(name) for name in built):
                 return families  # and never load settings from here
@@ -75,7 +76,7 @@ if ENABLED:
                         lag_bytes.add_metric([replica.name], replica.lag_bytes)
                     if replica.lag_seconds is not None:
                         lag_seconds.add_metric([replica.name], replica.lag_seconds)
-            for pair, sides in pool_stats(database).items():
+            for pair, sides in database.pool_stats().items():
                 for side, stats in sides.items():
                     if not stats["built"]:
                         continue
@@ -107,7 +108,21 @@ if ENABLED:
             ),
         ]
 
-    REGISTRY.register(_PoolCollector())
+
+_installed = False
+
+
+def install(database: Callable[[], Any]) -> None:
+    """Register the pool and replica gauges, once per process (``setup()`` does).
+
+    ``database`` returns the Database to report on when scraped. Passed in, so
+    that this module, which the sessions use for their counters, imports nothing
+    of the package above it.
+    """
+    global _installed
+    if ENABLED and not _installed:
+        _installed = True
+        REGISTRY.register(_PoolCollector(database))
 
 
 # Labelled children, cached: ``labels()`` costs far more than ``inc()``. The label

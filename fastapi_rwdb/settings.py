@@ -97,9 +97,7 @@ class RWDBSettings(BaseSettings):
     prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")
     application_name: str = Field("fastapi-rwdb", validation_alias="RWDB_APPLICATION_NAME")
     # "auto" yields SQLModel's session when SQLModel is installed, else SQLAlchemy's.
-    session_class: SessionKind = Field(
-        "auto", validation_alias="RWDB_SESSION_CLASS"
-    )
+    session_class: SessionKind = Field("auto", validation_alias="RWDB_SESSION_CLASS")
 
     # --- read-your-writes ----------------------------------------------------------
     # lsn: after a write, read from a replica once it has replayed the write's WAL
@@ -214,6 +212,14 @@ class RWDBSettings(BaseSettings):
             port=self.write_port if side == "write" else self.read_port,
             database=self.database,
         )
+
+    def pool_limits(self, pool: Side | Literal["primary_read"]) -> tuple[int, int]:
+        """(size, max overflow) of one pool: reads usually outnumber writes, so the
+        replicas' pools are ``RWDB_READ_POOL_MULTIPLIER`` times the write pool."""
+        if pool == "primary_read":
+            return self.primary_read_pool_size, self.primary_read_max_overflow
+        factor = self.read_pool_multiplier if pool == "read" else 1
+        return self.pool_size * factor, self.max_overflow * factor
 
     def endpoint(self, side: Side) -> str:
         """``host:port/database`` of one side, safe to log or show."""

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from .database import Database, configure
+from . import metrics
+from .database import Database, configure, get_database
 from .debug import debug_router
 from .health import watch_replicas
 from .middleware import ReadYourWritesMiddleware
@@ -32,6 +33,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     at start-up, not on the first request.
     """
     database = configure(settings)  # loads and checks the settings
+    metrics.install(get_database)
     database.signer  # noqa: B018 - derives the key now, and warns if it is guessable
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:

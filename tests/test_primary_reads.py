@@ -17,7 +17,6 @@ from sqlalchemy import text
 
 import fastapi_rwdb.database as registry
 from fastapi_rwdb import Database, ReadOnlySessionError, RWDBSettings
-from fastapi_rwdb.debug import pool_stats
 
 pytestmark = pytest.mark.stack
 
@@ -50,7 +49,7 @@ def test_slow_primary_reads_do_not_starve_a_write_sync() -> None:
         for thread in threads:
             thread.start()
         started.wait(timeout=10)
-        stats = pool_stats(db)["sync"]
+        stats = db.pool_stats()["sync"]
         assert stats["primary_read"]["checked_out"] == SLOW_READS
         assert stats["write"]["checked_out"] == 0
         registry._default = db  # the gauges read the process-wide Database
@@ -87,7 +86,7 @@ async def test_slow_primary_reads_do_not_starve_a_write_async() -> None:
     try:
         reads = asyncio.gather(*(slow_read() for _ in range(SLOW_READS)))
         await asyncio.wait_for(inside.wait(), 10)
-        stats = pool_stats(db)["async"]
+        stats = db.pool_stats()["async"]
         assert stats["primary_read"]["checked_out"] == SLOW_READS
         began = time.monotonic()
         async with db.async_write_session() as session:
@@ -108,7 +107,7 @@ def test_the_primary_read_pool_is_bounded_and_read_only() -> None:
             assert session.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is False
             with pytest.raises(ReadOnlySessionError):
                 session.execute(text("INSERT INTO rwdb_items (name) VALUES ('never')"))
-        stats = pool_stats(db)["sync"]["primary_read"]
+        stats = db.pool_stats()["sync"]["primary_read"]
         assert (stats["size"], stats["max_overflow"]) == (1, 1)
         assert db.engines.write.pool.checkedin() == 0  # type: ignore[attr-defined]
     finally:
