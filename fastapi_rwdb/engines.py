@@ -108,8 +108,8 @@ def make_engine(
     successful connects. ``kwargs`` override :func:`sqlalchemy.create_engine`
     arguments.
     """
-    settings = settings or RWDBSettings()
     url = _as_url(url, "psycopg")
+    settings = settings or _settings_for(url)
     options = {
         **_pool_args(side, settings),
         "connect_args": connect_args("psycopg", settings),
@@ -131,8 +131,8 @@ def make_async_engine(
     **kwargs: Any,
 ) -> AsyncEngine:
     """The asyncpg twin of :func:`make_engine`."""
-    settings = settings or RWDBSettings()
     url = _as_url(url, "asyncpg")
+    settings = settings or _settings_for(url)
     options = {
         **_pool_args(side, settings),
         "connect_args": connect_args("asyncpg", settings),
@@ -293,6 +293,17 @@ def _as_url(url: str | URL, driver: Driver) -> URL:
         except ValueError as exc:
             raise ValueError(f"database URL {exc}") from None
     return url.set(drivername=f"postgresql+{driver}")
+
+
+def _settings_for(url: URL) -> RWDBSettings:
+    """The environment's settings for an engine whose URL is given.
+
+    The URL stands for both sides' connection settings, so POSTGRES_PASSWORD
+    (only needed to build a URL from the parts) may be unset; the pool, timeout
+    and retry variables are still read, and still checked.
+    """
+    given = url.render_as_string(hide_password=False)
+    return RWDBSettings(write_url=given, read_url=given)
 
 
 def _instrument(
