@@ -110,12 +110,7 @@ def make_engine(
     """
     url = _as_url(url, "psycopg")
     settings = settings or _settings_for(url)
-    options = {
-        **_pool_args(side, settings),
-        "connect_args": connect_args("psycopg", settings),
-        "execution_options": {ROLE_OPTION: side},
-        **kwargs,
-    }
+    options = _engine_options("psycopg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
     engine = create_engine(url, pool_pre_ping=False, **options)
     _instrument(engine, side, settings, health, ping=ping, is_async=False)
@@ -133,12 +128,7 @@ def make_async_engine(
     """The asyncpg twin of :func:`make_engine`."""
     url = _as_url(url, "asyncpg")
     settings = settings or _settings_for(url)
-    options = {
-        **_pool_args(side, settings),
-        "connect_args": connect_args("asyncpg", settings),
-        "execution_options": {ROLE_OPTION: side},
-        **kwargs,
-    }
+    options = _engine_options("asyncpg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
     engine = create_async_engine(url, pool_pre_ping=False, **options)
     _instrument(engine.sync_engine, side, settings, health, ping=ping, is_async=True)
@@ -295,6 +285,20 @@ def _as_url(url: str | URL, driver: Driver) -> URL:
     return url.set(drivername=f"postgresql+{driver}")
 
 
+def _engine_options(
+    driver: Driver, side: Side, settings: RWDBSettings, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The engine arguments: the package's, overridden by the caller's ``kwargs``,
+    except for the role. A caller's ``execution_options`` are merged with it: in
+    its place, a write on the read side would look like a demoted primary."""
+    return {
+        **_pool_args(side, settings),
+        "connect_args": connect_args(driver, settings),
+        **kwargs,
+        "execution_options": {**kwargs.get("execution_options", {}), ROLE_OPTION: side},
+    }
+
+
 def _settings_for(url: URL) -> RWDBSettings:
     """The environment's settings for an engine whose URL is given.
 
@@ -409,7 +413,10 @@ def _instrument(
         demoted by a failover (discard every pooled connection to it)."""
         if sqlstate_of(ctx.original_exception) != READ_ONLY_SQLSTATE or ctx.connection is None:
             return
-        if ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
+        # The read engine serves only read sessions, whatever options a caller set on
+        # it or its connections; on the write engine, the Database's primary-read
+        # sessions are told apart by the role their (merged) options carry.
+        if side != "read" and ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
             logger.warning(
                 "fastapi_rwdb: the write side at %s is read-only (demoted primary?); "
                 "discarding its pooled connections",
