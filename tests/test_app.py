@@ -246,3 +246,44 @@ async def test_an_endpoint_error_closes_its_session_before_the_error_is_handled(
         assert response.status_code == 409
         assert checked_out == [0], "the session was still open when the error was handled"
         assert in_use() == 0
+
+
+async def test_a_later_setup_leaves_the_pools_of_a_mounted_app_alone() -> None:
+    """configure() (and so setup()) replaces the process-wide Database. One that an
+    app still serves requests with must keep its pools: that app's lifespan disposes
+    of them at shutdown. One that no app uses is disposed of when replaced."""
+    from fastapi_rwdb import Database, RWDBSettings
+
+    key = "test-secret-key-0123456789abcdef"
+    first = FastAPI()
+    db = fastapi_rwdb.setup(first, Database(RWDBSettings(secret_key=key)))
+
+    @first.get("/sync")
+    def sync_read(s: WriteSession) -> bool:
+        return bool(s.execute(text("SELECT true")).scalar_one())
+
+    @first.get("/async")
+    async def async_read(s: AsyncWriteSession) -> bool:
+        return bool((await s.execute(text("SELECT true"))).scalar_one())
+
+    async with first.router.lifespan_context(first):
+        transport = httpx.ASGITransport(app=first)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            for path in ("/sync", "/async"):
+                assert (await c.get(path)).json() is True
+            pools = [db.engines.write.pool, db.async_engines.write.sync_engine.pool]
+            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+
+            fastapi_rwdb.setup(FastAPI(), Database(RWDBSettings(secret_key=key)))
+
+            assert fastapi_rwdb.get_database() is not db
+            assert [db.engines.write.pool, db.async_engines.write.sync_engine.pool] == pools
+            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+            for path in ("/sync", "/async"):
+                assert (await c.get(path)).json() is True
+    assert not db.is_built("engines") and not db.is_built("async_engines")
+
+    unused = fastapi_rwdb.configure(Database(RWDBSettings(secret_key=key)))
+    assert unused.engines.write.pool.checkedin() == 0  # type: ignore[attr-defined]
+    fastapi_rwdb.configure(Database(RWDBSettings(secret_key=key)))
+    assert not unused.is_built("engines")
