@@ -37,6 +37,9 @@ READ_ONLY_SQLSTATE = "25006"
 
 #: Connection-record info key: the WAL position the checkout ping read, when asked.
 POSITION_INFO = "rwdb_position"
+#: Connection-record info key: a callable that sends this transaction's COMMIT
+#: itself, in place of the DBAPI ``commit()`` (psycopg engines; see tracking).
+COMMIT_INFO = "rwdb_commit"
 _FRESH = "rwdb_fresh"
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
@@ -299,6 +302,31 @@ def _engine_options(
     }
 
 
+def _replace_commit(engine: Engine) -> None:
+    """Let the session's commit tracking send the COMMIT when SQLAlchemy commits.
+
+    The tracking's one-message COMMIT (commit and WAL position in one round trip)
+    must go exactly where SQLAlchemy commits the connection: sent from a session
+    event, it would precede the application's own ``before_commit`` listeners, and
+    one of them raising would roll back, in SQLAlchemy's eyes, a transaction the
+    server had committed. ``Dialect.do_commit`` is that point; a failure in it is
+    wrapped and handled (error hook, invalidation) as any COMMIT's. The engine's
+    own dialect instance is changed, nothing shared; with no hook left on the
+    connection, the DBAPI ``commit()`` runs as before.
+    """
+    dbapi_commit = engine.dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        info = getattr(dbapi_connection, "info", None)  # the pool's proxy: the record's dict
+        hook = info.pop(COMMIT_INFO, None) if isinstance(info, dict) else None
+        if hook is None:
+            dbapi_commit(dbapi_connection)
+        else:
+            hook(dbapi_connection.driver_connection)
+
+    engine.dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
 def _settings_for(url: URL) -> RWDBSettings:
     """The environment's settings for an engine whose URL is given.
 
@@ -399,6 +427,9 @@ def _instrument(
                 raise InvalidatePoolError(f"ping failed: {_brief(exc)}") from exc
             if position:
                 record.info[POSITION_INFO] = value
+
+    if not is_async:
+        _replace_commit(engine)
 
     if side == "read":
 

@@ -13,9 +13,13 @@ event-dispatching path.)
 The LSN is read *after* COMMIT: a position read before it is behind the commit
 record, and a replica could reach it without showing the row. On psycopg the
 COMMIT and the LSN read (and the question, when there is one) go in one
-message: no round trip more than a plain COMMIT. asyncpg cannot send several
-statements in one go with results, so there the LSN is read right after the
-COMMIT, on the same connection, in one more round trip.
+message: no round trip more than a plain COMMIT. That message is sent where
+SQLAlchemy commits the connection (the engine's ``do_commit``, see
+``engines._replace_commit``), after every ``before_commit`` listener has run:
+sent from this module's own listener, a later one that raised would leave the
+server committed and the application told it failed. asyncpg cannot send
+several statements in one go with results, so there the LSN is read right
+after the COMMIT, on the same connection, in one more round trip.
 
 Outside a request (no request state) nothing is read and nothing is paid.
 """
@@ -23,13 +27,14 @@ Outside a request (no request state) nothing is read and nothing is paid.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
-from .engines import fetch_outside_transaction
+from .engines import COMMIT_INFO, fetch_outside_transaction
 from .lsn import MAX_LSN, parse_lsn
 from .state import request_state
 
@@ -41,7 +46,7 @@ _WROTE = "rwdb_wrote"  # Session.info: True, or "maybe"
 OWN_UNIT = "rwdb_own_unit"
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
-_COMMITTED_LSN = "rwdb_committed_lsn"
+_ONE_MESSAGE = "rwdb_one_message_commit"
 
 XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn()::text"
@@ -96,7 +101,31 @@ def watch_session_class(cls: type[Session]) -> None:
     event.listen(cls, "after_flush", _after_flush)
     event.listen(cls, "before_commit", _before_commit)
     event.listen(cls, "after_commit", _after_commit)
-    event.listen(cls, "after_rollback", _forget)
+    # Not after_rollback: close() and reset() end a transaction without it, and what
+    # was noted about that transaction must not leak into the session's next one.
+    event.listen(cls, "after_transaction_end", _after_transaction_end)
+
+
+@dataclass(slots=True, eq=False)
+class _OneMessageCommit:
+    """The COMMIT of a psycopg transaction, sent with the LSN read (and, if
+    ``check``, the question whether it wrote) when SQLAlchemy commits the
+    connection; what it read is kept for ``after_commit``."""
+
+    check: bool
+    record_info: dict[Any, Any]  # where the engine's do_commit finds this hook
+    sent: bool = False
+    wrote: bool = False
+    lsn: int = 0
+
+    def __call__(self, driver_connection: psycopg.Connection[Any]) -> None:
+        self.wrote, self.lsn = _commit_reading_lsn(driver_connection, check=self.check)
+        self.sent = True
+
+    def withdraw(self) -> None:
+        """Unused (the transaction rolled back): the connection commits plainly again."""
+        if self.record_info.get(COMMIT_INFO) is self:
+            del self.record_info[COMMIT_INFO]
 
 
 def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
@@ -129,9 +158,10 @@ def _before_commit(session: Session) -> None:
         and session.info.get("rwdb_pin_mode", "lsn") == "lsn"
         and isinstance(connections[0].connection.driver_connection, psycopg.Connection)
     ):
-        wrote, lsn = _commit_reading_lsn(connections[0], check=mark == "maybe")
-        if wrote:
-            session.info[_COMMITTED_LSN] = lsn
+        # Nothing is sent yet: the engine's do_commit finds the hook and sends it.
+        info = connections[0].info
+        plan = _OneMessageCommit(check=mark == "maybe", record_info=info)
+        session.info[_ONE_MESSAGE] = info[COMMIT_INFO] = plan
         return
     for conn in connections:
         # With several connections the note cannot say which one wrote: ask each.
@@ -144,14 +174,21 @@ def _after_commit(session: Session) -> None:
     if session.in_nested_transaction():
         return
     conn = session.info.pop(_COMMIT_WROTE, None)
-    committed_lsn = session.info.pop(_COMMITTED_LSN, None)
+    plan: _OneMessageCommit | None = session.info.pop(_ONE_MESSAGE, None)
+    connections = session.info.get(_CONNECTIONS) or [None]
     _forget(session)
     state = request_state.get()
     if state is None:
         return
-    if committed_lsn is not None:
-        state.note_commit(committed_lsn, own=session.info.get(OWN_UNIT, False))
-        return
+    if plan is not None:
+        if plan.sent:
+            if plan.wrote:
+                state.note_commit(plan.lsn, own=session.info.get(OWN_UNIT, False))
+            return
+        # The engine did not send it (an engine not made by make_engine, or a
+        # transaction not the session's to commit): read the position after it.
+        plan.withdraw()
+        conn = connections[0]
     if conn is None:
         return
     if session.info.get("rwdb_pin_mode", "lsn") != "lsn":
@@ -172,44 +209,44 @@ def _after_commit(session: Session) -> None:
     state.note_commit(lsn, own=session.info.get(OWN_UNIT, False))
 
 
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the session's transaction, not a savepoint
+        _forget(session)
+
+
 def _forget(session: Session) -> None:
     if session.in_nested_transaction():
         return
-    for key in (_COMMITTED_LSN, _COMMIT_WROTE, _CONNECTIONS, _WROTE):
+    plan: _OneMessageCommit | None = session.info.pop(_ONE_MESSAGE, None)
+    if plan is not None:
+        plan.withdraw()
+    for key in (_COMMIT_WROTE, _CONNECTIONS, _WROTE):
         session.info.pop(key, None)
 
 
-def _commit_reading_lsn(conn: Connection, *, check: bool) -> tuple[bool, int]:
+def _commit_reading_lsn(raw: psycopg.Connection[Any], *, check: bool) -> tuple[bool, int]:
     """COMMIT on psycopg with the LSN read (and, if ``check``, the question whether
     the transaction wrote) in the same round trip.
 
     Sent on the driver's own cursor: through ``exec_driver_sql`` it would cost
     SQLAlchemy's whole statement machinery, and a first result without rows
-    (the COMMIT) would close the cursor before the LSN could be fetched. A
-    failure goes through SQLAlchemy's own handling of driver errors, the one its
-    ``commit()`` uses: wrapped as usual (a deferred constraint, a lost
+    (the COMMIT) would close the cursor before the LSN could be fetched. Called
+    by the engine's ``do_commit``, so a failure is handled as SQLAlchemy handles
+    any failed COMMIT: wrapped as usual (a deferred constraint, a lost
     connection, a demoted primary), the package's error hook sees it, the
-    connection is invalidated if it died; the session then rolls back and no
-    token is issued. After it, psycopg's own commit() finds no transaction
-    open and sends nothing.
+    connection is invalidated if it died; no token is issued. psycopg's own
+    ``commit()`` is not called: the transaction is over.
     """
     sql = CHECK_COMMIT_READING_LSN_SQL if check else COMMIT_READING_LSN_SQL
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        try:
-            cursor.execute(sql)
-            wrote = True
-            if check:
-                row = cursor.fetchone()
-                wrote = bool(row and row[0])
-                cursor.nextset()  # to the COMMIT
-            cursor.nextset()  # to the LSN
-            lsn_row = cursor.fetchone()
-        except BaseException as exc:
-            conn._handle_dbapi_exception(exc, sql, None, cursor, None)  # always raises
-            raise  # pragma: no cover
-    finally:
-        cursor.close()
+    with raw.cursor() as cursor:
+        cursor.execute(sql)
+        wrote = True
+        if check:
+            row = cursor.fetchone()
+            wrote = bool(row and row[0])
+            cursor.nextset()  # to the COMMIT
+        cursor.nextset()  # to the LSN
+        lsn_row = cursor.fetchone()
     return wrote, _lsn_or_unknown(lsn_row[0] if lsn_row else None)
 
 
