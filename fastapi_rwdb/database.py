@@ -13,7 +13,8 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -425,3 +426,24 @@ def configure(database: Database | RWDBSettings | None = None) -> Database:
     if old is not database and old._built and not old._apps:
         old.dispose_sync()
     return database
+
+
+@contextmanager
+def using(database: Database) -> Iterator[Database]:
+    """Make ``database`` the process-wide :class:`Database` for a ``with`` block,
+    then put the previous one back, even if the block raises.
+
+    For tests and scripts that need another cluster or other settings for a
+    while. Nothing is disposed of on the way in or out: ``database`` is the
+    caller's to dispose of. Requests still use their own app's Database. The
+    default is one per process, not per thread or task: blocks in concurrent
+    threads or tasks would swap it under each other.
+    """
+    global _default
+    with _default_lock:
+        previous, _default = _default, database
+    try:
+        yield database
+    finally:
+        with _default_lock:
+            _default = previous
