@@ -1,6 +1,8 @@
-"""Pure logic, no database: the read side's breaker, outage classification, driver
-error helpers, LSN parsing and ``using()``. Runs in well under a second:
-``pytest -m "not stack"`` (with the settings and token tests)."""
+"""Pure logic, no database: the read side's breaker (with a fake clock), outage
+classification, driver error helpers, LSN parsing of bad input and ``using()``.
+(The routing rules and the replica view: test_routing.py; LSN text: test_tokens.py.)
+Runs in well under a second, like every test not marked ``stack``:
+``pytest -m "not stack"``."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 import fastapi_rwdb
 from fastapi_rwdb import Database, DatabaseUnavailableError, RWDBSettings
-from fastapi_rwdb.engines import is_transient_connect_error, parse_lsn, sqlstate_of
+from fastapi_rwdb.engines import is_transient_connect_error, sqlstate_of
 from fastapi_rwdb.health import ReadSideHealth
+from fastapi_rwdb.lsn import parse_lsn
 from fastapi_rwdb.outages import unavailable_reason
 
 # -- the read side's breaker -----------------------------------------------------------
@@ -100,35 +103,6 @@ def test_repeated_failures_while_open_log_once(
     for _ in range(6):
         health.connect_failed()
     assert caplog.text.count("refused") == 1
-
-
-@pytest.mark.parametrize(
-    ("max_lag", "lag", "exceeded"),
-    [
-        (None, 100.0, False),
-        (1.0, None, False),
-        (1.0, 0.5, False),
-        (1.0, 1.0, False),
-        (1.0, 1.5, True),
-    ],
-)
-def test_lag_is_exceeded_only_above_a_configured_limit(
-    max_lag: float | None, lag: float | None, exceeded: bool
-) -> None:
-    health = ReadSideHealth(max_lag=max_lag)
-    health.record_lag(lag)
-    assert health.lag_exceeded is exceeded
-
-
-def test_lag_changes_are_logged_when_the_verdict_changes(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="fastapi_rwdb")
-    health = ReadSideHealth(max_lag=1.0)
-    for lag in (0.2, 3.0, 4.0, 0.1, 0.0):
-        health.record_lag(lag)
-    assert [r.getMessage() for r in caplog.records] == [
-        "fastapi_rwdb: replica lag 3.0s; reads go to the primary",
-        "fastapi_rwdb: replica lag 0.1s; reads are back on the replicas",
-    ]
 
 
 # -- driver errors -----------------------------------------------------------------------
@@ -222,20 +196,6 @@ def test_other_errors_are_not_outages(exc: BaseException) -> None:
 
 
 # -- LSNs --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [
-        ("0/0", 0),
-        ("0/16B3748", 0x16B3748),
-        ("16/B374D848", (0x16 << 32) | 0xB374D848),
-        ("FFFFFFFF/FFFFFFFF", 2**64 - 1),
-        (None, None),  # a primary has no replay position
-    ],
-)
-def test_parse_lsn(text: str | None, value: int | None) -> None:
-    assert parse_lsn(text) == value
 
 
 def test_parse_lsn_orders_like_postgresql() -> None:
