@@ -32,6 +32,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     at start-up, not on the first request.
     """
     database = configure(settings)  # loads and checks the settings
+    database._serves(app)
     database.signer  # noqa: B018 - derives the key now, and warns if it is guessable
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:
