@@ -1,6 +1,6 @@
 """Read/write splitting for FastAPI on HAProxy -> PgBouncer -> Patroni PostgreSQL."""
 
-from .database import Database, configure, get_database
+from .database import Database, configure, get_database, using
 from .dependencies import (
     AsyncDBSession,
     AsyncReadSession,
@@ -77,4 +77,5 @@ __all__ = [
     "make_engine",
     "make_engine_pair",
     "setup",
+    "using",
 ]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -68,6 +70,8 @@ class Database:
         #: False once setup() has hooked this Database into an app's lifespan, True
         #: when that lifespan runs (or once the middleware has warned that it did not).
         self.lifespan_ok = True
+        # The apps set up with this Database (weakly: an app that is gone owns nothing).
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         if self._settings is None:
@@ -310,6 +314,11 @@ class Database:
 
     # -- shutdown -----------------------------------------------------------------
 
+    def _serves(self, app: Any) -> None:
+        """``app`` uses this Database (``setup()``): its lifespan disposes of the pools
+        at shutdown, and :func:`configure` must not do it behind its back."""
+        self._apps.add(app)
+
     def _forget_engines(self) -> tuple[list[Engine], list[AsyncEngine]]:
         with self._lock:
             built, self._built = self._built, {}
@@ -410,7 +419,9 @@ def configure(database: Database | RWDBSettings | None = None) -> Database:
     """Replace the process-wide :class:`Database` (before serving requests).
 
     Settings are loaded and checked right away, so a bad configuration stops
-    start-up instead of the first request.
+    start-up instead of the first request. The one replaced is disposed of,
+    unless an app set up with it still serves requests with it (its middleware
+    says which Database to use): that app's lifespan disposes of it at shutdown.
     """
     global _default
     if not isinstance(database, Database):
@@ -418,6 +429,27 @@ def configure(database: Database | RWDBSettings | None = None) -> Database:
     database.check()
     with _default_lock:
         old, _default = _default, database
-    if old is not database and old._built:
+    if old is not database and old._built and not old._apps:
         old.dispose_sync()
     return database
+
+
+@contextmanager
+def using(database: Database) -> Iterator[Database]:
+    """Make ``database`` the process-wide :class:`Database` for a ``with`` block,
+    then put the previous one back, even if the block raises.
+
+    For tests and scripts that need another cluster or other settings for a
+    while. Nothing is disposed of on the way in or out: ``database`` is the
+    caller's to dispose of. Requests still use their own app's Database. The
+    default is one per process, not per thread or task: blocks in concurrent
+    threads or tasks would swap it under each other.
+    """
+    global _default
+    with _default_lock:
+        previous, _default = _default, database
+    try:
+        yield database
+    finally:
+        with _default_lock:
+            _default = previous

@@ -32,6 +32,10 @@ def get_read_db() -> Iterator[Session]:
 
 def get_db() -> Iterator[Session]:
     """Same as :func:`get_write_db`, for code written before the split."""
+    # ``yield from`` hands the endpoint's exception (and close()) on to the inner
+    # generator, so its ``with`` block sees it. (A separate function, not an alias:
+    # FastAPI caches a dependency per callable, and a route asking for both must
+    # get two sessions, as before.)
     yield from get_write_db()
 
 
@@ -47,7 +51,11 @@ async def get_async_read_db() -> AsyncIterator[AsyncSession]:
 
 async def get_async_db() -> AsyncIterator[AsyncSession]:
     """Same as :func:`get_async_write_db`, for code written before the split."""
-    async for session in get_async_write_db():
+    # Not ``async for session in get_async_write_db()``: an exception thrown in at
+    # the yield would leave that loop without reaching the inner generator, whose
+    # session would stay open, its connection checked out, until the event loop
+    # finalised the abandoned generator. Async generators have no ``yield from``.
+    async with get_database().async_write_session() as session:
         yield session
 
 

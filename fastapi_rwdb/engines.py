@@ -40,6 +40,9 @@ ROLE_OPTION = "rwdb_role"
 
 #: Connection-record info key: the WAL position the checkout ping read, when asked.
 POSITION_INFO = "rwdb_position"
+#: Connection-record info key: a callable that sends this transaction's COMMIT
+#: itself, in place of the DBAPI ``commit()`` (psycopg engines; see tracking).
+COMMIT_INFO = "rwdb_commit"
 _FRESH = "rwdb_fresh"
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
@@ -108,14 +111,9 @@ def make_engine(
     successful connects. ``kwargs`` override :func:`sqlalchemy.create_engine`
     arguments.
     """
-    settings = settings or RWDBSettings()
     url = _as_url(url, "psycopg")
-    options = {
-        **_pool_args(side, settings),
-        "connect_args": connect_args("psycopg", settings),
-        "execution_options": {ROLE_OPTION: side},
-        **kwargs,
-    }
+    settings = settings or _settings_for(url)
+    options = _engine_options("psycopg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
     engine = create_engine(url, pool_pre_ping=False, **options)
     _instrument(engine, side, settings, health, ping=ping, is_async=False)
@@ -131,14 +129,9 @@ def make_async_engine(
     **kwargs: Any,
 ) -> AsyncEngine:
     """The asyncpg twin of :func:`make_engine`."""
-    settings = settings or RWDBSettings()
     url = _as_url(url, "asyncpg")
-    options = {
-        **_pool_args(side, settings),
-        "connect_args": connect_args("asyncpg", settings),
-        "execution_options": {ROLE_OPTION: side},
-        **kwargs,
-    }
+    settings = settings or _settings_for(url)
+    options = _engine_options("asyncpg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
     engine = create_async_engine(url, pool_pre_ping=False, **options)
     _instrument(engine.sync_engine, side, settings, health, ping=ping, is_async=True)
@@ -266,6 +259,56 @@ def _as_url(url: str | URL, driver: Driver) -> URL:
     return url.set(drivername=f"postgresql+{driver}")
 
 
+def _engine_options(
+    driver: Driver, side: Side, settings: RWDBSettings, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The engine arguments: the package's, overridden by the caller's ``kwargs``,
+    except for the role. A caller's ``execution_options`` are merged with it: in
+    its place, a write on the read side would look like a demoted primary."""
+    return {
+        **_pool_args(side, settings),
+        "connect_args": connect_args(driver, settings),
+        **kwargs,
+        "execution_options": {**kwargs.get("execution_options", {}), ROLE_OPTION: side},
+    }
+
+
+def _replace_commit(engine: Engine) -> None:
+    """Let the session's commit tracking send the COMMIT when SQLAlchemy commits.
+
+    The tracking's one-message COMMIT (commit and WAL position in one round trip)
+    must go exactly where SQLAlchemy commits the connection: sent from a session
+    event, it would precede the application's own ``before_commit`` listeners, and
+    one of them raising would roll back, in SQLAlchemy's eyes, a transaction the
+    server had committed. ``Dialect.do_commit`` is that point; a failure in it is
+    wrapped and handled (error hook, invalidation) as any COMMIT's. The engine's
+    own dialect instance is changed, nothing shared; with no hook left on the
+    connection, the DBAPI ``commit()`` runs as before.
+    """
+    dbapi_commit = engine.dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        info = getattr(dbapi_connection, "info", None)  # the pool's proxy: the record's dict
+        hook = info.pop(COMMIT_INFO, None) if isinstance(info, dict) else None
+        if hook is None:
+            dbapi_commit(dbapi_connection)
+        else:
+            hook(dbapi_connection.driver_connection)
+
+    engine.dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
+def _settings_for(url: URL) -> RWDBSettings:
+    """The environment's settings for an engine whose URL is given.
+
+    The URL stands for both sides' connection settings, so POSTGRES_PASSWORD
+    (only needed to build a URL from the parts) may be unset; the pool, timeout
+    and retry variables are still read, and still checked.
+    """
+    given = url.render_as_string(hide_password=False)
+    return RWDBSettings(write_url=given, read_url=given)
+
+
 def _instrument(
     engine: Engine,
     side: Side,
@@ -356,6 +399,9 @@ def _instrument(
             if position:
                 record.info[POSITION_INFO] = value
 
+    if not is_async:
+        _replace_commit(engine)
+
     if side == "read":
 
         @event.listens_for(engine, "connect")
@@ -369,7 +415,10 @@ def _instrument(
         demoted by a failover (discard every pooled connection to it)."""
         if sqlstate_of(ctx.original_exception) != READ_ONLY_SQLSTATE or ctx.connection is None:
             return
-        if ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
+        # The read engine serves only read sessions, whatever options a caller set on
+        # it or its connections; on the write engine, the Database's primary-read
+        # sessions are told apart by the role their (merged) options carry.
+        if side != "read" and ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
             logger.warning(
                 "fastapi_rwdb: the write side at %s is read-only (demoted primary?); "
                 "discarding its pooled connections",

@@ -34,6 +34,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     """
     database = configure(settings)  # loads and checks the settings
     metrics.install(get_database)
+    database._serves(app)
     database.signer  # noqa: B018 - derives the key now, and warns if it is guessable
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:

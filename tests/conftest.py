@@ -53,11 +53,10 @@ def stack() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _restore_default_database() -> Iterator[None]:
     """setup()/configure() replace the process-wide Database; give the next test the old one."""
-    import fastapi_rwdb.database as registry
+    import fastapi_rwdb
 
-    before = registry._default
-    yield
-    registry._default = before
+    with fastapi_rwdb.using(fastapi_rwdb.get_database()):
+        yield
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

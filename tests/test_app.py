@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlmodel import Session as SQLModelSession
 from sqlmodel import select
@@ -187,3 +188,102 @@ async def test_two_apps_in_one_process_keep_their_own_settings() -> None:
     token = responses["lsn"].headers["x-rwdb-pin"]
     assert int(token.split(".")[1], 16) > 0  # a real WAL position, read in lsn mode
     assert "x-rwdb-pin" not in responses["off"].headers
+
+
+class _Boom(Exception):
+    """Raised by an endpoint after it used its session."""
+
+
+@pytest.mark.parametrize("alias", ["db", "write", "async-db", "async-write"])
+async def test_an_endpoint_error_closes_its_session_before_the_error_is_handled(
+    alias: str,
+) -> None:
+    """The endpoint's exception is thrown into the dependency, whose ``with`` block
+    closes the session (rolling back) before any exception handler runs; a wrapper
+    that swallowed it would leave the connection checked out until garbage collection.
+    """
+    app = FastAPI()
+    settings = fastapi_rwdb.RWDBSettings(secret_key="test-secret-key-0123456789abcdef")
+    db = fastapi_rwdb.setup(app, fastapi_rwdb.Database(settings))
+    is_async = alias.startswith("async")
+    checked_out: list[int] = []
+
+    def in_use() -> int:
+        engine = db.async_engines.write.sync_engine if is_async else db.engines.write
+        return engine.pool.checkedout()  # type: ignore[attr-defined,no-any-return]
+
+    @app.exception_handler(_Boom)
+    async def handler(request: object, exc: _Boom) -> JSONResponse:
+        checked_out.append(in_use())
+        return JSONResponse({"failed": True}, status_code=409)
+
+    @app.post("/sync/db")
+    def sync_db(s: DBSession) -> None:
+        s.execute(text("SELECT 1"))
+        raise _Boom
+
+    @app.post("/sync/write")
+    def sync_write(s: WriteSession) -> None:
+        s.execute(text("SELECT 1"))
+        raise _Boom
+
+    @app.post("/async/db")
+    async def async_db(s: AsyncDBSession) -> None:
+        await s.execute(text("SELECT 1"))
+        raise _Boom
+
+    @app.post("/async/write")
+    async def async_write(s: AsyncWriteSession) -> None:
+        await s.execute(text("SELECT 1"))
+        raise _Boom
+
+    path = "/async/" if is_async else "/sync/"
+    path += alias.removeprefix("async-")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await c.post(path)
+        assert response.status_code == 409
+        assert checked_out == [0], "the session was still open when the error was handled"
+        assert in_use() == 0
+
+
+async def test_a_later_setup_leaves_the_pools_of_a_mounted_app_alone() -> None:
+    """configure() (and so setup()) replaces the process-wide Database. One that an
+    app still serves requests with must keep its pools: that app's lifespan disposes
+    of them at shutdown. One that no app uses is disposed of when replaced."""
+    from fastapi_rwdb import Database, RWDBSettings
+
+    key = "test-secret-key-0123456789abcdef"
+    first = FastAPI()
+    db = fastapi_rwdb.setup(first, Database(RWDBSettings(secret_key=key)))
+
+    @first.get("/sync")
+    def sync_read(s: WriteSession) -> bool:
+        return bool(s.execute(text("SELECT true")).scalar_one())
+
+    @first.get("/async")
+    async def async_read(s: AsyncWriteSession) -> bool:
+        return bool((await s.execute(text("SELECT true"))).scalar_one())
+
+    async with first.router.lifespan_context(first):
+        transport = httpx.ASGITransport(app=first)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            for path in ("/sync", "/async"):
+                assert (await c.get(path)).json() is True
+            pools = [db.engines.write.pool, db.async_engines.write.sync_engine.pool]
+            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+
+            fastapi_rwdb.setup(FastAPI(), Database(RWDBSettings(secret_key=key)))
+
+            assert fastapi_rwdb.get_database() is not db
+            assert [db.engines.write.pool, db.async_engines.write.sync_engine.pool] == pools
+            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+            for path in ("/sync", "/async"):
+                assert (await c.get(path)).json() is True
+    assert not db.is_built("engines") and not db.is_built("async_engines")
+
+    unused = fastapi_rwdb.configure(Database(RWDBSettings(secret_key=key)))
+    assert unused.engines.write.pool.checkedin() == 0  # type: ignore[attr-defined]
+    fastapi_rwdb.configure(Database(RWDBSettings(secret_key=key)))
+    assert not unused.is_built("engines")

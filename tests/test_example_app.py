@@ -22,7 +22,7 @@ import pytest
 from fastapi import FastAPI
 from sqlmodel import col, select
 
-import fastapi_rwdb.database as registry
+import fastapi_rwdb
 from example_app import main as example
 from example_app.models import DailySummary, Location
 from fastapi_rwdb import get_read_db_context, tracking
@@ -36,13 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 async def app() -> AsyncIterator[FastAPI]:
     # Other test modules install their own process-wide Database: serve the app with
     # the one its setup() made, and hand the previous one back afterwards.
-    before = registry._default
-    registry._default = example.database
-    try:
+    with fastapi_rwdb.using(example.database):
         async with example.app.router.lifespan_context(example.app):
             yield example.app
-    finally:
-        registry._default = before
 
 
 def client(app: FastAPI) -> httpx.AsyncClient:

@@ -328,3 +328,22 @@ def test_url_port_ends_are_accepted() -> None:
     for port in (1, 65535):
         s = RWDBSettings(write_url=f"postgresql://u:p@h:{port}/db", password="x")  # type: ignore[arg-type]
         assert s.url("write", "psycopg").port == port
+
+
+@pytest.mark.parametrize("factory", ["make_engine", "make_async_engine"])
+def test_an_engine_from_a_url_needs_no_postgres_password(
+    monkeypatch: pytest.MonkeyPatch, factory: str
+) -> None:
+    """The URL carries the password: POSTGRES_PASSWORD is for building URLs from parts.
+    The package's own settings (pools, timeouts) still come from the environment."""
+    import fastapi_rwdb
+
+    monkeypatch.setenv("RWDB_POOL_SIZE", "7")
+    engine = getattr(fastapi_rwdb, factory)(f"postgresql://app:{PASSWORD}@db.internal:6000/app")
+    sync_engine = getattr(engine, "sync_engine", engine)
+    assert sync_engine.pool.size() == 7
+    assert sync_engine.url.password == PASSWORD and sync_engine.url.port == 6000
+    sync_engine.dispose(close=False)
+    monkeypatch.setenv("RWDB_POOL_SIZE", "none")
+    with pytest.raises(SettingsError, match="RWDB_POOL_SIZE"):
+        getattr(fastapi_rwdb, factory)(f"postgresql://app:{PASSWORD}@db.internal:6000/app")

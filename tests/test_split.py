@@ -7,7 +7,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
 
 from fastapi_rwdb import (
     ReadOnlySessionError,
@@ -16,6 +16,8 @@ from fastapi_rwdb import (
     get_database,
     get_read_db_context,
     get_write_db_context,
+    make_async_engine,
+    make_engine,
 )
 
 from .models import Item
@@ -176,3 +178,37 @@ async def test_async_checkout_ping_replaces_a_dead_pooled_connection() -> None:
     async with get_async_write_db_context() as s:
         assert (await s.execute(WHERE)).one().replica is False
     assert raw.is_closed()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["psycopg", "asyncpg"])
+async def test_a_callers_execution_options_keep_the_read_role(is_async: bool) -> None:
+    """Execution options given to the factory are merged with the role, not put in
+    its place: a write on the read engine stays the caller's mistake (the pool is
+    kept), instead of looking like a demoted primary (pool discarded, a 503)."""
+    settings = get_database().settings
+    options = {"execution_options": {"logging_token": "mine"}}
+    opened: list[int] = []
+    if is_async:
+        aengine = make_async_engine(
+            settings.url("read", "asyncpg"), settings, side="read", **options
+        )
+        event.listen(aengine.sync_engine.pool, "connect", lambda *a: opened.append(1))
+        try:
+            for _ in range(2):
+                async with aengine.connect() as aconn:
+                    with pytest.raises(ReadOnlySessionError, match="get_write_db"):
+                        await aconn.execute(insert(Item).values(name="never"))
+        finally:
+            await aengine.dispose()
+    else:
+        engine = make_engine(settings.url("read", "psycopg"), settings, side="read", **options)
+        event.listen(engine.pool, "connect", lambda *a: opened.append(1))
+        try:
+            for _ in range(2):
+                with engine.connect() as conn:
+                    assert conn.get_execution_options()["logging_token"] == "mine"
+                    with pytest.raises(ReadOnlySessionError, match="get_write_db"):
+                        conn.execute(insert(Item).values(name="never"))
+        finally:
+            engine.dispose()
+    assert len(opened) == 1, "the pool was discarded as if the server had been demoted"

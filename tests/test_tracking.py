@@ -3,7 +3,9 @@ and nothing that only read gets one. Against the real stack, both drivers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import event, func, insert, literal, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -57,6 +59,40 @@ SYNC: dict[str, tuple[Callable[[Session], Any], bool]] = {
     "scalar of a write": (
         lambda s: s.scalar(insert(items).values(name=_name()).returning(items.c.id)),
         True,
+    ),
+    # close() ends a transaction without after_rollback: what it noted must not carry on.
+    "a write after close()": (
+        lambda s: (
+            s.execute(insert(items).values(name=_name())),
+            s.close(),
+            s.add(Item(name=_name())),
+        ),
+        True,
+    ),
+    "a select after a closed write": (
+        lambda s: (
+            s.execute(insert(items).values(name=_name())),
+            s.close(),
+            s.execute(select(items.c.id).limit(1)),
+        ),
+        False,
+    ),
+    # PostgreSQL runs a data-modifying CTE whatever the SELECT around it does.
+    "insert in a CTE": (
+        lambda s: s.execute(
+            select(insert(items).values(name=_name()).returning(items.c.id).cte("w").c.id)
+        ).all(),
+        True,
+    ),
+    "insert in an unreferenced CTE": (
+        lambda s: s.execute(
+            select(literal(1)).add_cte(insert(items).values(name=_name()).cte("w"))
+        ).all(),
+        True,
+    ),
+    "select in a CTE": (
+        lambda s: s.execute(select(select(items.c.id).limit(1).cte("r").c.id)).all(),
+        False,
     ),
     "compiled select": (lambda s: s.execute(select(items.c.id).limit(1)).all(), False),
     "text select": (lambda s: s.execute(text("SELECT 1")).all(), False),
@@ -190,3 +226,162 @@ async def test_savepoints_neither_lose_nor_invent_a_write(
     before = primary_lsn()
     token = await post(app, f"/{flavour}/{kind}")
     assert token is not None and before < token_lsn(token) <= primary_lsn()
+
+
+WRITING_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION rwdb_add_item(n text) RETURNS bigint LANGUAGE sql"
+    " AS $$ INSERT INTO rwdb_items (name) VALUES (n) RETURNING id $$"
+)
+FUNCTIONS = {
+    "a writing function in a compiled select": (
+        lambda s: s.execute(select(func.rwdb_add_item(_name()))).all(),
+        True,
+    ),
+    "a writing function in textual SQL": (
+        lambda s: s.execute(text("SELECT rwdb_add_item(:n)"), {"n": _name()}).all(),
+        True,
+    ),
+}
+SYNC.update(FUNCTIONS)
+
+
+@pytest.fixture(scope="module")
+def writing_function() -> None:
+    with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
+        conn.execute(WRITING_FUNCTION)
+
+
+@pytest.mark.parametrize(
+    ("flavour", "kind"),
+    [
+        ("sync", "a writing function in a compiled select"),
+        ("sync", "a writing function in textual SQL"),
+        # asyncpg is not asked about compiled SELECTs (a round trip more for every
+        # transaction that only read); textual SQL is asked about.
+        ("async", "a writing function in textual SQL"),
+    ],
+)
+async def test_a_writing_function_called_by_a_select_earns_a_token(
+    app: FastAPI, writing_function: None, flavour: str, kind: str
+) -> None:
+    before = primary_lsn()
+    token = await post(app, f"/{flavour}/{kind}")
+    assert token is not None and before < token_lsn(token) <= primary_lsn()
+
+
+class _VetoedCommit(Exception):
+    """Raised by an application's own before_commit listener."""
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_commit_vetoed_by_a_later_before_commit_listener_is_not_committed(
+    flavour: str,
+) -> None:
+    """An application's before_commit listener runs after the package's (registered
+    later) and raises: SQLAlchemy then rolls back and the app is told the commit
+    failed, so nothing may have been committed on the server, and no token issued."""
+
+    class AppSession(Session):
+        pass
+
+    database = Database(RWDBSettings(secret_key=KEY), session_class=AppSession)
+    app = FastAPI()
+    fastapi_rwdb.setup(app, database)
+    name = _name()
+
+    @app.post("/sync")
+    def sync_route(db: WriteSession) -> None:
+        db.execute(insert(items).values(name=name))
+        db.commit()
+
+    @app.post("/async")
+    async def async_route(db: AsyncWriteSession) -> None:
+        await db.execute(insert(items).values(name=name))
+        await db.commit()
+
+    database.write_session().close()  # the package's listeners are on its subclass now
+
+    def veto(session: Session) -> None:
+        raise _VetoedCommit
+
+    event.listen(AppSession, "before_commit", veto)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await c.post(f"/{flavour}")
+    assert response.status_code == 500
+    assert "set-cookie" not in response.headers
+    with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
+        found = conn.execute("SELECT count(*) FROM rwdb_items WHERE name = %s", (name,))
+        assert found.fetchone() == (0,), "committed on the server, reported failed"
+
+
+WIRE_BODIES: dict[str, Callable[[Session], Any]] = {
+    "orm write": lambda s: s.add(Item(name=_name())),
+    "text write": lambda s: s.execute(
+        text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": _name()}
+    ),
+    "compiled select": lambda s: s.execute(select(items.c.id).limit(1)).all(),
+}
+
+
+async def test_psycopg_commit_tracking_costs_no_round_trip() -> None:
+    """Counted on the wire (benchmarks.wire's proxy), against the same work on a plain
+    SQLAlchemy engine: the WAL position, and the question whether the transaction
+    wrote, travel in the COMMIT's own message."""
+    from sqlalchemy import create_engine
+
+    from benchmarks.wire import WireCounter, round_trips
+    from fastapi_rwdb.engines import connect_args
+
+    upstream = {"write": (os.environ["POSTGRES_SERVER"], int(os.environ["POSTGRES_PORT"]))}
+    counted: dict[str, dict[str, tuple[int, int]]] = {}
+    with WireCounter(upstream) as wire:
+        settings = RWDBSettings(secret_key=KEY, write_port=wire.ports["write"])
+        plain = create_engine(
+            settings.url("write", "psycopg"),
+            pool_pre_ping=True,
+            connect_args=connect_args("psycopg", settings),
+        )
+        app = FastAPI()
+        fastapi_rwdb.setup(app, Database(settings))
+
+        @app.post("/{kind}")
+        def route(kind: str, db: WriteSession) -> None:
+            WIRE_BODIES[kind](db)
+            db.commit()
+
+        def plain_request(kind: str) -> None:
+            with Session(plain) as s:
+                WIRE_BODIES[kind](s)
+                s.commit()
+
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for kind in WIRE_BODIES:
+                    for variant in ("plain", "rwdb"):
+                        for _ in range(2):  # the first fills the pool
+                            await asyncio.sleep(0.05)  # the proxy has counted the last bytes
+                            wire.reset()
+                            if variant == "plain":
+                                plain_request(kind)
+                            else:
+                                (await client.post(f"/{kind}")).raise_for_status()
+                        await asyncio.sleep(0.05)
+                        counts = wire.counts()
+                        counted.setdefault(kind, {})[variant] = (
+                            round_trips(counts),
+                            counts["statement"],
+                        )
+        plain.dispose()
+    # The WAL position; the question whether it wrote (after textual SQL, or when only
+    # compiled SELECTs ran: a function they called may have written).
+    extra_statements = {"orm write": 1, "text write": 2, "compiled select": 1}
+    for kind, extra in extra_statements.items():
+        (plain_trips, plain_statements), (trips, statements) = (
+            counted[kind]["plain"],
+            counted[kind]["rwdb"],
+        )
+        assert (kind, trips) == (kind, plain_trips)
+        assert (kind, statements) == (kind, plain_statements + extra)
