@@ -65,7 +65,8 @@ class ReplayConflictRetry(Session):
     otherwise lets it fail as a 503."""
 
     def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
-        # Private SQLAlchemy method overridden on purpose: see the module docstring.
+        # Private SQLAlchemy method overridden on purpose: see the module docstring
+        # and internals.py (1.); without it, no retry (ReplayConflictRetry unused).
         binds: ReadBinds | None = self.info.get(BINDS)
         if binds is None:
             return super()._execute_internal(statement, *args, **kw)

@@ -20,11 +20,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, ExceptionContext
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.util import await_
 
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
 from .health import ReadSideHealth
+from .internals import await_, route_commit, set_readonly
 from .lsn import parse_lsn
 from .settings import Driver, RWDBSettings, Side, parse_url
 
@@ -273,29 +273,10 @@ def _engine_options(
     }
 
 
-def _replace_commit(engine: Engine) -> None:
-    """Let the session's commit tracking send the COMMIT when SQLAlchemy commits.
-
-    The tracking's one-message COMMIT (commit and WAL position in one round trip)
-    must go exactly where SQLAlchemy commits the connection: sent from a session
-    event, it would precede the application's own ``before_commit`` listeners, and
-    one of them raising would roll back, in SQLAlchemy's eyes, a transaction the
-    server had committed. ``Dialect.do_commit`` is that point; a failure in it is
-    wrapped and handled (error hook, invalidation) as any COMMIT's. The engine's
-    own dialect instance is changed, nothing shared; with no hook left on the
-    connection, the DBAPI ``commit()`` runs as before.
-    """
-    dbapi_commit = engine.dialect.do_commit
-
-    def do_commit(dbapi_connection: Any) -> None:
-        info = getattr(dbapi_connection, "info", None)  # the pool's proxy: the record's dict
-        hook = info.pop(COMMIT_INFO, None) if isinstance(info, dict) else None
-        if hook is None:
-            dbapi_commit(dbapi_connection)
-        else:
-            hook(dbapi_connection.driver_connection)
-
-    engine.dialect.do_commit = do_commit  # type: ignore[method-assign]
+def _commit_hook(dbapi_connection: Any) -> Any:
+    """The write tracking's COMMIT for this transaction, if it left one (tracking.py)."""
+    info = getattr(dbapi_connection, "info", None)  # the pool's proxy: the record's dict
+    return info.pop(COMMIT_INFO, None) if isinstance(info, dict) else None
 
 
 def _settings_for(url: URL) -> RWDBSettings:
@@ -400,13 +381,14 @@ def _instrument(
                 record.info[POSITION_INFO] = value
 
     if not is_async:
-        _replace_commit(engine)
+        # The tracking's one-message COMMIT goes where SQLAlchemy commits (internals.py).
+        route_commit(engine, _commit_hook)
 
     if side == "read":
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:
-            engine.dialect.set_readonly(dbapi_connection, True)  # type: ignore[attr-defined]
+            set_readonly(engine.dialect, dbapi_connection)
 
     @event.listens_for(engine, "handle_error")
     def _read_only_error(ctx: ExceptionContext) -> None:

@@ -17,12 +17,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_
 
 from . import conflicts, metrics, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
+from .internals import EXECUTE_INTERNAL, await_
 from .lsn import parse_lsn
 from .routing import Route, choose_read_route
 from .settings import SessionKind
@@ -60,7 +60,8 @@ def read_class(base: type[Session]) -> type[Session]:
     first read that a replica's WAL replay cancelled (:mod:`fastapi_rwdb.conflicts`)."""
     key = ("read", base)
     if key not in _classes:
-        mixins = (conflicts.ReplayConflictRetry, _RoutedReads, base)
+        retry = (conflicts.ReplayConflictRetry,) if EXECUTE_INTERNAL else ()
+        mixins = (*retry, _RoutedReads, base)
         cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)
         conflicts.watch_read_class(cls)

@@ -40,6 +40,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.selectable import CTE
 
 from .engines import COMMIT_INFO, fetch_outside_transaction
+from .internals import EXECUTE_INTERNAL
 from .lsn import MAX_LSN, parse_lsn
 from .state import request_state
 
@@ -68,18 +69,21 @@ class TrackedWrites(Session):
     """Mixed in before the application's session class: notes what may have written.
 
     ``execute``, ``scalar``, ``scalars`` (and SQLModel's ``exec``) all pass
-    through ``_execute_internal``.
+    through ``_execute_internal``: private SQLAlchemy API, see internals.py (1.).
+    Without it every transaction counts as "may have written" (``_after_begin``).
     """
 
-    def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
-        result = super()._execute_internal(statement, *args, **kw)
-        if statement.is_dml:
-            self.info[_WROTE] = True
-        elif not (statement.is_select and not statement.is_text):
-            _maybe(self)  # text, DDL, anything else
-        elif self.info.get(_WROTE) is not True and _writes_in_cte(statement):
-            self.info[_WROTE] = True
-        return result
+    if EXECUTE_INTERNAL:
+
+        def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+            result = super()._execute_internal(statement, *args, **kw)
+            if statement.is_dml:
+                self.info[_WROTE] = True
+            elif not (statement.is_select and not statement.is_text):
+                _maybe(self)  # text, DDL, anything else
+            elif self.info.get(_WROTE) is not True and _writes_in_cte(statement):
+                self.info[_WROTE] = True
+            return result
 
     def connection(self, *args: Any, **kw: Any) -> Connection:
         conn = super().connection(*args, **kw)
@@ -157,6 +161,8 @@ def _after_begin(session: Session, transaction: Any, connection: Connection) -> 
     connections = session.info.setdefault(_CONNECTIONS, [])
     if not connections:  # the transaction's first connection: nothing written yet
         session.info.pop(_WROTE, None)
+        if not EXECUTE_INTERNAL:  # statements unseen (internals.py): ask at commit
+            session.info[_WROTE] = "maybe"
     connections.append(connection)
 
 
