@@ -19,6 +19,7 @@ from .settings import Consistency, PinMode
 BINDS = "rwdb_read_binds"
 STATE = "rwdb_state"  # a RequestState of the session's own (a job's token)
 WAIT_MS = "rwdb_wait_ms"  # overrides RWDB_PIN_WAIT_MS for one session
+PIN_MODE_INFO = "rwdb_pin_mode"  # on write sessions: RWDB_PIN_MODE, for the commit tracking
 
 
 @dataclass(frozen=True, slots=True)

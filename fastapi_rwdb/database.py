@@ -15,14 +15,15 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import pools
-from .binds import BINDS, STATE, WAIT_MS, ReadBinds
+from .binds import BINDS, PIN_MODE_INFO, STATE, WAIT_MS, ReadBinds
 from .engines import (
     AsyncEnginePair,
     EnginePair,
@@ -42,6 +43,16 @@ from .tokens import Token, TokenSigner, derive_key
 logger = logging.getLogger("fastapi_rwdb")
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", Session, AsyncSession)
+
+
+@dataclass(frozen=True, slots=True)
+class _Makers(Generic[_S]):
+    """The sessionmakers of one driver."""
+
+    write: Callable[[], _S]
+    read: Callable[[], _S]
+    primary_read: Callable[[], _S]
 
 
 class Database:
@@ -59,13 +70,14 @@ class Database:
         session_class: type[Session] | None = None,
         async_session_class: type[AsyncSession] | None = None,
     ) -> None:
-        self._settings = settings
         self._session_class = session_class
         self._async_session_class = async_session_class
         self._lock = threading.RLock()
+        # Built on first use: engines and sessionmakers, dropped by dispose() ...
         self._built: dict[str, Any] = {}
-        self._health: ReadSideHealth | None = None
-        self._signer: TokenSigner | None = None
+        # ... and what outlives the pools: the settings, the read side's health, and
+        # the token signer (a new key would stop every token handed out from verifying).
+        self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         self._checked = False
         #: False once setup() has hooked this Database into an app's lifespan, True
         #: when that lifespan runs (or once the middleware has warned that it did not).
@@ -74,28 +86,27 @@ class Database:
         self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def __repr__(self) -> str:
-        if self._settings is None:
+        s = self._kept.get("settings")
+        if s is None:
             return "<Database (settings not loaded yet)>"
-        s = self._settings
         return f"<Database write={s.endpoint('write')} read={s.endpoint('read')}>"
 
-    def _once(self, name: str, build: Callable[[], _T]) -> _T:
+    def _once(self, name: str, build: Callable[[], _T], *, keep: bool = False) -> _T:
+        """``build()`` once, under the lock (re-entrant: building the engines reads the
+        settings, which are built on first use too); ``keep``: survive dispose()."""
+        store = self._kept if keep else self._built
         try:
-            return self._built[name]  # type: ignore[no-any-return]
+            return store[name]  # type: ignore[no-any-return]
         except KeyError:
             pass
         with self._lock:
-            if name not in self._built:
-                self._built[name] = build()
-            return self._built[name]  # type: ignore[no-any-return]
+            if name not in store:
+                store[name] = build()
+            return store[name]  # type: ignore[no-any-return]
 
     @property
     def settings(self) -> RWDBSettings:
-        if self._settings is None:
-            with self._lock:
-                if self._settings is None:
-                    self._settings = RWDBSettings()
-        return self._settings
+        return self._once("settings", RWDBSettings, keep=True)
 
     def check(self) -> RWDBSettings:
         """Load the settings now, and log once what is legal but probably a mistake."""
@@ -109,30 +120,24 @@ class Database:
     @property
     def health(self) -> ReadSideHealth:
         """The read side's breaker and lag, shared by the sync and async read engines."""
-        if self._health is None:
-            s = self.settings
-            with self._lock:
-                if self._health is None:
-                    self._health = ReadSideHealth(
-                        s.read_fallback_after,
-                        s.read_retry_seconds,
-                        s.max_replica_lag,
-                        s.replicas,
-                        s.lag_check_interval,
-                    )
-        return self._health
+        s = self.settings
+        return self._once(
+            "health",
+            lambda: ReadSideHealth(
+                s.read_fallback_after,
+                s.read_retry_seconds,
+                s.max_replica_lag,
+                s.replicas,
+                s.lag_check_interval,
+            ),
+            keep=True,
+        )
 
     @property
     def signer(self) -> TokenSigner:
         """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
         database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
-        # Kept apart from _built: disposing the pools must not change the key, or
-        # every token handed out before would stop verifying.
-        if self._signer is None:
-            with self._lock:
-                if self._signer is None:
-                    self._signer = TokenSigner(*_token_keys(self.settings))
-        return self._signer
+        return self._once("signer", lambda: TokenSigner(*_token_keys(self.settings)), keep=True)
 
     def lifespan_missing(self, root_path: str) -> None:
         """Say, once, that requests arrive but setup()'s lifespan never ran."""
@@ -209,66 +214,65 @@ class Database:
         sync_cls, async_cls = session_classes(self.settings.session_class)
         return self._session_class or sync_cls, self._async_session_class or async_cls
 
-    def _makers(self) -> dict[str, Any]:
-        def build() -> dict[str, Any]:
-            settings = self.settings
-            sync_cls, async_cls = self._classes()
+    def _read_binds(self, replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
+        s = self.settings
+        routing = ReadBinds(
+            replica, primary, s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency
+        )
+        return {BINDS: routing}
+
+    def _sync_makers(self) -> _Makers[Session]:
+        """The psycopg sessionmakers; building them builds no asyncpg engine."""
+
+        def build() -> _Makers[Session]:
+            sync_cls, _ = self._classes()
             read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
-            sync, aio = self.engines, self.async_engines
-            # A read that must see the primary has a pool of its own, so it can never
-            # take a write's connection; it runs READ ONLY, so a write in a read
-            # session fails the same way whichever server it reached.
-            primary, async_primary = self.primary_read_engine, self.async_primary_read_engine
-
-            def binds(replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
-                return {
-                    BINDS: ReadBinds(
-                        replica,
-                        primary,
-                        settings.pin_mode,
-                        settings.pin_wait_ms,
-                        is_async,
-                        self.health,
-                        settings.consistency,
-                    )
-                }
-
-            write_info = {"rwdb_pin_mode": settings.pin_mode}
-            return {
-                "write": sessionmaker(sync.write, class_=write_cls, info=write_info),
-                "read": sessionmaker(
-                    sync.read, class_=read_cls, info=binds(sync.read, primary, False)
+            pair, primary = self.engines, self.primary_read_engine
+            write_info = {PIN_MODE_INFO: self.settings.pin_mode}
+            return _Makers(
+                write=sessionmaker(pair.write, class_=write_cls, info=write_info),
+                read=sessionmaker(
+                    pair.read, class_=read_cls, info=self._read_binds(pair.read, primary, False)
                 ),
-                "primary_read": sessionmaker(primary, class_=read_cls),
-                "async_write": async_sessionmaker(
-                    aio.write,
-                    class_=async_cls,
-                    sync_session_class=write_cls,
-                    expire_on_commit=False,
-                    info=write_info,
-                ),
-                "async_read": async_sessionmaker(
-                    aio.read,
-                    class_=async_cls,
-                    sync_session_class=read_cls,
-                    expire_on_commit=False,
-                    info=binds(aio.read.sync_engine, async_primary.sync_engine, True),
-                ),
-                "async_primary_read": async_sessionmaker(
-                    async_primary,
-                    class_=async_cls,
-                    sync_session_class=read_cls,
-                    expire_on_commit=False,
-                ),
-            }
+                # A read that must see the primary has a pool of its own, so it can never
+                # take a write's connection; it runs READ ONLY, so a write in a read
+                # session fails the same way whichever server it reached.
+                primary_read=sessionmaker(primary, class_=read_cls),
+            )
 
         return self._once("makers", build)
+
+    def _async_makers(self) -> _Makers[AsyncSession]:
+        """The asyncpg sessionmakers; building them builds no psycopg engine."""
+
+        def build() -> _Makers[AsyncSession]:
+            sync_cls, async_cls = self._classes()
+            read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
+            pair, primary = self.async_engines, self.async_primary_read_engine
+            common: dict[str, Any] = {"class_": async_cls, "expire_on_commit": False}
+            return _Makers(
+                write=async_sessionmaker(
+                    pair.write,
+                    sync_session_class=write_cls,
+                    info={PIN_MODE_INFO: self.settings.pin_mode},
+                    **common,
+                ),
+                read=async_sessionmaker(
+                    pair.read,
+                    sync_session_class=read_cls,
+                    info=self._read_binds(pair.read.sync_engine, primary.sync_engine, True),
+                    **common,
+                ),
+                primary_read=async_sessionmaker(primary, sync_session_class=read_cls, **common),
+            )
+
+        return self._once("async_makers", build)
 
     # -- sessions -----------------------------------------------------------------
 
     def write_session(self) -> Session:
         """A session on the primary. The caller commits and closes it."""
-        return self._makers()["write"]()  # type: ignore[no-any-return]
+        return self._sync_makers().write()
 
     def read_session(
         self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
@@ -279,19 +283,20 @@ class Database:
         go only to a replica that has replayed its position (waiting up to
         ``wait`` seconds for one), else to the primary.
         """
-        session: Session = self._makers()["primary_read" if primary else "read"]()
+        makers = self._sync_makers()
+        session = (makers.primary_read if primary else makers.read)()
         if after is not None and not primary:
             self._read_after(session.info, after, wait)
         return session
 
     def async_write_session(self) -> AsyncSession:
-        return self._makers()["async_write"]()  # type: ignore[no-any-return]
+        return self._async_makers().write()
 
     def async_read_session(
         self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
     ) -> AsyncSession:
-        key = "async_primary_read" if primary else "async_read"
-        session: AsyncSession = self._makers()[key]()
+        makers = self._async_makers()
+        session = (makers.primary_read if primary else makers.read)()
         if after is not None and not primary:
             self._read_after(session.info, after, wait)
         return session

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.selectable import CTE
 
+from .binds import PIN_MODE_INFO
 from .engines import COMMIT_INFO, fetch_outside_transaction
 from .internals import EXECUTE_INTERNAL
 from .lsn import MAX_LSN, parse_lsn
@@ -184,7 +185,7 @@ def _before_commit(session: Session) -> None:
     mark = session.info.get(_WROTE)
     if (
         len(connections) == 1
-        and session.info.get("rwdb_pin_mode", "lsn") == "lsn"
+        and session.info.get(PIN_MODE_INFO, "lsn") == "lsn"
         and isinstance(connections[0].connection.driver_connection, psycopg.Connection)
     ):
         # Only compiled SELECTs ran (no mark): they may still have written, through
@@ -238,7 +239,7 @@ def _after_commit(session: Session) -> None:
         conn = connections[0]
     if conn is None:
         return
-    if session.info.get("rwdb_pin_mode", "lsn") != "lsn":
+    if session.info.get(PIN_MODE_INFO, "lsn") != "lsn":
         state.note_commit(0, own=session.info.get(OWN_UNIT, False))
         return
     try:
