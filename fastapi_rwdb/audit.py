@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import fastapi
 import fastapi.routing
 
 from .dependencies import (
@@ -249,10 +250,18 @@ def _session_uses(dependant: Any, via: tuple[str, ...] = ()) -> Iterator[Session
             yield from _session_uses(sub, (*via, _callable_name(call)))
 
 
+#: FastAPI releases with ``Depends(..., scope=...)`` run a yield dependency's teardown
+#: after the response has been sent unless ``scope="function"``; the releases before
+#: them (0.106 on) ran it before the response.
+TEARDOWN_AFTER_RESPONSE = "scope" in inspect.signature(fastapi.Depends).parameters
+
+
 def _late_teardowns(dependant: Any) -> Iterator[Finding]:
     """A yield dependency of the app's own that holds a write session: FastAPI runs its
     teardown after the response has been sent (unless ``scope="function"``), so a
     commit there reaches the client without a read-your-writes token."""
+    if not TEARDOWN_AFTER_RESPONSE:
+        return
     for sub in getattr(dependant, "dependencies", ()):
         call = _unwrap(sub.call)
         if _side(call) is not None:

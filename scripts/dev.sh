@@ -49,6 +49,26 @@ case "$cmd" in
         load_stack_env
         .venv/bin/pytest "$@"
         ;;
+    test-lowest)
+        # The suite (less the reliability scenarios, which test the cluster, not the
+        # libraries) with the lowest versions pyproject.toml allows, in .venv-lowest.
+        if [ ! -x .venv-lowest/bin/python ]; then
+            echo "==> creating .venv-lowest"
+            "$PY" -m venv .venv-lowest
+        fi
+        if [ ci/lowest.txt -nt .venv-lowest/.installed ] || [ pyproject.toml -nt .venv-lowest/.installed ]; then
+            echo "==> installing the lowest allowed versions into .venv-lowest"
+            .venv-lowest/bin/python -m pip install -q --disable-pip-version-check \
+                -c ci/lowest.txt -e '.[dev]'
+            touch .venv-lowest/.installed
+        fi
+        .venv-lowest/bin/python -m pip list --disable-pip-version-check 2>/dev/null \
+            | grep -iE '^(fastapi|starlette|sqlalchemy|asyncpg|psycopg|pydantic-settings) '
+        bash scripts/stack.sh up
+        echo "==> pytest (lowest versions)"
+        load_stack_env
+        .venv-lowest/bin/pytest -p no:cacheprovider -m "not reliability" "$@"
+        ;;
     demo)
         ensure_venv
         bash scripts/stack.sh up
@@ -60,7 +80,7 @@ case "$cmd" in
         exec .venv/bin/uvicorn example_app.main:app --host 127.0.0.1 --port "$port"
         ;;
     *)
-        echo "usage: bash scripts/dev.sh test [pytest args] | demo" >&2
+        echo "usage: bash scripts/dev.sh test [pytest args] | test-lowest [pytest args] | demo" >&2
         exit 2
         ;;
 esac
