@@ -8,6 +8,12 @@ agree on what each one means.
 
 from __future__ import annotations
 
+from .errors import RWDBError
+from .settings import RWDBSettings
+
+#: How much of a driver's message a report or a log line quotes.
+_ERROR_CHARS = 240
+
 #: The transaction is read-only: a write in a read session, or on a demoted primary.
 READ_ONLY_SQLSTATE = "25006"
 #: The server (or the proxy in front of it) is shutting down, restarting, or out of
@@ -48,3 +54,32 @@ def is_transient_connect_error(exc: BaseException) -> bool:
         text = str(exc).lower()
         return not any(word in text for word in ("authentication", "does not exist", "role "))
     return False
+
+
+def describe_error(exc: BaseException, settings: RWDBSettings) -> str:
+    """Error class and the first line of the driver's message, secrets masked."""
+    inner: BaseException = exc
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper around the driver's error
+    if isinstance(orig, BaseException):
+        inner = orig
+    elif isinstance(exc, RWDBError) and exc.__cause__ is not None:
+        inner = exc.__cause__  # ours, raised from the driver's error
+    lines = str(inner).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > _ERROR_CHARS:
+        first = first[: _ERROR_CHARS - 3] + "..."
+    for secret in _secrets(settings):
+        first = first.replace(secret, "***")
+    return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def _secrets(settings: RWDBSettings) -> list[str]:
+    found = []
+    for value in (settings.password, settings.write_url, settings.read_url):
+        if value is not None and value.get_secret_value():
+            found.append(value.get_secret_value())
+    for side in ("write", "read"):
+        password = settings.url(side, "psycopg").password
+        if password:
+            found.append(str(password))
+    return sorted(set(found), key=len, reverse=True)  # whole URLs before their parts

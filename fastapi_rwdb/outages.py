@@ -20,9 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .database import get_database
-from .debug import describe_error
 from .errors import DatabaseUnavailableError, ReplicaConflictError
-from .faults import READ_ONLY_SQLSTATE, is_connection_failure, sqlstate_of
+from .faults import READ_ONLY_SQLSTATE, describe_error, is_connection_failure, sqlstate_of
 
 logger = logging.getLogger("fastapi_rwdb")
 
