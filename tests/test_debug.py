@@ -523,7 +523,13 @@ async def test_metrics_count_routes_tokens_and_pools(app: FastAPI) -> None:
         db.execute(text("SELECT 1"))
     assert sample(routed_default[0], **routed_default[1]) == before["default"] + 5
 
-    # Any session builds both pairs and the primary-read engines: all six pools are reported.
+    # A sync session builds the psycopg engines only: their three pools are reported,
+    # the asyncpg ones once an async session has been asked for.
+    db = fastapi_rwdb.get_database()
+    assert not db.is_built("async_engines")
+    assert REGISTRY.get_sample_value("rwdb_pool_size", {"pair": "async", "side": "write"}) is None
+    async with db.async_read_session() as session:
+        await session.execute(text("SELECT 1"))
     for pair in ("sync", "async"):
         for side, size in (("write", 3), ("read", 6), ("primary_read", 3)):
             labels = {"pair": pair, "side": side}
