@@ -96,9 +96,6 @@ class _RoutedReads(Session):
         super().close()
         _release(self)
 
-    def reset(self) -> None:
-        super().reset()
-        _release(self)
 
     def invalidate(self) -> None:
         for conn in self.info.get(_OWNED, ()):

@@ -337,7 +337,10 @@ async def test_psycopg_commit_tracking_costs_no_round_trip() -> None:
     upstream = {"write": (os.environ["POSTGRES_SERVER"], int(os.environ["POSTGRES_PORT"]))}
     counted: dict[str, dict[str, tuple[int, int]]] = {}
     with WireCounter(upstream) as wire:
-        settings = RWDBSettings(secret_key=KEY, write_port=wire.ports["write"])
+        # The background replica view would query the primary through the counter too.
+        settings = RWDBSettings(
+            secret_key=KEY, write_port=wire.ports["write"], lag_check_interval=3600
+        )
         plain = create_engine(
             settings.url("write", "psycopg"),
             pool_pre_ping=True,

@@ -305,3 +305,27 @@ def test_a_token_that_does_not_verify_sends_the_job_to_the_primary() -> None:
     fastapi_rwdb.configure(RWDBSettings(secret_key=KEY))
     with fastapi_rwdb.get_read_db_context(after="2.ff.1.notatoken", wait=0) as s:
         assert s.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is False
+
+
+@pytest.mark.parametrize("how", ["close", "reset", "invalidate"])
+def test_connections_a_routing_check_took_are_given_back(how: str) -> None:
+    """Issue 13, bug 4: reset() and invalidate() end a session without close()."""
+    import time
+
+    from fastapi_rwdb.state import RequestState, request_state
+    from fastapi_rwdb.tokens import Token
+
+    db = Database(RWDBSettings(secret_key=KEY))
+    state = RequestState(token=Token(lsn=1, expires=int(time.time()) + 30), database=db)
+    token = request_state.set(state)
+    try:
+        session = db.read_session()
+        session.execute(text("SELECT 1"))  # checked the position: an owned connection
+        assert state.read_reason == "caught-up"
+        pool = db.engines.read.pool
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]
+        getattr(session, how)()
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        request_state.reset(token)
+        db.dispose_sync()
