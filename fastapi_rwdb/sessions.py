@@ -96,6 +96,9 @@ class _RoutedReads(Session):
         super().close()
         _release(self)
 
+    def reset(self) -> None:
+        super().reset()
+        _release(self)
 
     def invalidate(self) -> None:
         for conn in self.info.get(_OWNED, ()):
