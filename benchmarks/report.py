@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -166,24 +167,11 @@ def _offload(data: dict[str, Any], png: str) -> list[str]:
         "without the client's latest row, is a **stale read**. Who served each read comes "
         "from the `X-RWDB-Read` header (`routing_header=True`).",
         "",
-        "| mode | requests | writes | reads | served by a replica | stale reads | "
-        "stale: just written / older / list | primary reads by reason |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        *_mode_table(modes.values(), set_cookie=False),
+        "",
+        f"![offload]({png})",
+        "",
     ]
-    for m in modes.values():
-        c = m["counts"]
-        reasons = ", ".join(
-            f"{k.split('reason=')[1]} {n}"
-            for k, n in sorted(c.items())
-            if k.startswith("served: primary")
-        )
-        lines.append(
-            f"| {m['label']} | {m['requests']} | {c.get('writes', 0)} | {c.get('reads', 0)} | "
-            f"{_pct(m['replica_share'])} | {c.get('stale', 0)} | "
-            f"{c.get('stale_just_written', 0)} / {c.get('stale_older', 0)} / "
-            f"{c.get('stale_list', 0)} | {reasons or '-'} |"
-        )
-    lines += ["", f"![offload]({png})", ""]
     if "unequal" in data:
         lines += _unequal(data)
     return lines
@@ -200,25 +188,34 @@ def _unequal(data: dict[str, Any]) -> list[str]:
         "connections to both, so a token cleared because one replica had the write would let "
         "the next read reach the other.",
         "",
-        "| mode | requests | reads | served by a replica | stale reads | "
-        "stale: just written / older / list | reads answered with Set-Cookie | "
-        "primary reads by reason |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        *_mode_table(unequal["modes"].values(), set_cookie=True),
+        "",
     ]
-    for m in unequal["modes"].values():
+    return lines
+
+
+def _mode_table(modes: Iterable[dict[str, Any]], *, set_cookie: bool) -> list[str]:
+    """One row per pinning mode of an offload run."""
+    extra = " reads answered with Set-Cookie |" if set_cookie else ""
+    lines = [
+        "| mode | requests | writes | reads | served by a replica | stale reads | "
+        f"stale: just written / older / list |{extra} primary reads by reason |",
+        f"| --- | ---: | ---: | ---: | ---: | ---: | --- |{' ---: |' if set_cookie else ''} --- |",
+    ]
+    for m in modes:
         c = m["counts"]
         reasons = ", ".join(
             f"{k.split('reason=')[1]} {n}"
             for k, n in sorted(c.items())
             if k.startswith("served: primary")
         )
+        cookie = f" {c.get('reads_setting_cookie', 0)} |" if set_cookie else ""
         lines.append(
-            f"| {m['label']} | {m['requests']} | {c.get('reads', 0)} | "
+            f"| {m['label']} | {m['requests']} | {c.get('writes', 0)} | {c.get('reads', 0)} | "
             f"{_pct(m['replica_share'])} | {c.get('stale', 0)} | "
             f"{c.get('stale_just_written', 0)} / {c.get('stale_older', 0)} / "
-            f"{c.get('stale_list', 0)} | {c.get('reads_setting_cookie', 0)} | {reasons or '-'} |"
+            f"{c.get('stale_list', 0)} |{cookie} {reasons or '-'} |"
         )
-    lines.append("")
     return lines
 
 
