@@ -67,7 +67,8 @@ case "$cmd" in
         bash scripts/stack.sh up
         echo "==> pytest (lowest versions)"
         load_stack_env
-        .venv-lowest/bin/pytest -p no:cacheprovider -m "not reliability" "$@"
+        if [ $# -eq 0 ]; then set -- -m "not reliability"; fi
+        .venv-lowest/bin/pytest -p no:cacheprovider "$@"
         ;;
     demo)
         ensure_venv
