@@ -208,6 +208,39 @@ class Database:
     def is_built(self, name: str) -> bool:
         return name in self._built
 
+    @contextmanager
+    def reading_from(self, engine: Engine, async_engine: AsyncEngine) -> Iterator[None]:
+        """Read sessions made inside the block use these read engines (the routing,
+        the tokens and the primary stay as they are); sessions made before keep theirs.
+
+        For :mod:`fastapi_rwdb.testing`'s stale replica, whose read side is a snapshot
+        of the primary. The caller disposes of the engines it passed.
+        """
+        sync, aio = self.engines, self.async_engines
+        ours = EnginePair(sync.write, engine), AsyncEnginePair(aio.write, async_engine)
+        with self._lock:
+            names = ("engines", "async_engines", "makers", "async_makers")
+            saved = {name: self._built.get(name) for name in names}
+            self._built["engines"], self._built["async_engines"] = ours
+            self._built.pop("makers", None)
+            self._built.pop("async_makers", None)
+        try:
+            yield
+        finally:
+            with self._lock:
+                restore = self._built.get("engines") is ours[0]
+                if restore:
+                    for name, value in saved.items():
+                        if value is None:
+                            self._built.pop(name, None)
+                        else:
+                            self._built[name] = value
+            if not restore:
+                # Disposed inside the block (an app's lifespan ended there): so are the
+                # read engines set aside, as dispose() would have done.
+                sync.read.dispose()
+                aio.read.sync_engine.dispose(close=False)
+
     # -- sessionmakers ------------------------------------------------------------
 
     def _classes(self) -> tuple[type[Session], type[AsyncSession]]:

@@ -20,7 +20,13 @@ from sqlalchemy.orm import Session
 
 from . import conflicts, metrics, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
-from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
+from .engines import (
+    POSITION_INFO,
+    POSITION_SQL,
+    REPORTED_POSITION,
+    fetch_outside_transaction,
+    want_position,
+)
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .internals import EXECUTE_INTERNAL, await_
 from .lsn import MAX_LSN, parse_lsn
@@ -146,7 +152,7 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
         assert state is not None
         state.note_seen(position)
     target = "primary" if route.target == "primary" or reason in _PRIMARY_REASONS else "replica"
-    metrics.record_route(target, reason)
+    metrics.record_route(target, reason, route.min_lsn)
     if state is not None:
         state.read_target = target
         state.read_reason = reason
@@ -266,8 +272,9 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
     finally:
         want_position.reset(reset)
     try:
-        position = conn.connection.info.pop(POSITION_INFO, _UNKNOWN)
-        if position is _UNKNOWN:
+        info = conn.connection.info
+        position = info.pop(POSITION_INFO, _UNKNOWN)
+        if position is _UNKNOWN or REPORTED_POSITION in info:
             position = _position_of(conn)
     except Exception as exc:
         # Asked on the driver's connection, so SQLAlchemy did not see the failure: a
@@ -286,6 +293,10 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
 
 
 def _position_of(conn: Connection) -> int | None:
+    # A connection may report a position other than its server's: see REPORTED_POSITION.
+    reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
+    if reported is not _UNKNOWN:
+        return reported  # type: ignore[no-any-return]
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 
