@@ -1,7 +1,8 @@
 """Listeners to each routing decision and token event, beside the Prometheus counters.
 
 The test kit's recorder (:mod:`fastapi_rwdb.testing`) and the OpenTelemetry
-bridge (:mod:`fastapi_rwdb.otel`) listen here. With no listener installed,
+bridge (:mod:`fastapi_rwdb.otel`, installed here when ``opentelemetry-api`` is)
+listen here. With no listener installed,
 what :mod:`fastapi_rwdb.metrics` pays per event is one check of ``active``.
 Listeners run in the thread (and the context) of the request that made the
 decision, so they can look at ``request_state``; they must be quick and must
@@ -10,6 +11,7 @@ not raise.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Callable
 
@@ -55,3 +57,18 @@ def route(target: str, reason: str, checked_lsn: int | None) -> None:
 def token(event: str) -> None:
     for listener in _tokens:
         listener(event)
+
+
+def _listen_for_opentelemetry() -> None:
+    """With ``opentelemetry-api`` installed, routing decisions go on the current span.
+
+    Only asks whether the package exists: it is imported on the first event.
+    """
+    if importlib.util.find_spec("opentelemetry") is None:
+        return
+    from . import otel
+
+    listen(otel.on_route, otel.on_token)
+
+
+_listen_for_opentelemetry()

@@ -232,12 +232,13 @@ async def test_the_recorder_tells_reads_tokens_and_pins_apart(
     assert rwdb_routes.outside.reads == []
 
 
-def test_nothing_listens_unless_a_fixture_asks() -> None:
-    assert observers.active is False
+def test_the_recorder_listens_only_while_installed() -> None:
+    before = observers._routes
     recorder = RoutingRecorder()
     with recorder.installed():
         assert observers.active is True
-    assert observers.active is False
+        assert recorder.on_route in observers._routes
+    assert observers._routes == before
 
 
 @pytest.fixture
