@@ -94,16 +94,18 @@ async def warm(app: FastAPI, flavour: str, ports: tuple[int, int]) -> None:
 async def test_a_fresh_read_always_sees_what_someone_else_just_wrote(
     paused: tuple[int, int], flavour: str
 ) -> None:
-    behind, current = paused
+    behind, _ = paused
     app = make_app(pin_wait_ms=300)
     fresh_missed, plain_missed, fresh_ports = 0, 0, []
     async with serve(app), client(app) as stranger:
         await warm(app, flavour, paused)
         for _ in range(15):
             name = someone_else_writes()
-            for _ in range(3):
-                plain = (await stranger.get(f"{flavour}/plain/{name}")).json()
-                plain_missed += not plain["found"]
+            # Several at once, so they take connections to both replicas.
+            plains = await asyncio.gather(
+                *(stranger.get(f"{flavour}/plain/{name}") for _ in range(6))
+            )
+            plain_missed += sum(not p.json()["found"] for p in plains)
             fresh = (await stranger.get(f"{flavour}/fresh/{name}")).json()
             fresh_missed += not fresh["found"]
             fresh_ports.append(fresh["port"] if fresh["replica"] else "primary")
@@ -111,8 +113,8 @@ async def test_a_fresh_read_always_sees_what_someone_else_just_wrote(
             assert not stranger.cookies.get("rwdb_pin")
     assert fresh_missed == 0, f"{fresh_missed} of 15 fresh reads missed the row"
     assert behind not in fresh_ports, fresh_ports
-    # Not merely the primary: a replica that has the row serves fresh reads too.
-    assert current in fresh_ports, fresh_ports
+    # (That a replica which has the row does serve fresh reads is shown on one server,
+    # deterministically, in test_testing_plugin: here it depends on the pool's order.)
     # The control: plain reads do reach the paused replica and miss the row.
     assert plain_missed > 0
 
@@ -131,7 +133,13 @@ async def test_a_primary_read_is_on_the_primary(paused: tuple[int, int], flavour
 async def test_the_fresh_context_managers_see_what_someone_else_just_wrote(
     paused: tuple[int, int],
 ) -> None:
-    fastapi_rwdb.configure(RWDBSettings(secret_key=KEY))
+    database = fastapi_rwdb.configure(RWDBSettings(secret_key=KEY))
+    # Several read connections at once, so the pool holds some to each replica.
+    sessions = [database.read_session() for _ in range(8)]
+    ports = {s.execute(text("SELECT inet_server_port()")).scalar_one() for s in sessions}
+    for s in sessions:
+        s.close()
+    assert set(paused) <= ports, ports
     missed = {"fresh": 0, "async fresh": 0, "plain": 0}
     for _ in range(12):
         name = someone_else_writes()

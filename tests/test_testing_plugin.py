@@ -230,6 +230,17 @@ async def test_the_recorder_tells_reads_tokens_and_pins_apart(
     assert pinned.pinned and pinned.read_targets == ["replica"]
     assert pinned.reads[0].reason == "caught-up"
     assert rwdb_routes.outside.reads == []
+    # A fresh read, with nothing written since it took the primary's position: the
+    # replica side has it, and serves.
+    fastapi_rwdb.configure(database)
+    with fastapi_rwdb.get_fresh_read_db_context() as db:
+        db.execute(text("SELECT 1"))
+    (fresh,) = rwdb_routes.outside.reads
+    assert (fresh.target, fresh.reason, fresh.pinned) == ("replica", "caught-up", True)
+    assert fresh.checked_lsn is not None
+    with fastapi_rwdb.get_read_db_context(primary=True) as db:
+        db.execute(text("SELECT 1"))
+    assert rwdb_routes.outside.reads[-1].reason == "primary-read"
 
 
 def test_the_recorder_listens_only_while_installed() -> None:
