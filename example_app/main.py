@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 from sqlalchemy import text
 
 import fastapi_rwdb
@@ -43,3 +45,13 @@ def database_health(db: ReadSession) -> dict[str, str]:
     client sent a token for a write the replicas have not replayed yet."""
     in_recovery = db.execute(text("SELECT pg_is_in_recovery()")).scalar_one()
     return {"status": "ok", "served_by": "replica" if in_recovery else "primary"}
+
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+@app.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> str:
+    """A small page (plain HTML and fetch()) that adds a tracker and lists them: the
+    browser's own cookie handling carries the read-your-writes token."""
+    return PAGE.read_text()

@@ -34,9 +34,13 @@ import fastapi.routing
 
 from .dependencies import (
     get_async_db,
+    get_async_fresh_read_db,
+    get_async_primary_read_db,
     get_async_read_db,
     get_async_write_db,
     get_db,
+    get_fresh_read_db,
+    get_primary_read_db,
     get_read_db,
     get_write_db,
 )
@@ -53,6 +57,22 @@ SESSION_DEPENDENCIES: dict[Callable[..., Any], Side] = {
     get_async_db: "write",
     get_read_db: "read",
     get_async_read_db: "read",
+    get_fresh_read_db: "read",
+    get_async_fresh_read_db: "read",
+    get_primary_read_db: "read",
+    get_async_primary_read_db: "read",
+}
+#: Read sessions that are not plain replica reads, and what the audit calls them.
+READ_KINDS: dict[Callable[..., Any], str] = {
+    get_fresh_read_db: "fresh",
+    get_async_fresh_read_db: "fresh",
+    get_primary_read_db: "primary",
+    get_async_primary_read_db: "primary",
+}
+KIND_MEANINGS = {
+    "fresh": "a read session that sees every write committed anywhere before its first "
+    "read (a replica that has replayed the primary's current position, else the primary)",
+    "primary": "a read-only session on the primary (its own pool, never a write connection)",
 }
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -75,10 +95,12 @@ class SessionUse:
     dependency: str
     side: Side
     via: tuple[str, ...] = ()  # outermost first; empty when the route asks for it directly
+    kind: str | None = None  # "fresh" or "primary" for those read sessions (READ_KINDS)
 
     @property
     def label(self) -> str:
-        return " > ".join((*self.via, self.dependency))
+        label = " > ".join((*self.via, self.dependency))
+        return f"{label} [{self.kind}]" if self.kind else label
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +137,9 @@ class RouteAudit:
             "endpoint": self.endpoint,
             "sides": list(self.sides),
             "sessions": [
-                {"dependency": u.dependency, "side": u.side, "via": list(u.via)} for u in self.uses
+                {"dependency": u.dependency, "side": u.side, "via": list(u.via)}
+                | ({"kind": u.kind} if u.kind else {})
+                for u in self.uses
             ],
             "findings": [
                 {"level": f.level, "code": f.code, "message": f.message, "ignored": f.ignored}
@@ -245,7 +269,7 @@ def _session_uses(dependant: Any, via: tuple[str, ...] = ()) -> Iterator[Session
         call = _unwrap(sub.call)
         side = _side(call)
         if side is not None:
-            yield SessionUse(_callable_name(call), side, via)
+            yield SessionUse(_callable_name(call), side, via, READ_KINDS.get(call))
         else:
             yield from _session_uses(sub, (*via, _callable_name(call)))
 
@@ -449,6 +473,13 @@ def _text_lines(report: AuditReport, width: int) -> Iterator[str]:
     for row in rows:
         padded = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
         yield "  ".join([*padded, row[-1]])
+    kinds = sorted({u.kind for r in report.routes for u in r.uses if u.kind})
+    if kinds:
+        yield ""
+    for kind in kinds:
+        yield from textwrap.wrap(
+            f"[{kind}]: {KIND_MEANINGS[kind]}", width=width, subsequent_indent="    "
+        )
     flagged = [r for r in report.routes if r.findings]
     if flagged:
         yield ""

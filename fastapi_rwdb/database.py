@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import pools
+from . import metrics, pools
 from .binds import BINDS, PIN_MODE_INFO, STATE, WAIT_MS, ReadBinds
 from .engines import (
     AsyncEnginePair,
@@ -208,6 +208,39 @@ class Database:
     def is_built(self, name: str) -> bool:
         return name in self._built
 
+    @contextmanager
+    def reading_from(self, engine: Engine, async_engine: AsyncEngine) -> Iterator[None]:
+        """Read sessions made inside the block use these read engines (the routing,
+        the tokens and the primary stay as they are); sessions made before keep theirs.
+
+        For :mod:`fastapi_rwdb.testing`'s stale replica, whose read side is a snapshot
+        of the primary. The caller disposes of the engines it passed.
+        """
+        sync, aio = self.engines, self.async_engines
+        ours = EnginePair(sync.write, engine), AsyncEnginePair(aio.write, async_engine)
+        with self._lock:
+            names = ("engines", "async_engines", "makers", "async_makers")
+            saved = {name: self._built.get(name) for name in names}
+            self._built["engines"], self._built["async_engines"] = ours
+            self._built.pop("makers", None)
+            self._built.pop("async_makers", None)
+        try:
+            yield
+        finally:
+            with self._lock:
+                restore = self._built.get("engines") is ours[0]
+                if restore:
+                    for name, value in saved.items():
+                        if value is None:
+                            self._built.pop(name, None)
+                        else:
+                            self._built[name] = value
+            if not restore:
+                # Disposed inside the block (an app's lifespan ended there): so are the
+                # read engines set aside, as dispose() would have done.
+                sync.read.dispose()
+                aio.read.sync_engine.dispose(close=False)
+
     # -- sessionmakers ------------------------------------------------------------
 
     def _classes(self) -> tuple[type[Session], type[AsyncSession]]:
@@ -275,31 +308,70 @@ class Database:
         return self._sync_makers().write()
 
     def read_session(
-        self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
+        self,
+        *,
+        primary: bool = False,
+        after: str | None = None,
+        wait: float | None = None,
+        fresh: bool = False,
     ) -> Session:
         """A read-only session on a replica, or on the primary when ``primary``.
 
         ``after``: a token from :func:`fastapi_rwdb.current_token`; the reads then
         go only to a replica that has replayed its position (waiting up to
-        ``wait`` seconds for one), else to the primary.
+        ``wait`` seconds for one, 1 by default), else to the primary.
+
+        ``fresh``: the reads see every write committed anywhere before the
+        session's first read: the primary's current WAL position is taken then,
+        and a replica serves only once it has replayed it (waiting up to ``wait``
+        seconds, ``RWDB_PIN_WAIT_MS`` by default), else the primary.
         """
+        primary = primary or self._fresh_on_primary(fresh)
         makers = self._sync_makers()
         session = (makers.primary_read if primary else makers.read)()
-        if after is not None and not primary:
-            self._read_after(session.info, after, wait)
+        self._prepare_read(session.info, primary, after, wait, fresh)
         return session
 
     def async_write_session(self) -> AsyncSession:
         return self._async_makers().write()
 
     def async_read_session(
-        self, *, primary: bool = False, after: str | None = None, wait: float = 1.0
+        self,
+        *,
+        primary: bool = False,
+        after: str | None = None,
+        wait: float | None = None,
+        fresh: bool = False,
     ) -> AsyncSession:
+        """The asyncpg twin of :meth:`read_session`."""
+        primary = primary or self._fresh_on_primary(fresh)
         makers = self._async_makers()
         session = (makers.primary_read if primary else makers.read)()
-        if after is not None and not primary:
-            self._read_after(session.info, after, wait)
+        self._prepare_read(session.info, primary, after, wait, fresh)
         return session
+
+    def _fresh_on_primary(self, fresh: bool) -> bool:
+        # Without WAL positions (RWDB_PIN_MODE window or off) only the primary is fresh.
+        return fresh and self.settings.pin_mode != "lsn"
+
+    def _prepare_read(
+        self,
+        info: dict[Any, Any],
+        primary: bool,
+        after: str | None,
+        wait: float | None,
+        fresh: bool,
+    ) -> None:
+        if primary:
+            # No routing to do: say so once, as the routed sessions do at their first read.
+            metrics.record_route("primary", "primary-read")
+        elif after is not None:
+            self._read_after(info, after, 1.0 if wait is None else wait)
+        elif fresh:
+            info[STATE] = RequestState(fresh=True, database=self)
+            if wait is not None:
+                info[WAIT_MS] = max(0, round(wait * 1000))
+
 
     def _read_after(self, info: dict[Any, Any], after: str, wait: float) -> None:
         """Give a job's session a routing state of its own, holding ``after``'s position."""

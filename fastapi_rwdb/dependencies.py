@@ -30,6 +30,21 @@ def get_read_db() -> Iterator[Session]:
         yield session
 
 
+def get_fresh_read_db() -> Iterator[Session]:
+    """A read-only session that sees every write committed anywhere before the request's
+    reads: on a replica that has replayed the primary's current position, else the primary.
+    Costs one short round trip on the primary at its first read."""
+    with get_database().read_session(fresh=True) as session:
+        yield session
+
+
+def get_primary_read_db() -> Iterator[Session]:
+    """A read-only session on the primary: current whatever anyone wrote, and never
+    on a write connection (the reads that must see the primary have a pool of their own)."""
+    with get_database().read_session(primary=True) as session:
+        yield session
+
+
 def get_db() -> Iterator[Session]:
     """Same as :func:`get_write_db`, for code written before the split."""
     # ``yield from`` hands the endpoint's exception (and close()) on to the inner
@@ -49,6 +64,16 @@ async def get_async_read_db() -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_async_fresh_read_db() -> AsyncIterator[AsyncSession]:
+    async with get_database().async_read_session(fresh=True) as session:
+        yield session
+
+
+async def get_async_primary_read_db() -> AsyncIterator[AsyncSession]:
+    async with get_database().async_read_session(primary=True) as session:
+        yield session
+
+
 async def get_async_db() -> AsyncIterator[AsyncSession]:
     """Same as :func:`get_async_write_db`, for code written before the split."""
     # Not ``async for session in get_async_write_db()``: an exception thrown in at
@@ -65,3 +90,7 @@ DBSession = Annotated[Session, Depends(get_db)]
 AsyncWriteSession = Annotated[AsyncSession, Depends(get_async_write_db)]
 AsyncReadSession = Annotated[AsyncSession, Depends(get_async_read_db)]
 AsyncDBSession = Annotated[AsyncSession, Depends(get_async_db)]
+FreshReadSession = Annotated[Session, Depends(get_fresh_read_db)]
+PrimaryReadSession = Annotated[Session, Depends(get_primary_read_db)]
+AsyncFreshReadSession = Annotated[AsyncSession, Depends(get_async_fresh_read_db)]
+AsyncPrimaryReadSession = Annotated[AsyncSession, Depends(get_async_primary_read_db)]

@@ -43,6 +43,11 @@ POSITION_INFO = "rwdb_position"
 #: Connection-record info key: a callable that sends this transaction's COMMIT
 #: itself, in place of the DBAPI ``commit()`` (psycopg engines; see tracking).
 COMMIT_INFO = "rwdb_commit"
+#: Connection-record info key: a position the connection reports instead of its
+#: server's, whenever read-your-writes asks how far it has got. The one hook for a
+#: read side that is behind by other means than replay: fastapi_rwdb.testing's
+#: stale replica (a snapshot of the primary) reports the position it was taken at.
+REPORTED_POSITION = "rwdb_reported_position"
 _FRESH = "rwdb_fresh"
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
@@ -83,7 +88,11 @@ def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
     return args
 
 
-def _pool_args(side: Side, settings: RWDBSettings) -> dict[str, Any]:
+def _pool_args(side: Side, settings: RWDBSettings, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "poolclass" in kwargs:
+        # The caller's own pool (NullPool for Alembic or a test's throwaway engine)
+        # may take none of the queue pool's sizes; pre-ping is the package's own.
+        return {"pool_pre_ping": settings.pool_pre_ping}
     size, overflow = settings.pool_limits(side)
     return {
         "pool_size": size,
@@ -266,7 +275,7 @@ def _engine_options(
     except for the role. A caller's ``execution_options`` are merged with it: in
     its place, a write on the read side would look like a demoted primary."""
     return {
-        **_pool_args(side, settings),
+        **_pool_args(side, settings, kwargs),
         "connect_args": connect_args(driver, settings),
         **kwargs,
         "execution_options": {**kwargs.get("execution_options", {}), ROLE_OPTION: side},

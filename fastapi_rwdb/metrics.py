@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import observers
+
 try:
     from prometheus_client import REGISTRY, Counter
     from prometheus_client.core import GaugeMetricFamily
@@ -131,13 +133,18 @@ _route_children: dict[tuple[str, str], Any] = {}
 _token_children: dict[str, Any] = {}
 
 
-def record_route(target: str, reason: str) -> None:
-    """Count one routing decision of a read session."""
+def record_route(target: str, reason: str, checked_lsn: int | None = None) -> None:
+    """Count one routing decision of a read session (and tell the listeners, if any).
+
+    ``checked_lsn``: the position the replica had to have replayed, if one was checked.
+    """
     if ENABLED:
         child = _route_children.get((target, reason))
         if child is None:
             child = _route_children[target, reason] = _routed.labels(target, reason)
         child.inc()
+    if observers.active:
+        observers.route(target, reason, checked_lsn)
 
 
 def record_token(event: str) -> None:
@@ -147,3 +154,5 @@ def record_token(event: str) -> None:
         if child is None:
             child = _token_children[event] = _tokens.labels(event)
         child.inc()
+    if observers.active:
+        observers.token(event)

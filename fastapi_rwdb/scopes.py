@@ -54,6 +54,27 @@ def get_read_db_context(
         yield session
 
 
+@contextmanager
+def get_fresh_read_db_context(*, wait: float | None = None) -> Iterator[Session]:
+    """Read-only session that sees every write committed anywhere before its first read.
+
+    It takes the primary's current WAL position (one short round trip on the
+    primary-read pool) and reads from a replica that has replayed it, waiting up
+    to ``wait`` seconds (``RWDB_PIN_WAIT_MS`` by default) for one, else from the
+    primary. For reports after a batch job, admin screens, tests.
+    """
+    with get_database().read_session(fresh=True, wait=wait) as session:
+        yield session
+
+
+@asynccontextmanager
+async def get_async_fresh_read_db_context(
+    *, wait: float | None = None
+) -> AsyncIterator[AsyncSession]:
+    async with get_database().async_read_session(fresh=True, wait=wait) as session:
+        yield session
+
+
 @asynccontextmanager
 async def get_async_write_db_context() -> AsyncIterator[AsyncSession]:
     async with get_database().async_write_session() as session:

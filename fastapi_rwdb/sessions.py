@@ -20,13 +20,20 @@ from sqlalchemy.orm import Session
 
 from . import conflicts, metrics, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
-from .engines import POSITION_INFO, POSITION_SQL, fetch_outside_transaction, want_position
+from .engines import (
+    POSITION_INFO,
+    POSITION_SQL,
+    REPORTED_POSITION,
+    fetch_outside_transaction,
+    want_position,
+)
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .internals import EXECUTE_INTERNAL, await_
-from .lsn import parse_lsn
+from .lsn import MAX_LSN, parse_lsn
 from .routing import Route, choose_read_route
 from .settings import SessionKind
 from .state import RequestState, request_state
+from .tokens import Token
 
 #: Session.info keys.
 _CHOICE = "rwdb_read_choice"
@@ -114,8 +121,13 @@ def _release(session: Session) -> None:
 
 
 def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
-    # A job's session carries its own state (get_read_db_context(after=...)).
-    state: RequestState | None = session.info.get(STATE) or request_state.get()
+    # A job's session carries its own state (get_read_db_context(after=...)), and so
+    # does a fresh read (its position is taken from the primary on its first read).
+    state: RequestState | None = session.info.get(STATE)
+    if state is None:
+        state = request_state.get()
+    elif state.fresh:
+        state = _fresh_state(session, binds, state)
     version = -1 if state is None else state.version
     cached = session.info.get(_CHOICE)
     if cached is not None and cached[0] == version:
@@ -140,12 +152,39 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
         assert state is not None
         state.note_seen(position)
     target = "primary" if route.target == "primary" or reason in _PRIMARY_REASONS else "replica"
-    metrics.record_route(target, reason)
+    metrics.record_route(target, reason, route.min_lsn)
     if state is not None:
         state.read_target = target
         state.read_reason = reason
     session.info[_CHOICE] = (version, bind)
     return bind
+
+
+def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> RequestState:
+    """A fresh read's routing state: the primary's current WAL position, as a token.
+
+    Taken on the first read, not when the session is made, so that a session never
+    used costs nothing; either way it is after the request began, so every write
+    committed anywhere before that is included. One round trip on the primary-read
+    pool, outside any transaction (the checkout ping reads the position). The
+    request's own state is folded in, so the request's commits and the client's
+    token still count.
+    """
+    conn, position = _checkout(None, binds.primary)
+    conn.close()
+    request = request_state.get()
+    # A primary that reports no position: only the primary is sure to be current.
+    lsn = MAX_LSN if position is None else position
+    if request is not None and request.needed_lsn is not None:
+        lsn = max(lsn, request.needed_lsn)
+    state = RequestState(
+        token=Token(lsn=lsn, expires=0),
+        commit_lsn=request.commit_lsn if request is not None else None,
+        replica_behind=position is None,
+        database=marker.database,
+    )
+    session.info[STATE] = state
+    return state
 
 
 _PRIMARY_REASONS = frozenset({"replica-behind", "replica-lag"})
@@ -233,8 +272,9 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
     finally:
         want_position.reset(reset)
     try:
-        position = conn.connection.info.pop(POSITION_INFO, _UNKNOWN)
-        if position is _UNKNOWN:
+        info = conn.connection.info
+        position = info.pop(POSITION_INFO, _UNKNOWN)
+        if position is _UNKNOWN or REPORTED_POSITION in info:
             position = _position_of(conn)
     except Exception as exc:
         # Asked on the driver's connection, so SQLAlchemy did not see the failure: a
@@ -253,6 +293,10 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
 
 
 def _position_of(conn: Connection) -> int | None:
+    # A connection may report a position other than its server's: see REPORTED_POSITION.
+    reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
+    if reported is not _UNKNOWN:
+        return reported  # type: ignore[no-any-return]
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 

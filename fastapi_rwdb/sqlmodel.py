@@ -17,18 +17,26 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .dependencies import (
     get_async_db,
+    get_async_fresh_read_db,
+    get_async_primary_read_db,
     get_async_read_db,
     get_async_write_db,
     get_db,
+    get_fresh_read_db,
+    get_primary_read_db,
     get_read_db,
     get_write_db,
 )
 
 __all__ = [
     "AsyncDBSession",
+    "AsyncFreshReadSession",
+    "AsyncPrimaryReadSession",
     "AsyncReadSession",
     "AsyncWriteSession",
     "DBSession",
+    "FreshReadSession",
+    "PrimaryReadSession",
     "ReadSession",
     "WriteSession",
 ]
@@ -39,3 +47,7 @@ DBSession = Annotated[Session, Depends(get_db)]
 AsyncWriteSession = Annotated[AsyncSession, Depends(get_async_write_db)]
 AsyncReadSession = Annotated[AsyncSession, Depends(get_async_read_db)]
 AsyncDBSession = Annotated[AsyncSession, Depends(get_async_db)]
+FreshReadSession = Annotated[Session, Depends(get_fresh_read_db)]
+PrimaryReadSession = Annotated[Session, Depends(get_primary_read_db)]
+AsyncFreshReadSession = Annotated[AsyncSession, Depends(get_async_fresh_read_db)]
+AsyncPrimaryReadSession = Annotated[AsyncSession, Depends(get_async_primary_read_db)]

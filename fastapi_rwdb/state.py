@@ -38,6 +38,9 @@ class RequestState:
     database: Database | None = None  # the serving app's, for get_database()
     scope: Any = None  # the ASGI scope, to name the route in warnings
     response_started: bool = False
+    #: A fresh read's session state before its first read: the position to reach is
+    #: the primary's current one, taken then (see sessions._fresh_state).
+    fresh: bool = False
 
     def note_commit(self, lsn: int, *, own: bool = False) -> None:
         """A write session committed ``lsn``; ``own``: in a unit of work of its own

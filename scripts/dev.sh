@@ -35,6 +35,8 @@ case "$cmd" in
     test)
         ensure_venv
         bash scripts/stack.sh up
+        echo "==> headless Chromium for tests/test_browser.py"
+        bash scripts/browser.sh install
         echo "==> ruff"
         .venv/bin/ruff check .
         echo "==> mypy"

@@ -19,9 +19,13 @@ from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from sqlalchemy.orm import Session
 
 from fastapi_rwdb import (
+    AsyncFreshReadSession,
+    AsyncPrimaryReadSession,
     AsyncReadSession,
     AsyncWriteSession,
     DBSession,
+    FreshReadSession,
+    PrimaryReadSession,
     ReadSession,
     WriteSession,
     get_read_db,
@@ -390,3 +394,53 @@ def test_a_yield_dependency_that_may_commit_after_the_response_is_a_note() -> No
 
     routes = by_route(audit_app(app))
     assert ("note", "teardown-after-response") not in codes(routes["POST /early"])
+
+
+# -- fresh and primary reads ------------------------------------------------------------------
+
+kinds_app = FastAPI()
+
+
+@kinds_app.get("/report")
+def report(db: FreshReadSession) -> None: ...
+
+
+@kinds_app.get("/async/report")
+async def report_async(db: AsyncFreshReadSession) -> None: ...
+
+
+@kinds_app.get("/balance")
+def primary_balance(db: PrimaryReadSession) -> None: ...
+
+
+@kinds_app.get("/async/balance")
+async def primary_balance_async(db: AsyncPrimaryReadSession) -> None: ...
+
+
+@kinds_app.post("/reports")
+def post_with_a_fresh_read(db: FreshReadSession) -> None: ...
+
+
+def test_fresh_and_primary_reads_are_reads_and_say_what_they_are() -> None:
+    report = audit_app(kinds_app, target="kinds")
+    routes = by_route(report)
+    for label, kind in [
+        ("GET /report", "fresh"),
+        ("GET /async/report", "fresh"),
+        ("GET /balance", "primary"),
+        ("GET /async/balance", "primary"),
+    ]:
+        assert routes[label].sides == ("read",), label
+        assert codes(routes[label]) == [], label  # a GET on a read session: fine
+        assert [u.kind for u in routes[label].uses] == [kind], label
+    # A POST with only a fresh read still cannot write.
+    assert codes(routes["POST /reports"]) == [("error", "write-method-read-session")]
+    text_out = report.to_text()
+    assert "get_fresh_read_db [fresh]" in text_out
+    assert "get_primary_read_db [primary]" in text_out
+    assert "[fresh]: a read session that sees every write committed anywhere" in text_out
+    assert "[primary]: a read-only session on the primary" in text_out
+    sessions = report.to_dict()["routes"][0]["sessions"]
+    assert sessions == [
+        {"dependency": "get_fresh_read_db", "side": "read", "via": [], "kind": "fresh"}
+    ]
