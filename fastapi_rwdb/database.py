@@ -372,7 +372,6 @@ class Database:
             if wait is not None:
                 info[WAIT_MS] = max(0, round(wait * 1000))
 
-
     def _read_after(self, info: dict[Any, Any], after: str, wait: float) -> None:
         """Give a job's session a routing state of its own, holding ``after``'s position."""
         token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
