@@ -26,6 +26,7 @@ from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
 from .health import ReadSideHealth
 from .internals import await_, route_commit, set_readonly
 from .lsn import parse_lsn
+from .pooling import AsyncIdleClosingQueuePool, IdleClosingQueuePool
 from .settings import Driver, RWDBSettings, Side, parse_url
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -92,7 +93,17 @@ def _pool_args(side: Side, settings: RWDBSettings) -> dict[str, Any]:
         "pool_recycle": settings.pool_recycle,
         # Done by the package's own checkout ping (see _instrument), not SQLAlchemy's.
         "pool_pre_ping": settings.pool_pre_ping,
+        "idle_timeout": settings.pool_idle_seconds,
     }
+
+
+def _with_pool_class(options: dict[str, Any], is_async: bool) -> dict[str, Any]:
+    """The package's pool (pooling.py) unless the caller chose another pool class."""
+    if options.get("poolclass") is None:
+        options["poolclass"] = AsyncIdleClosingQueuePool if is_async else IdleClosingQueuePool
+    else:  # the caller's pool knows nothing of the idle timeout
+        options.pop("idle_timeout", None)
+    return options
 
 
 def make_engine(
@@ -115,7 +126,7 @@ def make_engine(
     settings = settings or _settings_for(url)
     options = _engine_options("psycopg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
-    engine = create_engine(url, pool_pre_ping=False, **options)
+    engine = create_engine(url, pool_pre_ping=False, **_with_pool_class(options, False))
     _instrument(engine, side, settings, health, ping=ping, is_async=False)
     return engine
 
@@ -133,7 +144,7 @@ def make_async_engine(
     settings = settings or _settings_for(url)
     options = _engine_options("asyncpg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
-    engine = create_async_engine(url, pool_pre_ping=False, **options)
+    engine = create_async_engine(url, pool_pre_ping=False, **_with_pool_class(options, True))
     _instrument(engine.sync_engine, side, settings, health, ping=ping, is_async=True)
     return engine
 
