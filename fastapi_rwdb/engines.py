@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
 from .health import ReadSideHealth
-from .internals import await_, route_commit, set_readonly
+from .internals import EXECUTE_INTERNAL, await_, route_commit, set_readonly
 from .lsn import parse_lsn
 from .pooling import AsyncIdleClosingQueuePool, IdleClosingQueuePool
 from .settings import Driver, RWDBSettings, Side, parse_url
@@ -45,6 +46,7 @@ POSITION_INFO = "rwdb_position"
 #: itself, in place of the DBAPI ``commit()`` (psycopg engines; see tracking).
 COMMIT_INFO = "rwdb_commit"
 _FRESH = "rwdb_fresh"
+_RETURNED_AT = "rwdb_returned_at"  # time.monotonic() when last returned to the pool
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
 POSITION_SQL = (
@@ -217,6 +219,28 @@ def _ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | 
     return None
 
 
+def looks_alive(dbapi_connection: Any) -> bool:
+    """Whether an idle connection shows no sign of having been closed, asked of the
+    local socket: no round trip.
+
+    An idle connection's socket has nothing to read. If it has (the server or a
+    proxy closed it, or sent a notice), the caller pings to find out. asyncpg's
+    event loop has already read any such thing and marked the connection closed.
+    """
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if isinstance(raw, psycopg.Connection):
+        if raw.closed or raw.broken:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+    is_closed = getattr(raw, "is_closed", None)
+    return not (is_closed is None or is_closed())
+
+
 def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
     """The first column of ``sql``'s first row, as text, run on a driver connection
     (psycopg or asyncpg) outside any transaction: one statement, one round trip,
@@ -361,10 +385,20 @@ def _instrument(
         raise AssertionError("unreachable")  # pragma: no cover
 
     if ping:
+        # Without the session hook that retries a statement on a dead connection
+        # (reconnect.py), every checkout pings.
+        skip_window = settings.ping_skip_ms / 1000 if EXECUTE_INTERNAL else 0.0
 
         @event.listens_for(engine, "connect")
         def _fresh(dbapi_connection: Any, record: Any) -> None:
             record.info[_FRESH] = True
+
+        if skip_window:
+
+            @event.listens_for(engine, "checkin")
+            def _returned(dbapi_connection: Any, record: Any) -> None:
+                if dbapi_connection is not None:  # None: invalidated, not coming back
+                    record.info[_RETURNED_AT] = time.monotonic()
 
         @event.listens_for(engine, "checkout")
         def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -378,10 +412,25 @@ def _instrument(
             connection opened just now is not pinged, as in SQLAlchemy: should it
             be unusable, the request's own statement fails and the pool is
             invalidated.
+
+            Nor is a connection returned to the pool less than
+            ``RWDB_PING_SKIP_MS`` ago whose socket has nothing to say (as
+            HikariCP's ``aliveBypassWindowMs``): a round trip saved on nearly
+            every request under load. A server or proxy that closed it makes the
+            socket readable, and then it is pinged after all; one that died
+            silently is found by the first statement, which reconnect.py runs
+            again on a new connection. A checkout that wants the position always
+            pings: the position is why it pings.
             """
             if record.info.pop(_FRESH, False):
                 return
             position = want_position.get()
+            if (
+                not position
+                and time.monotonic() - record.info.get(_RETURNED_AT, -skip_window) < skip_window
+                and looks_alive(dbapi_connection)
+            ):
+                return
             try:
                 value = _ping_query(dbapi_connection, position, settings.connect_timeout)
             except Exception as exc:
