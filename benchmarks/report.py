@@ -352,17 +352,20 @@ def _overhead(data: dict[str, Any], png: str) -> list[str]:
         )
     lines += [
         "",
-        "Where the round trips go: a psycopg read is pre-ping (an empty query), `BEGIN`, "
-        "`SELECT`, `ROLLBACK` (4, on both sides). The baseline's asyncpg read is "
-        "SQLAlchemy's pre-ping (`BEGIN`, `SELECT 1` described then run, `ROLLBACK`: 4), "
-        "`BEGIN`, the `SELECT` (described, then run: 2), `ROLLBACK`: 8. fastapi_rwdb pings "
-        "asyncpg with one simple-protocol `SELECT 1` outside a transaction: 5. It adds: "
-        "after a commit that wrote, the primary's WAL position (a statement in the "
-        "COMMIT's own message on psycopg; one round trip after it on asyncpg, a `COPY` of "
-        "the one value, which needs no describe step); before a commit after textual SQL, "
-        "the question whether the transaction wrote (in the COMMIT's message on psycopg, "
-        "two round trips on asyncpg); for a read with a token, the replica's replay position, "
-        "asked by the checkout ping instead of its empty query (no round trip more).",
+        "Where the round trips go: the baseline's psycopg read is pre-ping (an empty "
+        "query), `BEGIN`, `SELECT`, `ROLLBACK` (4). Its asyncpg read is SQLAlchemy's "
+        "pre-ping (`BEGIN`, `SELECT 1` described then run, `ROLLBACK`: 4), `BEGIN`, the "
+        "`SELECT` (described, then run: 2), `ROLLBACK`: 8. fastapi_rwdb skips the "
+        "checkout ping for a connection returned less than `RWDB_PING_SKIP_MS` (500 ms) "
+        "ago whose socket is quiet, as here (sequential requests): `BEGIN`, `SELECT`, "
+        "`ROLLBACK` (3; asyncpg 4). A read with a token always pings, with one "
+        "statement that reads the replica's replay position (psycopg 4, asyncpg 5). "
+        "A write adds the primary's WAL position after the commit: a statement in the "
+        "COMMIT's own message on psycopg (3 round trips), one round trip after it on "
+        "asyncpg, a `COPY` of the one value, which needs no describe step (5). Before a "
+        "commit after textual SQL it asks whether the transaction wrote (in the "
+        "COMMIT's message on psycopg). The replica view's periodic query is kept out "
+        "of this count (`RWDB_LAG_CHECK_INTERVAL` set to an hour for it).",
         "",
     ]
     return lines
