@@ -13,10 +13,10 @@ many connections at a time for ``idle_timeout`` seconds. The limit stays
 ``pool_size + max_overflow``, so the budget against PgBouncer's
 ``max_client_conn`` is unchanged (README: "Sizing the pools").
 
-The pool hands out the most recently returned connection first (LIFO): the few
-connections a light load needs stay warm (and within the checkout ping's skip
-window, see ``RWDB_PING_SKIP_MS``), the rest sit unused until the load needs
-them or the idle timeout closes them.
+Connections are handed out in turn (FIFO, as SQLAlchemy's pool does), not most
+recently used first: through HAProxy each pooled read connection stays on one
+replica, and taking them in turn keeps spreading a light load over the
+replicas.
 
 How many connections the pool "needs" is the peak number checked out at once,
 remembered over two windows of ``idle_timeout`` seconds (the current one and the
@@ -50,7 +50,6 @@ class _IdleClosing(QueuePool):
         self._idle_timeout = idle_timeout
         # The queue may hold every connection the pool may open, so that a
         # returned overflow connection is kept rather than closed.
-        kw["use_lifo"] = True
         super().__init__(creator, pool_size=pool_size + max_overflow, max_overflow=0, **kw)
         self._peak_lock = threading.Lock()
         self._window_start = time.monotonic()
