@@ -2,8 +2,8 @@
 
 Run everything and write ``benchmarks/results.md`` (plus PNG plots)::
 
-    .venv/bin/python -m benchmarks            # the full run, about 7 minutes
-    .venv/bin/python -m benchmarks --quick    # a smoke run, well under a minute
+    .venv/bin/python -m benchmarks            # the full run, about 12 minutes
+    .venv/bin/python -m benchmarks --quick    # a smoke run, under a minute
     .venv/bin/python -m benchmarks --only overhead,micro
 
 Parts:

@@ -213,5 +213,5 @@ async def _run(clients: int, seconds: float, seed: int) -> dict[str, Any]:
 
 
 def run(quick: bool = False, seed: int = 7) -> dict[str, Any]:
-    clients, seconds = (8, 4.0) if quick else (20, 25.0)
+    clients, seconds = (8, 1.0) if quick else (20, 25.0)
     return asyncio.run(_run(clients, seconds, seed))

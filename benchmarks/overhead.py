@@ -22,11 +22,22 @@ import time
 from collections import Counter
 from typing import Any
 
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
+from fastapi_rwdb import Database
+
 from .apps import Baseline, rwdb_app
 from .common import call, env, percentile, prepare_table, spread, wait_replicas_have
 from .wire import WireCounter, round_trips
 
-CONCURRENCY = 4  # in flight; below the write pool's 5, so no overflow connections churn
+#: Requests in flight of the load part. 4 stays below the write pool's 5 core
+#: connections; 8 needs overflow connections; 32 is about what a worker's 40 sync
+#: threads hold under load, more than the write pool's 15 connections.
+CONCURRENCY = (4, 8, 32)
+#: The apps of the load part: the baseline, fastapi_rwdb, and a second, independent
+#: baseline (own engines and pools) whose ratio to the first is the harness's noise floor.
+LOAD_APPS = ("baseline", "rwdb", "control")
 
 # (key, label, method, path template, sends the token)
 ROUTES = [
@@ -54,7 +65,7 @@ class Requests:
         return self.method, path, self.headers
 
 
-async def burst(app: Any, requests: Requests, duration: float) -> dict[str, Any]:
+async def burst(app: Any, requests: Requests, duration: float, concurrency: int) -> dict[str, Any]:
     latencies: list[float] = []
     cleared = 0  # responses that cleared the token: a replica had the client's write
     errors = 0
@@ -73,7 +84,7 @@ async def burst(app: Any, requests: Requests, duration: float) -> dict[str, Any]
                 cleared += 1
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {
         "n": len(latencies),
@@ -109,7 +120,10 @@ async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
         w, r = wire.ports["write"], wire.ports["read"]
         baseline = Baseline(w, r)
         base_app = baseline.app()
-        rw_app, _ = rwdb_app(w, r, routing_header=True)
+        # The replica view's look at pg_stat_replication (once a second by default)
+        # goes through the write port too: it would be counted against whatever
+        # route is being measured. Once an hour, it stays out of the count.
+        rw_app, _ = rwdb_app(w, r, routing_header=True, lag_check_interval=3600)
         async with (
             base_app.router.lifespan_context(base_app),
             rw_app.router.lifespan_context(rw_app),
@@ -145,74 +159,126 @@ async def count_round_trips(ids: list[int], per_route: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- timing
 
 
-async def time_routes(ids: list[int], rounds: int, duration: float) -> dict[str, Any]:
+class ConnectCounter:
+    """Counts the connections each app's pools open (TCP, then SCRAM through HAProxy
+    and PgBouncer): pool churn, which a warm pool should not have."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def watch(self, name: str, pools: list[Pool]) -> None:
+        def connected(dbapi_connection: Any, record: Any) -> None:
+            self.counts[name] += 1
+
+        for pool in pools:
+            event.listen(pool, "connect", connected)
+
+
+def baseline_pools(baseline: Baseline) -> list[Pool]:
+    return [
+        baseline.write_engine.pool,
+        baseline.read_engine.pool,
+        baseline.async_write_engine.sync_engine.pool,
+        baseline.async_read_engine.sync_engine.pool,
+    ]
+
+
+def rwdb_pools(database: Database) -> list[Pool]:
+    """Every pool a request may use (not the replica view's own connection)."""
+    return [
+        database.engines.write.pool,
+        database.engines.read.pool,
+        database.async_engines.write.sync_engine.pool,
+        database.async_engines.read.sync_engine.pool,
+        database.primary_read_engine.pool,
+        database.async_primary_read_engine.sync_engine.pool,
+    ]
+
+
+async def time_routes(
+    ids: list[int], rounds: int, duration: float, concurrency: int
+) -> dict[str, Any]:
     w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
-    baseline = Baseline(w, r)
-    apps = {"baseline": baseline.app()}
-    apps["rwdb"], _ = rwdb_app(w, r)
+    baselines = {"baseline": Baseline(w, r), "control": Baseline(w, r)}
+    apps = {name: b.app() for name, b in baselines.items()}
+    apps["rwdb"], database = rwdb_app(w, r)
+    connects = ConnectCounter()
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
-        route[0]: {"baseline": [], "rwdb": []} for route in ROUTES
+        route[0]: {name: [] for name in LOAD_APPS} for route in ROUTES
     }
-    async with (
-        apps["baseline"].router.lifespan_context(apps["baseline"]),
-        apps["rwdb"].router.lifespan_context(apps["rwdb"]),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps.values():
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        for name, b in baselines.items():
+            connects.watch(name, baseline_pools(b))
+        connects.watch("rwdb", rwdb_pools(database))
         token = await fresh_token(apps["rwdb"])
         for route in ROUTES:  # warm-up: pools filled, code paths compiled
-            for app in apps.values():
-                await burst(app, Requests(route, ids, token), min(duration, 0.5))
+            for name in LOAD_APPS:
+                await burst(
+                    apps[name], Requests(route, ids, token), min(duration, 0.5), concurrency
+                )
         for n in range(rounds):
             for i, route in enumerate(ROUTES):
-                # ABBA: the app that ran second runs first next time.
-                order = ["baseline", "rwdb"] if (n + i) % 2 == 0 else ["rwdb", "baseline"]
-                for variant in order:
+                # Who goes first rotates, so no app always follows the same one.
+                k = (n + i) % len(LOAD_APPS)
+                for name in LOAD_APPS[k:] + LOAD_APPS[:k]:
                     gc.collect()
-                    result = await burst(apps[variant], Requests(route, ids, token), duration)
-                    samples[route[0]][variant].append(result)
-    return _summarise(samples, rounds, duration)
+                    before = connects.counts[name]
+                    result = await burst(
+                        apps[name], Requests(route, ids, token), duration, concurrency
+                    )
+                    result["connects"] = connects.counts[name] - before
+                    samples[route[0]][name].append(result)
+    return _summarise(samples, rounds, duration, concurrency)
 
 
 def _summarise(
-    samples: dict[str, dict[str, list[dict[str, Any]]]], rounds: int, duration: float
+    samples: dict[str, dict[str, list[dict[str, Any]]]],
+    rounds: int,
+    duration: float,
+    concurrency: int,
 ) -> dict[str, Any]:
     routes = {}
     for key, label, *_ in ROUTES:
-        base, rw = samples[key]["baseline"], samples[key]["rwdb"]
-        tput_ratios = [b["rps"] and a["rps"] / b["rps"] for a, b in zip(rw, base, strict=True)]
-        p50_ratios = [
-            percentile(a["latencies"], 50) / percentile(b["latencies"], 50)
-            for a, b in zip(rw, base, strict=True)
-        ]
-        cpu_ratios = [a["cpu_us"] / b["cpu_us"] for a, b in zip(rw, base, strict=True)]
+        base = samples[key]["baseline"]
+
+        def ratios(
+            runs: list[dict[str, Any]], field: str, base: list[dict[str, Any]] = base
+        ) -> Any:
+            return spread([a[field] / b[field] for a, b in zip(runs, base, strict=True)])
+
         pooled = {
-            variant: [x for s in runs for x in s["latencies"]]
-            for variant, runs in (("baseline", base), ("rwdb", rw))
+            name: [x for s in runs for x in s["latencies"]] for name, runs in samples[key].items()
         }
         figures = {}
-        for variant, runs in (("baseline", base), ("rwdb", rw)):
-            lat = pooled[variant]
-            figures[variant] = {
+        for name, runs in samples[key].items():
+            lat = pooled[name]
+            requests = sum(s["n"] for s in runs)
+            figures[name] = {
                 "rps": spread([s["rps"] for s in runs]),
                 "cpu_us": spread([s["cpu_us"] for s in runs]),
                 "p50_ms": percentile(lat, 50) * 1e3,
                 "p99_ms": percentile(lat, 99) * 1e3,
-                "requests": sum(s["n"] for s in runs),
+                "requests": requests,
                 "errors": sum(s["errors"] for s in runs),
                 "cleared": sum(s["cleared"] for s in runs),
+                "connects_per_1000": sum(s["connects"] for s in runs) / max(1, requests) * 1000,
             }
+        rw, control = samples[key]["rwdb"], samples[key]["control"]
         routes[key] = {
             "label": label,
             **figures,
-            "throughput_ratio": spread(tput_ratios),
-            "p50_ratio_rounds": spread(p50_ratios),
-            "cpu_ratio": spread(cpu_ratios),
+            "throughput_ratio": ratios(rw, "rps"),
+            "control_ratio": ratios(control, "rps"),
+            "cpu_ratio": ratios(rw, "cpu_us"),
             "p50_ratio": figures["rwdb"]["p50_ms"] / figures["baseline"]["p50_ms"],
             "p99_ratio": figures["rwdb"]["p99_ms"] / figures["baseline"]["p99_ms"],
         }
     return {
         "rounds": rounds,
         "seconds_per_burst": duration,
-        "concurrency": CONCURRENCY,
+        "concurrency": concurrency,
         "routes": routes,
     }
 
@@ -255,6 +321,7 @@ async def write_cost_by_mode(ids: list[int], seconds: float, block: int) -> dict
     apps = {"baseline": Baseline(w, r).app()}
     for mode in PIN_MODES:
         apps[mode] = rwdb_app(w, r, pin_mode=mode)[0]
+    apps["control"] = Baseline(w, r).app()
     writes = [route for route in ROUTES if route[0] in ("sync_write", "async_write")]
     routes = await _interleave(apps, writes, ids, seconds, block)
     return {"seconds_per_route": seconds, "block": block, "modes": PIN_MODES, "routes": routes}
@@ -379,15 +446,16 @@ def raw_commit_cost(rounds: int, per_round: int = 40) -> dict[str, Any]:
 
 
 async def _run(quick: bool) -> dict[str, Any]:
-    ids = await asyncio.to_thread(prepare_table, 2000)
+    ids = await asyncio.to_thread(prepare_table, 200 if quick else 2000)
     await asyncio.to_thread(wait_replicas_have, ids)
     counted = await count_round_trips(ids, per_route=10 if quick else 40)
-    one_client = await interleaved_routes(ids, *((2.0, 20) if quick else (24.0, 40)))
-    by_mode = await write_cost_by_mode(ids, *((2.0, 20) if quick else (24.0, 40)))
+    one_client = await interleaved_routes(ids, *((0.6, 10) if quick else (20.0, 40)))
+    by_mode = await write_cost_by_mode(ids, *((0.6, 10) if quick else (20.0, 40)))
     by_mode["raw_commit_ms"] = await asyncio.to_thread(raw_commit_cost, 4 if quick else 30)
-    rounds, duration = (2, 0.25) if quick else (16, 0.3)
-    timed = await time_routes(ids, rounds, duration)
-    return {"one_client": one_client, "by_mode": by_mode, "timing": timed, "wire": counted}
+    rounds, duration = (2, 0.08) if quick else (12, 0.3)
+    levels = CONCURRENCY[1:] if quick else CONCURRENCY  # a smoke run: 8 and 32 only
+    load = [await time_routes(ids, rounds, duration, c) for c in levels]
+    return {"one_client": one_client, "by_mode": by_mode, "load": load, "wire": counted}
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -13,7 +13,10 @@ server runs: each ``Parse`` ('P') is one, a simple ``Query`` holds as many as
 it has non-empty ``;``-separated parts (an empty query, psycopg's ping, is none).
 
 It runs its own event loop in a thread, and only while counting: the timing
-runs connect to HAProxy directly.
+runs connect to HAProxy directly. The tests also use it to break connections:
+:meth:`WireCounter.break_established` makes every connection open at that moment
+die as its client next sends something, as a connection does whose server went
+away without a word (the client's socket stays quiet until then).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class WireCounter:
         self._upstream = upstream
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._generation = 0  # of the connections accepted so far
+        self._broken_upto = -1  # connections of this generation or older die when used
         self.ports: dict[str, int] = {}
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -59,6 +64,12 @@ class WireCounter:
         with self._lock:
             self._counts.clear()
 
+    def break_established(self) -> None:
+        """Every connection open now is closed, without its server seeing anything,
+        as soon as its client sends its next message."""
+        with self._lock:
+            self._broken_upto = self._generation
+
     def counts(self) -> Counter[str]:
         with self._lock:
             return Counter(self._counts)
@@ -77,6 +88,9 @@ class WireCounter:
 
     def _handler(self, host: str, port: int) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with self._lock:
+                self._generation += 1
+                generation = self._generation
             try:
                 up_reader, up_writer = await asyncio.open_connection(host, port)
             except OSError:
@@ -84,7 +98,7 @@ class WireCounter:
                 return
             try:
                 await asyncio.gather(
-                    self._client_to_server(reader, up_writer),
+                    self._client_to_server(reader, up_writer, generation),
                     self._pipe(up_reader, writer),
                     return_exceptions=True,
                 )
@@ -103,12 +117,14 @@ class WireCounter:
             writer.close()
 
     async def _client_to_server(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, generation: int
     ) -> None:
         buf = bytearray()
         typed = False  # the start-up packets have no type byte
         try:
             while data := await reader.read(65536):
+                if generation <= self._broken_upto:
+                    break  # closes both sides: the client sees its connection die
                 writer.write(data)
                 buf += data
                 seen: list[str] = []

@@ -20,13 +20,9 @@ outage: the same read would succeed elsewhere.
   :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
   with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.outages`).
 
-The same first-statement rule covers a replica connection lost under a plain
-replica read (no token to honour): when a node leaves the read port (promoted
-in a switchover or failover, restarted), HAProxy closes its sessions, and a
-read in flight on one would fail although the other replica is fine. It is run
-once more on the read port. A read checked against the client's token is not
-retried there (another replica may not have the client's write); it fails as
-any lost connection does (a 503).
+A replica connection lost under the first statement (HAProxy closes the
+sessions of a node that leaves the read port; a pooled connection the checkout
+ping skipped) is retried by :mod:`fastapi_rwdb.reconnect`, for every session.
 
 The retry needs the statement itself, so it hooks where every ORM and Core
 statement of a session passes: SQLAlchemy's private
@@ -43,19 +39,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, SessionTransactionOrigin
+from sqlalchemy.orm import Session
 
 from . import metrics
 from .binds import BINDS, ReadBinds
 from .errors import ReplicaConflictError
 from .faults import REPLAY_CONFLICT, sqlstate_of
+from .reconnect import is_autobegun, is_first_statement, transaction_connections
 from .state import request_state
 
 REASON = "replay-conflict"
 
-_CONNECTIONS = "rwdb_read_connections"  # Session.info: connections of this transaction
 _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
 
 
@@ -70,30 +66,20 @@ class ReplayConflictRetry(Session):
         binds: ReadBinds | None = self.info.get(BINDS)
         if binds is None:
             return super()._execute_internal(statement, *args, **kw)
-        first = not self.info.get(_CONNECTIONS)  # no connection yet: nothing read
+        first = is_first_statement(self)  # no connection yet: nothing read
         try:
             return super()._execute_internal(statement, *args, **kw)
         except DBAPIError as exc:
-            if not _on_replica(self, binds.replica):
-                raise
-            conflict = sqlstate_of(exc) in REPLAY_CONFLICT
-            retry = first and _autobegun(self)
-            if conflict and not retry:
+            if sqlstate_of(exc) not in REPLAY_CONFLICT or not _on_replica(self, binds.replica):
+                raise  # a lost connection included: reconnect.py retries it
+            if not (first and is_autobegun(self)):
                 raise ReplicaConflictError(
                     "a replica cancelled this read to replay the primary's changes (SQLSTATE "
                     f"{sqlstate_of(exc)}, conflict with recovery) after the transaction had "
                     "already read; retry the request"
                 ) from exc
-            # A replica connection lost under a plain replica read (HAProxy closes the
-            # sessions of a node that leaves the read port: a promotion, a restart): any
-            # other replica will do. Not under a read checked against the client's token,
-            # whose connection was chosen for the position it had replayed.
-            lost = exc.connection_invalidated and super().get_bind() is binds.replica
-            if not (retry and (conflict or lost)):
-                raise
             self.rollback()  # expires loaded objects, as any rollback does
-            if conflict:
-                _move_to_primary(self)
+            _move_to_primary(self)
             return super()._execute_internal(statement, *args, **kw)
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
@@ -106,33 +92,10 @@ class ReplayConflictRetry(Session):
         self.info.pop(_ON_PRIMARY, None)
 
 
-def watch_read_class(cls: type[Session]) -> None:
-    """Note which connections each transaction of a read session uses."""
-    event.listen(cls, "after_begin", _after_begin)
-    event.listen(cls, "after_transaction_end", _after_transaction_end)
-
-
-def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
-    if transaction.parent is None:  # savepoints share the transaction's connection
-        session.info.setdefault(_CONNECTIONS, []).append(connection)
-
-
-def _after_transaction_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:
-        session.info.pop(_CONNECTIONS, None)
-
-
-def _autobegun(session: Session) -> bool:
-    """Only a transaction SQLAlchemy began by itself can be rolled back and begun again
-    here; inside ``with session.begin():`` the caller owns it."""
-    transaction = session.get_transaction()
-    return transaction is not None and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
-
-
 def _on_replica(session: Session, replica: Engine) -> bool:
     """Whether the transaction holds a connection of the read port's pool. (A 40001 on
     the primary is a genuine serialization failure, not a replay conflict.)"""
-    return any(c.engine.pool is replica.pool for c in session.info.get(_CONNECTIONS, ()))
+    return any(c.engine.pool is replica.pool for c in transaction_connections(session))
 
 
 def _move_to_primary(session: Session) -> None:

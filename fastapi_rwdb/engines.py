@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
 from .health import ReadSideHealth
-from .internals import await_, route_commit, set_readonly
+from .internals import EXECUTE_INTERNAL, await_, route_commit, set_readonly
 from .lsn import parse_lsn
+from .pooling import AsyncIdleClosingQueuePool, IdleClosingQueuePool
 from .settings import Driver, RWDBSettings, Side, parse_url
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -49,6 +51,7 @@ COMMIT_INFO = "rwdb_commit"
 #: stale replica (a snapshot of the primary) reports the position it was taken at.
 REPORTED_POSITION = "rwdb_reported_position"
 _FRESH = "rwdb_fresh"
+_RETURNED_AT = "rwdb_returned_at"  # time.monotonic() when last returned to the pool
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
 POSITION_SQL = (
@@ -101,7 +104,17 @@ def _pool_args(side: Side, settings: RWDBSettings, kwargs: dict[str, Any]) -> di
         "pool_recycle": settings.pool_recycle,
         # Done by the package's own checkout ping (see _instrument), not SQLAlchemy's.
         "pool_pre_ping": settings.pool_pre_ping,
+        "idle_timeout": settings.pool_idle_seconds,
     }
+
+
+def _with_pool_class(options: dict[str, Any], is_async: bool) -> dict[str, Any]:
+    """The package's pool (pooling.py) unless the caller chose another pool class."""
+    if options.get("poolclass") is None:
+        options["poolclass"] = AsyncIdleClosingQueuePool if is_async else IdleClosingQueuePool
+    else:  # the caller's pool knows nothing of the idle timeout
+        options.pop("idle_timeout", None)
+    return options
 
 
 def make_engine(
@@ -124,7 +137,7 @@ def make_engine(
     settings = settings or _settings_for(url)
     options = _engine_options("psycopg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
-    engine = create_engine(url, pool_pre_ping=False, **options)
+    engine = create_engine(url, pool_pre_ping=False, **_with_pool_class(options, False))
     _instrument(engine, side, settings, health, ping=ping, is_async=False)
     return engine
 
@@ -142,7 +155,7 @@ def make_async_engine(
     settings = settings or _settings_for(url)
     options = _engine_options("asyncpg", side, settings, kwargs)
     ping = options.pop("pool_pre_ping")
-    engine = create_async_engine(url, pool_pre_ping=False, **options)
+    engine = create_async_engine(url, pool_pre_ping=False, **_with_pool_class(options, True))
     _instrument(engine.sync_engine, side, settings, health, ping=ping, is_async=True)
     return engine
 
@@ -213,6 +226,28 @@ def _ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | 
     else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
         await_(raw.execute("SELECT 1", timeout=timeout))
     return None
+
+
+def looks_alive(dbapi_connection: Any) -> bool:
+    """Whether an idle connection shows no sign of having been closed, asked of the
+    local socket: no round trip.
+
+    An idle connection's socket has nothing to read. If it has (the server or a
+    proxy closed it, or sent a notice), the caller pings to find out. asyncpg's
+    event loop has already read any such thing and marked the connection closed.
+    """
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if isinstance(raw, psycopg.Connection):
+        if raw.closed or raw.broken:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+    is_closed = getattr(raw, "is_closed", None)
+    return not (is_closed is None or is_closed())
 
 
 def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
@@ -359,10 +394,20 @@ def _instrument(
         raise AssertionError("unreachable")  # pragma: no cover
 
     if ping:
+        # Without the session hook that retries a statement on a dead connection
+        # (reconnect.py), every checkout pings.
+        skip_window = settings.ping_skip_ms / 1000 if EXECUTE_INTERNAL else 0.0
 
         @event.listens_for(engine, "connect")
         def _fresh(dbapi_connection: Any, record: Any) -> None:
             record.info[_FRESH] = True
+
+        if skip_window:
+
+            @event.listens_for(engine, "checkin")
+            def _returned(dbapi_connection: Any, record: Any) -> None:
+                if dbapi_connection is not None:  # None: invalidated, not coming back
+                    record.info[_RETURNED_AT] = time.monotonic()
 
         @event.listens_for(engine, "checkout")
         def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -376,10 +421,25 @@ def _instrument(
             connection opened just now is not pinged, as in SQLAlchemy: should it
             be unusable, the request's own statement fails and the pool is
             invalidated.
+
+            Nor is a connection returned to the pool less than
+            ``RWDB_PING_SKIP_MS`` ago whose socket has nothing to say (as
+            HikariCP's ``aliveBypassWindowMs``): a round trip saved on nearly
+            every request under load. A server or proxy that closed it makes the
+            socket readable, and then it is pinged after all; one that died
+            silently is found by the first statement, which reconnect.py runs
+            again on a new connection. A checkout that wants the position always
+            pings: the position is why it pings.
             """
             if record.info.pop(_FRESH, False):
                 return
             position = want_position.get()
+            if (
+                not position
+                and time.monotonic() - record.info.get(_RETURNED_AT, -skip_window) < skip_window
+                and looks_alive(dbapi_connection)
+            ):
+                return
             try:
                 value = _ping_query(dbapi_connection, position, settings.connect_timeout)
             except Exception as exc:

@@ -48,26 +48,44 @@ class ReadYourWritesMiddleware:
         self._routing_header = s.routing_header
         attrs = f"; Path=/; HttpOnly; SameSite=Lax{'; Secure' if s.cookie_secure else ''}"
         self._set_cookie = f"{s.cookie_name}=%s; Max-Age=%d{attrs}"
+        self._cleared = [
+            (b"set-cookie", (self._set_cookie % ("", 0)).encode()),
+            (self._header, b""),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self.database.lifespan_ok:  # type: ignore[union-attr]  # setup()'s lifespan never ran
-            self.database.lifespan_missing(scope.get("root_path", ""))  # type: ignore[union-attr]
-        state = RequestState(
-            token=self._incoming(scope["headers"]) if self._issue else None,
-            database=self.database,
-            scope=scope,
-        )
+        database = self.database
+        if not database.lifespan_ok:  # type: ignore[union-attr]  # setup()'s lifespan never ran
+            database.lifespan_missing(scope.get("root_path", ""))  # type: ignore[union-attr]
+        token = None
+        if self._issue:
+            headers = scope["headers"]
+            header = self._header
+            for name, _ in headers:
+                if name == header or name == b"cookie":  # else no token: no call
+                    token = self._incoming(headers)
+                    break
+        state = RequestState(token=token, database=database, scope=scope)
         reset = request_state.set(state)
+        # Nothing to add to a response for a request that brought no token and
+        # (so far) wrote and read nothing a token would follow: checked first.
+        routing_header = self._routing_header
 
         async def send_with_token(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state.response_started = True
-                extra = self._outgoing(state)
-                if extra:
-                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                if (
+                    state.token is not None
+                    or state.commit_lsn is not None
+                    or state.seen_lsn is not None
+                    or routing_header
+                ):
+                    extra = self._outgoing(state)
+                    if extra:
+                        message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:
@@ -102,8 +120,9 @@ class ReadYourWritesMiddleware:
         """
         best: Token | None = None
         rejected: str | None = None
+        header = self._header
         for name, value in headers:
-            if name == self._header:
+            if name == header:
                 raws = value.split(b",")
             elif name == b"cookie":
                 raws = _cookie_values(value, self._cookie)
@@ -167,8 +186,7 @@ class ReadYourWritesMiddleware:
                 and self._health.all_replayed(incoming.lsn)
             ):
                 # Every replica has the client's last write: back to plain replica reads.
-                extra.append((b"set-cookie", (self._set_cookie % ("", 0)).encode()))
-                extra.append((self._header, b""))
+                extra += self._cleared
                 metrics.record_token("cleared")
         if self._routing_header and state.read_target is not None:
             value = state.read_target

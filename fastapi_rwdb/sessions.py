@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from . import conflicts, metrics, tracking
+from . import conflicts, metrics, reconnect, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .engines import (
     POSITION_INFO,
@@ -67,11 +67,15 @@ def read_class(base: type[Session]) -> type[Session]:
     first read that a replica's WAL replay cancelled (:mod:`fastapi_rwdb.conflicts`)."""
     key = ("read", base)
     if key not in _classes:
-        retry = (conflicts.ReplayConflictRetry,) if EXECUTE_INTERNAL else ()
+        retry = (
+            (reconnect.LostConnectionRetry, conflicts.ReplayConflictRetry)
+            if EXECUTE_INTERNAL
+            else ()
+        )
         mixins = (*retry, _RoutedReads, base)
         cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)
-        conflicts.watch_read_class(cls)
+        reconnect.watch(cls)
         _classes[key] = cls
     return _classes[key]
 
@@ -80,10 +84,11 @@ def write_class(base: type[Session]) -> type[Session]:
     """``base`` made to record the WAL position of each commit that wrote."""
     key = ("write", base)
     if key not in _classes:
-        cls = type(
-            f"Write{base.__name__}", (tracking.TrackedWrites, base), {"__module__": __name__}
-        )
+        retry = (reconnect.LostConnectionRetry,) if EXECUTE_INTERNAL else ()
+        mixins = (*retry, tracking.TrackedWrites, base)
+        cls = type(f"Write{base.__name__}", mixins, {"__module__": __name__})
         tracking.watch_session_class(cls)
+        reconnect.watch(cls)
         _classes[key] = cls
     return _classes[key]
 

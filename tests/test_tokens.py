@@ -213,3 +213,33 @@ def test_the_derived_key_is_not_a_plain_hash_of_the_password() -> None:
         hashlib.blake2b(b"pw", digest_size=32).digest(),
         hashlib.sha256(b"pw").digest(),
     )
+
+
+def test_the_signature_is_keyed_blake2b_in_unpadded_base64url() -> None:
+    """The format tokens already handed out carry: they keep verifying."""
+    import base64
+    import hashlib
+
+    key = b"k" * 32
+    body = "2.5a.1900000000"
+    digest = hashlib.blake2b(body.encode(), key=key, digest_size=16).digest()
+    expected = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    assert TokenSigner(key).dump(Token(lsn=0x5A, expires=1900000000)) == f"{body}.{expected}"
+
+
+def test_a_token_verified_before_still_expires_and_is_still_bounded() -> None:
+    signer = TokenSigner(b"k" * 32)
+    now = time.time()
+    raw = signer.dump(Token(lsn=7, expires=int(now) + 30))
+    assert signer.load(raw, max_age=30, now=now) == Token(lsn=7, expires=int(now) + 30)
+    # Seen and verified once; the expiry and the upper bound are checked on every use.
+    assert signer.load(raw, max_age=30, now=now + 31) is None
+    assert signer.load(raw, max_age=30, now=now + 31, check_expiry=False) is not None
+    assert signer.load(raw, max_age=1, now=now - 60) is None
+
+
+def test_a_forged_token_is_refused_however_often_it_is_sent() -> None:
+    signer = TokenSigner(b"k" * 32)
+    forged = wrong_signature(signer.dump(Token(lsn=7, expires=int(time.time()) + 30)))
+    for _ in range(3):
+        assert signer.load(forged, max_age=30) is None

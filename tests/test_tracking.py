@@ -386,5 +386,7 @@ async def test_psycopg_commit_tracking_costs_no_round_trip() -> None:
             counted[kind]["plain"],
             counted[kind]["rwdb"],
         )
-        assert (kind, trips) == (kind, plain_trips)
+        # One round trip fewer: the plain engine pings every checkout, the package
+        # not a connection returned moments ago (RWDB_PING_SKIP_MS).
+        assert (kind, trips) == (kind, plain_trips - 1)
         assert (kind, statements) == (kind, plain_statements + extra)
