@@ -7,11 +7,13 @@ which session each route uses with ``python -m fastapi_rwdb audit example_app.ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from sqlalchemy import text
 
@@ -32,6 +34,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(title="fastapi-rwdb example: trackers", lifespan=lifespan)
 database = fastapi_rwdb.setup(app)
+# A page served from another origin (EXAMPLE_CORS_ORIGINS, comma-separated) may call
+# the API with the browser's cookies: the README's CORS arguments, after setup().
+origins = [o.strip() for o in os.environ.get("EXAMPLE_CORS_ORIGINS", "").split(",")]
+if any(origins):
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=[o for o in origins if o],
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["content-type", database.settings.token_header],
+        expose_headers=[database.settings.token_header, "X-RWDB-Read"],
+    )
 app.include_router(trackers.router)
 app.include_router(async_trackers.router)
 

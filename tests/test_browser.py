@@ -76,11 +76,18 @@ def lagging_replicas() -> Iterator[None]:
         subprocess.run([*stack, "lag", "0"], check=True, capture_output=True, timeout=120)
 
 
+PAGE_PORT = free_port()  # another origin, serving the same page (the cross-origin case)
+
+
 @pytest.fixture(scope="module")
 def server(lagging_replicas: None) -> Iterator[str]:
-    """example_app under uvicorn, as deployed."""
+    """example_app under uvicorn, as deployed; it lets the page origin call it (CORS)."""
     port = free_port()
-    env = {**os.environ, "RWDB_ROUTING_HEADER": "true"}
+    env = {
+        **os.environ,
+        "RWDB_ROUTING_HEADER": "true",
+        "EXAMPLE_CORS_ORIGINS": f"http://127.0.0.1:{PAGE_PORT}",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "example_app.main:app", "--port", str(port)],
         cwd=ROOT,
@@ -163,13 +170,45 @@ def browser() -> Iterator[Browser]:
 
 LIST_WITHOUT_COOKIES = """
 const done = arguments[arguments.length - 1];
-fetch("trackers?limit=20", {credentials: "omit"})
+fetch(API + "trackers?limit=20", {credentials: "omit"})
   .then((r) => r.json()).then((ts) => done(ts.map((t) => t.serial)));
 """
 
 
+@pytest.fixture(scope="module")
+def page_origin() -> Iterator[str]:
+    """The page alone, from an origin of its own (a plain static file server)."""
+    static = ROOT / "example_app" / "static"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(PAGE_PORT), "--bind", "127.0.0.1"],
+        cwd=static,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{PAGE_PORT}/index.html"
+    try:
+        wait_for(url, process, "the page's static server")
+        yield url
+    finally:
+        stop(process)
+
+
 def test_the_page_lists_the_tracker_it_just_added(server: str, browser: Browser) -> None:
-    browser.go(server)
+    add_and_list(browser, server)
+
+
+def test_the_same_from_another_origin_through_cors(
+    server: str, page_origin: str, browser: Browser
+) -> None:
+    """The page on one origin, the API on another: fetch() with credentials, the
+    README's CORSMiddleware arguments, and the browser's cookie jar do the rest."""
+    add_and_list(browser, f"{page_origin}?api={server}")
+    origin = browser.run("return location.origin")
+    assert origin == page_origin.rsplit("/", 1)[0] and not server.startswith(origin)
+
+
+def add_and_list(browser: Browser, url: str) -> None:
+    browser.go(url)
     missed_without_cookie = 0
     for i in range(5):
         serial = f"WEB-{uuid.uuid4().hex[:10]}"
