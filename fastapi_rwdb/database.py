@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -138,6 +139,11 @@ class Database:
         """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
         database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
         return self._once("signer", lambda: TokenSigner(*_token_keys(self.settings)), keep=True)
+
+    def token_for(self, lsn: int) -> str:
+        """A signed read-your-writes token for ``lsn``, valid ``RWDB_PIN_SECONDS``."""
+        expires = int(time.time() + self.settings.pin_seconds)
+        return self.signer.dump(Token(lsn=lsn, expires=expires))
 
     def lifespan_missing(self, root_path: str) -> None:
         """Say, once, that requests arrive but setup()'s lifespan never ran."""

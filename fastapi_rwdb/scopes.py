@@ -15,23 +15,29 @@ that started it, and the primary is used only when no replica has it in time.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .database import get_database
+from .database import Database, get_database
 from .state import request_state
-from .tokens import Token
 from .tracking import OWN_UNIT
 
 
 @contextmanager
 def get_write_db_context() -> Iterator[Session]:
     """Primary session; commits on success, rolls back on error, always closes."""
-    with get_database().write_session() as session:
+    with write_unit(get_database()) as session:
+        yield session
+
+
+@contextmanager
+def write_unit(database: Database) -> Iterator[Session]:
+    """:func:`get_write_db_context` on a given :class:`Database`: one unit of work
+    of its own, whose commit is never taken for a late one of a request's."""
+    with database.write_session() as session:
         session.info[OWN_UNIT] = True
         try:
             yield session
@@ -77,7 +83,14 @@ async def get_async_fresh_read_db_context(
 
 @asynccontextmanager
 async def get_async_write_db_context() -> AsyncIterator[AsyncSession]:
-    async with get_database().async_write_session() as session:
+    async with async_write_unit(get_database()) as session:
+        yield session
+
+
+@asynccontextmanager
+async def async_write_unit(database: Database) -> AsyncIterator[AsyncSession]:
+    """The asyncpg twin of :func:`write_unit`."""
+    async with database.async_write_session() as session:
         session.info[OWN_UNIT] = True
         try:
             yield session
@@ -115,5 +128,4 @@ def current_token() -> str | None:
     known = [lsn for lsn in lsns if lsn is not None]
     if not known:
         return None
-    token = Token(lsn=max(known), expires=int(time.time() + settings.pin_seconds))
-    return database.signer.dump(token)
+    return database.token_for(max(known))

@@ -35,7 +35,6 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -52,9 +51,8 @@ from . import observers
 from .database import Database, get_database
 from .engines import REPORTED_POSITION, make_async_engine, make_engine
 from .lsn import parse_lsn
+from .scopes import async_write_unit, write_unit
 from .state import RequestState, request_state
-from .tokens import Token
-from .tracking import OWN_UNIT
 
 if TYPE_CHECKING:
     import httpx
@@ -326,14 +324,8 @@ class RWDBKit:
         state = RequestState(database=db)
         reset = request_state.set(state)
         try:
-            with db.write_session() as session:
-                session.info[OWN_UNIT] = True
-                try:
-                    yield session
-                except BaseException:
-                    session.rollback()
-                    raise
-                session.commit()
+            with write_unit(db) as session:
+                yield session
         finally:
             request_state.reset(reset)
         self._hand_over(state, db, client)
@@ -350,14 +342,8 @@ class RWDBKit:
         state = RequestState(database=db)
         reset = request_state.set(state)
         try:
-            async with db.async_write_session() as session:
-                session.info[OWN_UNIT] = True
-                try:
-                    yield session
-                except BaseException:
-                    await session.rollback()
-                    raise
-                await session.commit()
+            async with async_write_unit(db) as session:
+                yield session
         finally:
             request_state.reset(reset)
         self._hand_over(state, db, client)
@@ -367,8 +353,7 @@ class RWDBKit:
     ) -> None:
         if state.commit_lsn is None or db.settings.pin_mode == "off":
             return  # nothing written: nothing to protect
-        expires = int(time.time() + db.settings.pin_seconds)
-        self.token = db.signer.dump(Token(lsn=state.commit_lsn, expires=expires))
+        self.token = db.token_for(state.commit_lsn)
         if client is not None:
             give_token(client, self.token, db)
 
