@@ -63,6 +63,20 @@ POSITION_SQL = (
 #: reads that position instead of running its no-op query. Same round trip, so
 #: knowing where the server is costs nothing more. Other checkouts ping the cheap way.
 want_position: ContextVar[bool] = ContextVar("rwdb_want_position", default=False)
+#: Set with ``want_position`` when the session will run its statements on the
+#: connection it checks out (not when it only wants the position and gives the
+#: connection back). On psycopg the ping then opens the transaction too: see
+#: :func:`begin_reading_position`.
+begin_with_position: ContextVar[bool] = ContextVar("rwdb_begin_with_position", default=False)
+#: Connection-record info key: the checkout ping left a transaction open that no
+#: statement has used yet (see :func:`end_unused_transaction`).
+_BEGUN = "rwdb_begun"
+#: Connection-record info key: this connection's transactions take their snapshot
+#: at their first statement (not READ COMMITTED): the ping must not open them.
+_SNAPSHOT_AT_FIRST = "rwdb_snapshot_at_first"
+#: What psycopg's ``Connection`` options change on the server's transaction: an
+#: open transaction must end before SQLAlchemy sets one.
+_CHARACTERISTICS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
 
 
 def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
@@ -226,6 +240,120 @@ def _ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | 
     else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
         await_(raw.execute("SELECT 1", timeout=timeout))
     return None
+
+
+def begin_reading_position(
+    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float
+) -> int | None:
+    """The server's WAL position, read in the message that opens the transaction
+    the session's statements will run in.
+
+    psycopg sends its ``BEGIN`` as a round trip of its own before the first
+    statement; sent here with the position query (``BEGIN ...; SELECT``, one
+    simple-query message on psycopg's documented low-level handle), it costs
+    nothing, and a read with a token needs no more round trips than one without.
+    psycopg sees the transaction open and sends no ``BEGIN`` of its own; its
+    ``rollback()`` ends it as usual. The ``BEGIN`` is the one psycopg would send
+    (same isolation level, read-only and deferrable options).
+
+    Sound only where every statement takes its own snapshot (READ COMMITTED): the
+    snapshot of the session's first statement is then taken after the position
+    was read, so it holds everything up to it. Under REPEATABLE READ the snapshot
+    would be the position query's own, possibly older than the position it
+    reads: such a connection gets the position outside any transaction instead.
+    """
+    level = raw.isolation_level
+    if info.get(_SNAPSHOT_AT_FIRST) or level not in (None, psycopg.IsolationLevel.READ_COMMITTED):
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL))
+    results = _simple_query(
+        raw.pgconn, _begin_command(raw) + b"; " + _POSITION_AND_ISOLATION_SQL, timeout
+    )
+    last = results[-1] if results else None
+    if last is None or last.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        message = "" if last is None else (last.error_message or b"").decode(errors="replace")
+        raise psycopg.OperationalError(message.strip() or "no answer to the position query")
+    position = parse_lsn(_text(last.get_value(0, 0)))
+    if last.get_value(0, 1) != b"read committed":
+        # The server's default isolation level is another: ask outside any
+        # transaction from now on.
+        info[_SNAPSHOT_AT_FIRST] = True
+        raw.rollback()
+        return position
+    info[_BEGUN] = True
+    return position
+
+
+def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
+    """Every result of a simple-query message, waiting on the socket as psycopg does.
+
+    Not libpq's blocking ``PQgetResult``: psycopg calls it holding the GIL (it only
+    ever calls it once a result is there), so waiting in it would stop every other
+    thread of the process for the round trip.
+    """
+    pgconn.send_query(sql)
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while pgconn.flush():  # the socket took part of the message: wait to send the rest
+        _wait(select.POLLOUT, pgconn.socket, deadline)
+    results: list[Any] = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                return results
+            results.append(result)
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise psycopg.OperationalError(f"no answer within {timeout:g} s")
+
+
+def _wait(events: int, fd: int, deadline: float) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        raise psycopg.OperationalError("the connection does not take the query")
+
+
+#: The position and the transaction's isolation level (the server's default may not
+#: be READ COMMITTED): see begin_reading_position.
+_POSITION_AND_ISOLATION_SQL = (POSITION_SQL + ", current_setting('transaction_isolation')").encode()
+
+
+def _begin_command(raw: psycopg.Connection[Any]) -> bytes:
+    """The ``BEGIN`` psycopg sends for this connection's options.
+
+    Built from its public attributes; a contract test compares it with
+    psycopg's own on the installed release.
+    """
+    parts = [b"BEGIN"]
+    if raw.isolation_level is not None:
+        level = psycopg.IsolationLevel(raw.isolation_level)
+        parts.append(b"ISOLATION LEVEL " + level.name.replace("_", " ").encode())
+    if raw.read_only is not None:
+        parts.append(b"READ ONLY" if raw.read_only else b"READ WRITE")
+    if raw.deferrable is not None:
+        parts.append(b"DEFERRABLE" if raw.deferrable else b"NOT DEFERRABLE")
+    return b" ".join(parts)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def end_unused_transaction(connection_info: dict[str, Any], dbapi_connection: Any) -> None:
+    """Roll back the transaction the checkout ping opened, if no statement has run
+    in it (SQLAlchemy has not begun one of its own): before something that
+    psycopg refuses inside a transaction, such as a change of isolation level,
+    or a query that must run outside it."""
+    if not connection_info.pop(_BEGUN, False):
+        return
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if (
+        isinstance(raw, psycopg.Connection)
+        and raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    ):
+        raw.rollback()
 
 
 def looks_alive(dbapi_connection: Any) -> bool:
@@ -431,6 +559,7 @@ def _instrument(
             again on a new connection. A checkout that wants the position always
             pings: the position is why it pings.
             """
+            record.info.pop(_BEGUN, None)
             if record.info.pop(_FRESH, False):
                 return
             position = want_position.get()
@@ -441,7 +570,12 @@ def _instrument(
             ):
                 return
             try:
-                value = _ping_query(dbapi_connection, position, settings.connect_timeout)
+                if position and not is_async and begin_with_position.get():
+                    value = begin_reading_position(
+                        dbapi_connection, record.info, settings.connect_timeout
+                    )
+                else:
+                    value = _ping_query(dbapi_connection, position, settings.connect_timeout)
             except Exception as exc:
                 # After a failover every pooled connection is likely dead: discard
                 # them all; the pool opens a new one for this checkout.
@@ -452,6 +586,15 @@ def _instrument(
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits (internals.py).
         route_commit(engine, _commit_hook)
+
+        @event.listens_for(engine, "set_connection_execution_options")
+        def _characteristics(conn: Any, opts: dict[str, Any]) -> None:
+            # The checkout ping may have opened the transaction (begin_reading_position):
+            # psycopg refuses a new isolation level inside one. Nothing ran in it yet.
+            if _CHARACTERISTICS.isdisjoint(opts) or conn.in_transaction():
+                return
+            fairy = conn.connection
+            end_unused_transaction(fairy.info, fairy.dbapi_connection)
 
     if side == "read":
 

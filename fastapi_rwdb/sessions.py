@@ -24,6 +24,8 @@ from .engines import (
     POSITION_INFO,
     POSITION_SQL,
     REPORTED_POSITION,
+    begin_with_position,
+    end_unused_transaction,
     fetch_outside_transaction,
     want_position,
 )
@@ -148,7 +150,7 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     if route.target == "primary":
         bind = binds.primary
         if track:
-            bind, position = _checkout(session, binds.primary)
+            bind, position = _checkout(session, binds.primary, use=True)
     elif route.min_lsn is None and not track:
         bind = binds.replica
     else:
@@ -175,7 +177,7 @@ def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> Re
     request's own state is folded in, so the request's commits and the client's
     token still count.
     """
-    conn, position = _checkout(None, binds.primary)
+    conn, position = _checkout(None, binds.primary, use=False)
     conn.close()
     request = request_state.get()
     # A primary that reports no position: only the primary is sure to be current.
@@ -220,7 +222,7 @@ def _replica_at_least(
             if attempt and _idle(binds.replica) == 0:
                 break
             try:
-                conn, position = _checkout(None, binds.replica)
+                conn, position = _checkout(None, binds.replica, use=True)
             except DatabaseUnavailableError:
                 continue  # that connection is gone (and discarded): try another
             held.append((conn, position))
@@ -252,7 +254,7 @@ def _replica_at_least(
         if state is not None:
             state.replica_behind = True
         if binds.consistency == "session" and binds.mode == "lsn" and state is not None:
-            conn, position = _checkout(session, binds.primary)
+            conn, position = _checkout(session, binds.primary, use=True)
             return conn, route.if_behind, position
         return binds.primary, route.if_behind, None
     session.info.setdefault(_OWNED, []).append(chosen)
@@ -263,18 +265,24 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
     return min_lsn is None or (position is not None and position >= min_lsn)
 
 
-def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | None]:
+def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Connection, int | None]:
     """A connection and its server's WAL position, read by the checkout ping.
 
     A value passed through a pool hook: ``want_position`` asks the checkout
     ping (engines.py) to read the position instead of running its no-op, and
     the ping leaves it in the connection record's info. A connection opened
-    just now is not pinged, so then the position is asked for here.
+    just now is not pinged, so then the position is asked for here. ``use``:
+    the session's statements will run on this connection, so on psycopg the
+    ping may open their transaction in the same round trip
+    (``begin_with_position``); a connection only asked for its position is
+    handed back untouched.
     """
     reset = want_position.set(True)
+    reset_begin = begin_with_position.set(use)
     try:
         conn = engine.connect()
     finally:
+        begin_with_position.reset(reset_begin)
         want_position.reset(reset)
     try:
         info = conn.connection.info
@@ -302,6 +310,9 @@ def _position_of(conn: Connection) -> int | None:
     reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
     if reported is not _UNKNOWN:
         return reported  # type: ignore[no-any-return]
+    # Asked again while waiting for a replica to catch up: outside any transaction,
+    # so that the session's first statement takes a snapshot newer than the answer.
+    end_unused_transaction(conn.connection.info, conn.connection.dbapi_connection)
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 
