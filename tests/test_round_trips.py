@@ -34,7 +34,7 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
-from .conftest import dsn
+from .helpers import dsn
 from .models import Item
 
 pytestmark = pytest.mark.stack
