@@ -20,13 +20,8 @@ from sqlalchemy.orm import Session
 
 from . import conflicts, metrics, reconnect, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
-from .engines import (
-    POSITION_INFO,
-    POSITION_SQL,
-    REPORTED_POSITION,
-    fetch_outside_transaction,
-    want_position,
-)
+from .channel import POSITION_INFO, REPORTED_POSITION, want_position
+from .driver import POSITION_SQL, fetch_outside_transaction
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .internals import EXECUTE_INTERNAL, await_
 from .lsn import MAX_LSN, parse_lsn
@@ -266,10 +261,12 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
 def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | None]:
     """A connection and its server's WAL position, read by the checkout ping.
 
-    A value passed through a pool hook: ``want_position`` asks the checkout
-    ping (engines.py) to read the position instead of running its no-op, and
-    the ping leaves it in the connection record's info. A connection opened
-    just now is not pinged, so then the position is asked for here.
+    A value passed through a pool hook, not returned by any call (see
+    channel.py): setting ``want_position`` around ``engine.connect()`` asks the
+    checkout ping (``_ping`` in ``hooks.instrument``) to read the position
+    instead of running its no-op, and the ping leaves it in the connection
+    record's info under ``POSITION_INFO``, taken here. A connection opened just
+    now is not pinged, so then the position is asked for here.
     """
     reset = want_position.set(True)
     try:
