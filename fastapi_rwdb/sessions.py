@@ -129,9 +129,9 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     elif state.fresh:
         state = _fresh_state(session, binds, state)
     version = -1 if state is None else state.version
-    cached = session.info.get(_CHOICE)
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
     if cached is not None and cached[0] == version:
-        return cached[1]  # type: ignore[no-any-return]
+        return cached[1]
 
     route = choose_read_route(state, binds.mode, binds.health)
     # Session consistency: note how far the server behind each read has got, so that
@@ -296,9 +296,10 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
 
 def _position_of(conn: Connection) -> int | None:
     # A connection may report a position other than its server's: see REPORTED_POSITION.
-    reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
-    if reported is not _UNKNOWN:
-        return reported  # type: ignore[no-any-return]
+    info = conn.connection.info
+    if REPORTED_POSITION in info:
+        reported: int | None = info[REPORTED_POSITION]
+        return reported
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 
