@@ -20,15 +20,13 @@ from sqlalchemy.orm import Session
 
 from . import conflicts, metrics, reconnect, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
-from .engines import (
+from .channel import (
     POSITION_INFO,
-    POSITION_SQL,
     REPORTED_POSITION,
     begin_with_position,
-    end_unused_transaction,
-    fetch_outside_transaction,
     want_position,
 )
+from .driver import POSITION_SQL, end_unused_transaction, fetch_outside_transaction
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .internals import EXECUTE_INTERNAL, await_
 from .lsn import MAX_LSN, parse_lsn
@@ -136,9 +134,9 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     elif state.fresh:
         state = _fresh_state(session, binds, state)
     version = -1 if state is None else state.version
-    cached = session.info.get(_CHOICE)
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
     if cached is not None and cached[0] == version:
-        return cached[1]  # type: ignore[no-any-return]
+        return cached[1]
 
     route = choose_read_route(state, binds.mode, binds.health)
     # Session consistency: note how far the server behind each read has got, so that
@@ -268,14 +266,15 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
 def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Connection, int | None]:
     """A connection and its server's WAL position, read by the checkout ping.
 
-    A value passed through a pool hook: ``want_position`` asks the checkout
-    ping (engines.py) to read the position instead of running its no-op, and
-    the ping leaves it in the connection record's info. A connection opened
-    just now is not pinged, so then the position is asked for here. ``use``:
-    the session's statements will run on this connection, so on psycopg the
-    ping may open their transaction in the same round trip
-    (``begin_with_position``); a connection only asked for its position is
-    handed back untouched.
+    A value passed through a pool hook, not returned by any call (see
+    channel.py): setting ``want_position`` around ``engine.connect()`` asks the
+    checkout ping (``_ping`` in ``hooks.instrument``) to read the position
+    instead of running its no-op, and the ping leaves it in the connection
+    record's info under ``POSITION_INFO``, taken here. A connection opened just
+    now is not pinged, so then the position is asked for here. ``use``: the
+    session's statements will run on this connection, so on psycopg the ping
+    may open their transaction in the same round trip (``begin_with_position``);
+    a connection only asked for its position is handed back untouched.
     """
     reset = want_position.set(True)
     reset_begin = begin_with_position.set(use)
@@ -307,12 +306,13 @@ def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Conn
 
 def _position_of(conn: Connection) -> int | None:
     # A connection may report a position other than its server's: see REPORTED_POSITION.
-    reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
-    if reported is not _UNKNOWN:
-        return reported  # type: ignore[no-any-return]
+    info = conn.connection.info
+    if REPORTED_POSITION in info:
+        reported: int | None = info[REPORTED_POSITION]
+        return reported
     # Asked again while waiting for a replica to catch up: outside any transaction,
     # so that the session's first statement takes a snapshot newer than the answer.
-    end_unused_transaction(conn.connection.info, conn.connection.dbapi_connection)
+    end_unused_transaction(info, conn.connection.dbapi_connection)
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 

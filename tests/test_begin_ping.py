@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy import text
 
 from fastapi_rwdb import Database, RWDBSettings
-from fastapi_rwdb.engines import _BEGUN, _SNAPSHOT_AT_FIRST, _begin_command
+from fastapi_rwdb.channel import BEGUN_INFO
+from fastapi_rwdb.driver import _SNAPSHOT_AT_FIRST, _begin_command
 
-from .conftest import dsn
+from .helpers import dsn
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
 
@@ -84,7 +85,7 @@ def test_a_read_with_a_token_runs_in_the_transaction_the_ping_opened(db: Databas
     _warm(db, token)
     with db.read_session(after=token) as session:
         conn = session.connection()
-        assert conn.connection.info.get(_BEGUN) is True
+        assert conn.connection.info.get(BEGUN_INFO) is True
         assert _count(session, name) == 1
         row = session.execute(
             text(
