@@ -220,7 +220,10 @@ def _replica_at_least(
             if attempt and _idle(binds.replica) == 0:
                 break
             try:
-                conn, position = _checkout(None, binds.replica, use=True)
+                # Only the first try opens the transaction with the ping: a connection
+                # found behind must roll that back (a round trip) before it is returned,
+                # and when the replicas lag, the first is seldom the last try.
+                conn, position = _checkout(None, binds.replica, use=attempt == 0)
             except DatabaseUnavailableError:
                 continue  # that connection is gone (and discarded): try another
             held.append((conn, position))
