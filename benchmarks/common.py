@@ -1,5 +1,5 @@
-"""Shared pieces: the stack's address, the benchmark table, a bare ASGI driver,
-statistics, and what machine and software a run was made on."""
+"""Shared pieces: the stack's address and nodes (the tests use them too), the benchmark
+table, a bare ASGI driver, statistics, and what machine and software a run was made on."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from dotenv import dotenv_values
 from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table, Text, func
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,17 +26,14 @@ BENCH_DIR = ROOT / "benchmarks"
 OUT_DIR = BENCH_DIR / "out"
 STACK = ROOT / "scripts" / "stack.sh"
 
-# The local stack's address (as in .env.example); a developer's own environment wins.
-STACK_ENV = {
-    "POSTGRES_SERVER": "127.0.0.1",
-    "POSTGRES_PORT": "5432",
-    "POSTGRES_READ_PORT": "5433",
-    "POSTGRES_USER": "rwdb_app",
-    "POSTGRES_PASSWORD": "rwdb_app_pw",
-    "POSTGRES_DB": "rwdb",
-}
-for _name, _value in STACK_ENV.items():
-    os.environ.setdefault(_name, _value)
+# The local stack's address: .env.example's values, shared with the tests (which import
+# this module for it); a developer's own environment wins.
+for _name, _value in dotenv_values(ROOT / ".env.example").items():
+    if _value is not None:
+        os.environ.setdefault(_name, _value)
+
+# scripts/stack.sh: each node's own PostgreSQL, for asking one node directly.
+NODE_PORTS = {"node1": 15432, "node2": 15433, "node3": 15434}
 
 SECRET_KEY = "benchmark-secret-key-0123456789abcdef"
 TABLE = "rwdb_bench_items"
@@ -56,10 +54,29 @@ def env(name: str) -> str:
 
 
 def dsn(port_var: str = "POSTGRES_PORT") -> str:
+    """The app role's conninfo for the port in the environment variable ``port_var``."""
+    return node_dsn(int(env(port_var)))
+
+
+def node_dsn(port: int, user: str = "", password: str = "") -> str:
+    """Conninfo for ``port`` on the stack's host (a node's own PostgreSQL: NODE_PORTS),
+    as the app role unless ``user`` and ``password`` are given."""
     return (
-        f"host={env('POSTGRES_SERVER')} port={env(port_var)} user={env('POSTGRES_USER')} "
-        f"password={env('POSTGRES_PASSWORD')} dbname={env('POSTGRES_DB')} connect_timeout=5"
+        f"host={env('POSTGRES_SERVER')} port={port} user={user or env('POSTGRES_USER')} "
+        f"password={password or env('POSTGRES_PASSWORD')} dbname={env('POSTGRES_DB')} "
+        "connect_timeout=5"
     )
+
+
+def replica_nodes() -> list[str]:
+    """The nodes in recovery, by name, asked of each node directly (which node is the
+    primary changes: tests switch over)."""
+    found = []
+    for name, port in NODE_PORTS.items():
+        with psycopg.connect(node_dsn(port), prepare_threshold=None) as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
+                found.append(name)
+    return found
 
 
 def prepare_table(seed_rows: int = 0) -> list[int]:
@@ -154,16 +171,10 @@ def replica_lag(delay: str) -> Iterator[None]:
 def replica_paused() -> Iterator[str]:
     """One replica's WAL replay paused for the block (the other stays current); the
     paused node's name is yielded. Always resumed afterwards, whatever happens."""
-    node = ""
-    for name, port in (("node1", 15432), ("node2", 15433), ("node3", 15434)):
-        conninfo = dsn().replace(f"port={env('POSTGRES_PORT')} ", f"port={port} ")
-        with psycopg.connect(conninfo, prepare_threshold=None) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-        if row == (True,):
-            node = name
-            break
-    if not node:
+    replicas = replica_nodes()
+    if not replicas:
         raise RuntimeError("no replica to pause")
+    node = replicas[0]
     try:
         stack("pause-replay", node)
         yield node

@@ -84,7 +84,8 @@ class ReplayConflictRetry(Session):
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         if self.info.get(_ON_PRIMARY) and kw.get("bind") is None:
-            return self.info[BINDS].primary  # type: ignore[no-any-return]
+            binds: ReadBinds = self.info[BINDS]
+            return binds.primary
         return super().get_bind(mapper, **kw)
 
     def close(self) -> None:

@@ -97,13 +97,15 @@ class Database:
         settings, which are built on first use too); ``keep``: survive dispose()."""
         store = self._kept if keep else self._built
         try:
-            return store[name]  # type: ignore[no-any-return]
+            found: _T = store[name]
+            return found
         except KeyError:
             pass
         with self._lock:
             if name not in store:
                 store[name] = build()
-            return store[name]  # type: ignore[no-any-return]
+            built: _T = store[name]
+            return built
 
     @property
     def settings(self) -> RWDBSettings:

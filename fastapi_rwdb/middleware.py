@@ -29,18 +29,21 @@ _ERROR_BODY = b"Internal Server Error"
 @dataclass
 class ReadYourWritesMiddleware:
     app: ASGIApp
+    #: The registry to serve; the process-wide one (get_database()) when not given.
     database: Database | None = None
+    #: ``database``, resolved once: the hot path neither looks it up nor checks it.
+    _database: Database = field(init=False, repr=False)
     _cookie: bytes = field(init=False, repr=False)
     _header: bytes = field(init=False, repr=False)
     _rejected_logged_at: float = field(init=False, repr=False, default=-_REJECTED_LOG_EVERY)
 
     def __post_init__(self) -> None:
-        self.database = self.database or get_database()
-        s = self.database.settings
+        self.database = self._database = database = self.database or get_database()
+        s = database.settings
         self._cookie = s.cookie_name.encode()
         self._header = s.token_header.lower().encode()
-        self._signer = self.database.signer
-        self._health = self.database.health
+        self._signer = database.signer
+        self._health = database.health
         self._issue = s.pin_mode != "off"
         self._window = s.pin_mode == "window"
         self._session = s.pin_mode == "lsn" and s.consistency == "session"
@@ -57,9 +60,9 @@ class ReadYourWritesMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        database = self.database
-        if not database.lifespan_ok:  # type: ignore[union-attr]  # setup()'s lifespan never ran
-            database.lifespan_missing(scope.get("root_path", ""))  # type: ignore[union-attr]
+        database = self._database
+        if not database.lifespan_ok:  # setup()'s lifespan never ran
+            database.lifespan_missing(scope.get("root_path", ""))
         token = None
         if self._issue:
             headers = scope["headers"]

@@ -107,7 +107,8 @@ def watch(cls: type[Session]) -> None:
 def transaction_connections(session: Session) -> list[Connection]:
     """The connections the session's current transaction holds (none before its
     first statement)."""
-    return session.info.get(_CONNECTIONS, [])  # type: ignore[no-any-return]
+    connections: list[Connection] = session.info.get(_CONNECTIONS, [])
+    return connections
 
 
 def is_first_statement(session: Session) -> bool:

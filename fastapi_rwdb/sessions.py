@@ -20,13 +20,13 @@ from sqlalchemy.orm import Session
 
 from . import conflicts, metrics, reconnect, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
-from .engines import (
+from .channel import (
     POSITION_INFO,
-    POSITION_SQL,
     REPORTED_POSITION,
-    fetch_outside_transaction,
+    begin_with_position,
     want_position,
 )
+from .driver import POSITION_SQL, end_unused_transaction, fetch_outside_transaction
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .internals import EXECUTE_INTERNAL, await_
 from .lsn import MAX_LSN, parse_lsn
@@ -134,9 +134,9 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     elif state.fresh:
         state = _fresh_state(session, binds, state)
     version = -1 if state is None else state.version
-    cached = session.info.get(_CHOICE)
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
     if cached is not None and cached[0] == version:
-        return cached[1]  # type: ignore[no-any-return]
+        return cached[1]
 
     route = choose_read_route(state, binds.mode, binds.health)
     # Session consistency: note how far the server behind each read has got, so that
@@ -148,7 +148,7 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     if route.target == "primary":
         bind = binds.primary
         if track:
-            bind, position = _checkout(session, binds.primary)
+            bind, position = _checkout(session, binds.primary, use=True)
     elif route.min_lsn is None and not track:
         bind = binds.replica
     else:
@@ -175,7 +175,7 @@ def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> Re
     request's own state is folded in, so the request's commits and the client's
     token still count.
     """
-    conn, position = _checkout(None, binds.primary)
+    conn, position = _checkout(None, binds.primary, use=False)
     conn.close()
     request = request_state.get()
     # A primary that reports no position: only the primary is sure to be current.
@@ -220,7 +220,10 @@ def _replica_at_least(
             if attempt and _idle(binds.replica) == 0:
                 break
             try:
-                conn, position = _checkout(None, binds.replica)
+                # Only the first try opens the transaction with the ping: a connection
+                # found behind must roll that back (a round trip) before it is returned,
+                # and when the replicas lag, the first is seldom the last try.
+                conn, position = _checkout(None, binds.replica, use=attempt == 0)
             except DatabaseUnavailableError:
                 continue  # that connection is gone (and discarded): try another
             held.append((conn, position))
@@ -252,7 +255,7 @@ def _replica_at_least(
         if state is not None:
             state.replica_behind = True
         if binds.consistency == "session" and binds.mode == "lsn" and state is not None:
-            conn, position = _checkout(session, binds.primary)
+            conn, position = _checkout(session, binds.primary, use=True)
             return conn, route.if_behind, position
         return binds.primary, route.if_behind, None
     session.info.setdefault(_OWNED, []).append(chosen)
@@ -263,18 +266,25 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
     return min_lsn is None or (position is not None and position >= min_lsn)
 
 
-def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | None]:
+def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Connection, int | None]:
     """A connection and its server's WAL position, read by the checkout ping.
 
-    A value passed through a pool hook: ``want_position`` asks the checkout
-    ping (engines.py) to read the position instead of running its no-op, and
-    the ping leaves it in the connection record's info. A connection opened
-    just now is not pinged, so then the position is asked for here.
+    A value passed through a pool hook, not returned by any call (see
+    channel.py): setting ``want_position`` around ``engine.connect()`` asks the
+    checkout ping (``_ping`` in ``hooks.instrument``) to read the position
+    instead of running its no-op, and the ping leaves it in the connection
+    record's info under ``POSITION_INFO``, taken here. A connection opened just
+    now is not pinged, so then the position is asked for here. ``use``: the
+    session's statements will run on this connection, so on psycopg the ping
+    may open their transaction in the same round trip (``begin_with_position``);
+    a connection only asked for its position is handed back untouched.
     """
     reset = want_position.set(True)
+    reset_begin = begin_with_position.set(use)
     try:
         conn = engine.connect()
     finally:
+        begin_with_position.reset(reset_begin)
         want_position.reset(reset)
     try:
         info = conn.connection.info
@@ -299,9 +309,13 @@ def _checkout(owner: Session | None, engine: Engine) -> tuple[Connection, int | 
 
 def _position_of(conn: Connection) -> int | None:
     # A connection may report a position other than its server's: see REPORTED_POSITION.
-    reported = conn.connection.info.get(REPORTED_POSITION, _UNKNOWN)
-    if reported is not _UNKNOWN:
-        return reported  # type: ignore[no-any-return]
+    info = conn.connection.info
+    if REPORTED_POSITION in info:
+        reported: int | None = info[REPORTED_POSITION]
+        return reported
+    # Asked again while waiting for a replica to catch up: outside any transaction,
+    # so that the session's first statement takes a snapshot newer than the answer.
+    end_unused_transaction(info, conn.connection.dbapi_connection)
     return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
 
 

@@ -23,7 +23,7 @@ A stale replica for real: a transaction on the primary exports its snapshot
 block start ``REPEATABLE READ`` transactions with ``SET TRANSACTION SNAPSHOT``,
 so they see the database as it was when the block began while writes go on.
 Their connections report the primary's WAL position of that moment as their
-replay position (``engines.REPORTED_POSITION``), so read-your-writes treats them
+replay position (``channel.REPORTED_POSITION``), so read-your-writes treats them
 exactly as a replica that far behind: a client with a newer token reads from the
 primary, everyone else reads the old data. The snapshot lives on the primary,
 so the block reads through the write URL: it works with both URLs pointing at
@@ -48,8 +48,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from . import observers
+from .channel import REPORTED_POSITION
 from .database import Database, get_database
-from .engines import REPORTED_POSITION, make_async_engine, make_engine
+from .engines import make_async_engine, make_engine
 from .lsn import parse_lsn
 from .scopes import async_write_unit, write_unit
 from .state import RequestState, request_state

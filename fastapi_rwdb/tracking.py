@@ -18,11 +18,12 @@ record, and a replica could reach it without showing the row. On psycopg the
 COMMIT and the LSN read (and the question, when there is one) go in one
 message: no round trip more than a plain COMMIT. That message is sent where
 SQLAlchemy commits the connection (the engine's ``do_commit``, see
-``engines._replace_commit``), after every ``before_commit`` listener has run:
-sent from this module's own listener, a later one that raised would leave the
-server committed and the application told it failed. asyncpg cannot send
-several statements in one go with results, so there the LSN is read right
-after the COMMIT, on the same connection, in one more round trip.
+``internals.route_commit``; handed over under ``channel.COMMIT_INFO``), after
+every ``before_commit`` listener has run: sent from this module's own
+listener, a later one that raised would leave the server committed and the
+application told it failed. asyncpg cannot send several statements in one go
+with results, so there the LSN is read right after the COMMIT, on the same
+connection, in one more round trip.
 
 Outside a request (no request state) nothing is read and nothing is paid.
 """
@@ -40,7 +41,8 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.selectable import CTE
 
 from .binds import PIN_MODE_INFO
-from .engines import COMMIT_INFO, fetch_outside_transaction
+from .channel import COMMIT_INFO
+from .driver import fetch_outside_transaction
 from .internals import EXECUTE_INTERNAL
 from .lsn import MAX_LSN, parse_lsn
 from .state import request_state

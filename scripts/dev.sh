@@ -48,6 +48,8 @@ case "$cmd" in
             echo "==> docker-compose not installed: compose.yml not validated (CI installs it)"
         fi
         echo "==> pytest"
+        # the stack's address; the tests use their own database, rwdb_test, not POSTGRES_DB's
+        # (tests/conftest.py; the demo's rwdb stays free of test rows)
         load_stack_env
         .venv/bin/pytest "$@"
         ;;

@@ -24,6 +24,7 @@ NODES=(node1 node2 node3)
 APP_USER=rwdb_app
 APP_PASSWORD=rwdb_app_pw
 APP_DB=rwdb
+TEST_DB=rwdb_test # the test suite's own (post_bootstrap.sh creates both)
 SUPER_USER=postgres
 SUPER_PASSWORD=postgres_pw
 
@@ -523,12 +524,25 @@ wait_leader() { # wait_leader TIMEOUT [NODE] -> prints leader
     done
 }
 
+# The role and databases of post_bootstrap.sh, on a cluster made before one of them was
+# added there too (Patroni runs that hook only when it bootstraps a new cluster).
+ensure_databases() {
+    local primary
+    primary=$(probe_sql "$WRITE_PORT" | cut -d'|' -f2)
+    [[ -n $primary ]] || die "the write port $WRITE_PORT does not answer: cannot create the databases"
+    PGPASSWORD=$SUPER_PASSWORD PGCONNECT_TIMEOUT=5 PGOPTIONS="-c client_min_messages=warning" \
+        "$STACK_DIR/post_bootstrap.sh" \
+        "host=127.0.0.1 port=$primary user=$SUPER_USER dbname=postgres" \
+        || die "creating the databases $APP_DB and $TEST_DB on $(node_of_pg_port "$primary") failed"
+}
+
 # --------------------------------------------------------------------------- sub-commands
 
 cmd_up() {
     ensure_installed
     prepare
     if check_ready; then
+        ensure_databases
         say "already up and healthy: write 127.0.0.1:$WRITE_PORT -> $(node_of_pg_port "$(probe_sql "$WRITE_PORT" | cut -d'|' -f2)"), read 127.0.0.1:$READ_PORT"
         return 0
     fi
@@ -592,6 +606,7 @@ cmd_up() {
 
     say "waiting until write/read ports and both replicas are ready (timeout ${UP_TIMEOUT}s)"
     wait_ready "$UP_TIMEOUT"
+    ensure_databases
     say "stack is up: write 127.0.0.1:$WRITE_PORT -> $(node_of_pg_port "$(probe_sql "$WRITE_PORT" | cut -d'|' -f2)"), read 127.0.0.1:$READ_PORT, stats http://127.0.0.1:$STATS_PORT/"
 }
 
@@ -1004,7 +1019,8 @@ etcd 127.0.0.1:2379; Patroni node1..3 (PostgreSQL 15432-15434, REST 18008-18010)
 PgBouncer per node 16432-16434; HAProxy write $WRITE_PORT / read $READ_PORT / stats $STATS_PORT.
 
   install               install Debian packages + Patroni venv (idempotent)
-  up                    install if needed, start everything, wait until ready
+  up                    install if needed, start everything, wait until ready; creates the
+                        databases $APP_DB (the app's) and $TEST_DB (the tests'), also on an existing cluster
   down [--wipe]         stop everything (--wipe: delete all data too)
   status                patronictl list, who is behind each HAProxy port, process states
   lag DELAY             set recovery_min_apply_delay on the replicas (1s, 200ms, 1000, 0 = off)

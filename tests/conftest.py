@@ -1,5 +1,10 @@
 """Shared fixtures. Tests marked ``stack`` run against the local cluster started by
 ``scripts/stack.sh up``; when it is not reachable they fail (never skip) and say so.
+
+The tests use a database of their own (``rwdb_test``, or ``RWDB_TEST_DB``), never the
+app's (``POSTGRES_DB``, ``rwdb`` in .env.example): ``scripts/dev.sh demo`` then shows
+only what the demo wrote. It is set here, before anything reads the environment, so
+that every app, engine and subprocess a test starts inherits it.
 """
 
 from __future__ import annotations
@@ -10,25 +15,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-# The local stack's address, as in .env.example. A developer's own environment wins.
-STACK_ENV = {
-    "POSTGRES_SERVER": "127.0.0.1",
-    "POSTGRES_PORT": "5432",
-    "POSTGRES_READ_PORT": "5433",
-    "POSTGRES_USER": "rwdb_app",
-    "POSTGRES_PASSWORD": "rwdb_app_pw",
-    "POSTGRES_DB": "rwdb",
-}
-for _name, _value in STACK_ENV.items():
-    os.environ.setdefault(_name, _value)
+from .helpers import TEST_DB, dsn
 
-
-def dsn(port_var: str = "POSTGRES_PORT") -> str:
-    e = os.environ
-    return (
-        f"host={e['POSTGRES_SERVER']} port={e[port_var]} user={e['POSTGRES_USER']} "
-        f"password={e['POSTGRES_PASSWORD']} dbname={e['POSTGRES_DB']}"
-    )
+os.environ["POSTGRES_DB"] = TEST_DB
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +32,9 @@ def stack() -> Iterator[None]:
             )
     except psycopg.OperationalError as exc:
         pytest.fail(
-            f"the local stack is not reachable ({exc.__class__.__name__}); "
-            "start it with: bash scripts/stack.sh up",
+            f"the local stack is not reachable, or has no database {TEST_DB} "
+            f"({exc.__class__.__name__}); start it with: bash scripts/stack.sh up "
+            "(which also creates the database)",
             pytrace=False,
         )
     yield

@@ -27,6 +27,7 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
+from .helpers import served_client
 from .models import Item
 
 pytestmark = pytest.mark.stack
@@ -74,10 +75,8 @@ def build_app() -> FastAPI:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = build_app()
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
+    async with served_client(app, "http://test") as c:
+        yield c
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -266,21 +265,19 @@ async def test_a_later_setup_leaves_the_pools_of_a_mounted_app_alone() -> None:
     async def async_read(s: AsyncWriteSession) -> bool:
         return bool((await s.execute(text("SELECT true"))).scalar_one())
 
-    async with first.router.lifespan_context(first):
-        transport = httpx.ASGITransport(app=first)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            for path in ("/sync", "/async"):
-                assert (await c.get(path)).json() is True
-            pools = [db.engines.write.pool, db.async_engines.write.sync_engine.pool]
-            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+    async with served_client(first, "http://t") as c:
+        for path in ("/sync", "/async"):
+            assert (await c.get(path)).json() is True
+        pools = [db.engines.write.pool, db.async_engines.write.sync_engine.pool]
+        assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
 
-            fastapi_rwdb.setup(FastAPI(), Database(RWDBSettings(secret_key=key)))
+        fastapi_rwdb.setup(FastAPI(), Database(RWDBSettings(secret_key=key)))
 
-            assert fastapi_rwdb.get_database() is not db
-            assert [db.engines.write.pool, db.async_engines.write.sync_engine.pool] == pools
-            assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
-            for path in ("/sync", "/async"):
-                assert (await c.get(path)).json() is True
+        assert fastapi_rwdb.get_database() is not db
+        assert [db.engines.write.pool, db.async_engines.write.sync_engine.pool] == pools
+        assert [p.checkedin() for p in pools] == [1, 1]  # type: ignore[attr-defined]
+        for path in ("/sync", "/async"):
+            assert (await c.get(path)).json() is True
     assert not db.is_built("engines") and not db.is_built("async_engines")
 
     unused = fastapi_rwdb.configure(Database(RWDBSettings(secret_key=key)))

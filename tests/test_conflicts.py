@@ -25,7 +25,7 @@ from sqlalchemy import text
 import fastapi_rwdb
 from fastapi_rwdb import AsyncReadSession, Database, ReadSession, RWDBSettings
 
-from .conftest import dsn
+from .helpers import NODE_PORTS, dsn, node_dsn, served_client
 
 pytestmark = pytest.mark.stack
 
@@ -33,7 +33,6 @@ TABLE = "rwdb_conflict_rows"
 ROWS = 200
 SLEEP_PER_ROW = 0.01  # a scan takes ~2 s: long enough to be caught by the VACUUM
 PATRONI_PORTS = (18008, 18009, 18010)
-NODE_PORTS = (15432, 15433, 15434)
 PROVOKING = {"hot_standby_feedback": "off", "max_standby_streaming_delay": "100ms"}
 SCAN = (
     f"SELECT bool_and(pg_is_in_recovery()) AS in_recovery, count(*) AS n FROM {TABLE}"
@@ -60,10 +59,9 @@ def patroni(method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
 def replica_settings(names: list[str]) -> dict[int, tuple[str, ...]]:
     """What each running replica reports for ``names`` (SHOW, on the node itself)."""
     found = {}
-    for port in NODE_PORTS:
-        node_dsn = f"host=127.0.0.1 port={port} user=rwdb_app password=rwdb_app_pw dbname=rwdb"
+    for port in NODE_PORTS.values():
         try:
-            with psycopg.connect(node_dsn, connect_timeout=2, autocommit=True) as conn:
+            with psycopg.connect(node_dsn(port), connect_timeout=2, autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone() != (True,):
                     continue
                 found[port] = tuple(
@@ -151,11 +149,8 @@ def make_app() -> FastAPI:
 
 @pytest.fixture(scope="module")
 async def client(conflicting_replicas: None) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_app()
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
-            yield c
+    async with served_client(make_app(), "http://t", raise_app_exceptions=False, timeout=30) as c:
+        yield c
 
 
 async def while_vacuumed(client: httpx.AsyncClient, path: str) -> httpx.Response:
@@ -198,8 +193,8 @@ def terminate_scans() -> int:
     """On each replica, as the superuser: end the backends running this module's scan."""
     ended = 0
     for port in replica_settings([]):
-        node_dsn = f"host=127.0.0.1 port={port} user=postgres password=postgres_pw dbname=rwdb"
-        with psycopg.connect(node_dsn, connect_timeout=2, autocommit=True) as conn:
+        superuser = node_dsn(port, user="postgres", password="postgres_pw")
+        with psycopg.connect(superuser, connect_timeout=2, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE query LIKE %s AND pid <> pg_backend_pid()",

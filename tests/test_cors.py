@@ -7,7 +7,6 @@ keep the cookie and read the token header of the response.
 from __future__ import annotations
 
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from fastapi_rwdb import ReadSession, WriteSession
+from fastapi_rwdb import ReadSession
+
+from .helpers import add_writes, served_client
 
 pytestmark = pytest.mark.stack
 
@@ -33,12 +34,7 @@ def readme_cors_app() -> FastAPI:
     exec(code[1], namespace)  # noqa: S102 - our own README
     app: FastAPI = namespace["app"]
 
-    @app.post("/notes")
-    def create(db: WriteSession) -> dict[str, str]:
-        name = f"cors-{uuid.uuid4()}"
-        db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
-        db.commit()
-        return {"name": name}
+    add_writes(app)
 
     @app.get("/notes/{name}")
     def read(name: str, db: ReadSession) -> dict[str, bool]:
@@ -55,11 +51,7 @@ def exposed(response: httpx.Response) -> set[str]:
 
 async def test_a_cross_origin_page_can_write_keep_the_cookie_and_read_the_token() -> None:
     app = readme_cors_app()
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as c,
-    ):
+    async with served_client(app, "https://api.example.com") as c:
         preflight = await c.options(
             "/notes",
             headers={
@@ -94,11 +86,7 @@ async def test_a_cross_origin_page_can_write_keep_the_cookie_and_read_the_token(
 
 async def test_an_origin_not_listed_gets_no_cors_headers() -> None:
     app = readme_cors_app()
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as c,
-    ):
+    async with served_client(app, "https://api.example.com") as c:
         preflight = await c.options(
             "/notes",
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},

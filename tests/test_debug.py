@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
@@ -21,20 +20,17 @@ from sqlalchemy import text
 import fastapi_rwdb
 from fastapi_rwdb import (
     AsyncWriteSession,
-    Database,
     ReadSession,
     RWDBSettings,
-    WriteSession,
     get_read_db_context,
     metrics,
 )
 
-from .conftest import STACK_ENV
+from .helpers import TEST_DB, add_writes, client, node_dsn, rwdb_app, served_client
 
 pytestmark = pytest.mark.stack
 
-KEY = "test-secret-key-0123456789abcdef"
-PASSWORD = STACK_ENV["POSTGRES_PASSWORD"]
+PASSWORD = os.environ["POSTGRES_PASSWORD"]
 DEBUG_TOKEN = "debug-token-5f0c2a9e7d"
 SPLIT, POOLS = "/debug/read-write-split", "/debug/pool-stats"
 LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
@@ -53,23 +49,10 @@ class Holds:
 
 
 def make_app(holds: Holds | None = None, **overrides: Any) -> FastAPI:
-    values: dict[str, Any] = {
-        "secret_key": KEY,
-        "debug_routes": True,
-        "pool_size": 3,
-        "max_overflow": 2,
-        **overrides,
-    }
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(**values)))
+    values: dict[str, Any] = {"debug_routes": True, "pool_size": 3, "max_overflow": 2}
+    app = rwdb_app(**{**values, **overrides})
     holds = holds or Holds()
-
-    @app.post("/notes")
-    def create(db: WriteSession) -> dict[str, str]:
-        name = f"debug-{uuid.uuid4()}"
-        db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
-        db.commit()
-        return {"name": name}
+    add_writes(app)
 
     @app.get("/notes")
     def read(db: ReadSession) -> dict[str, int]:
@@ -92,10 +75,6 @@ def make_app(holds: Holds | None = None, **overrides: Any) -> FastAPI:
     return app
 
 
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
 @pytest.fixture
 async def app() -> AsyncIterator[FastAPI]:
     application = make_app()
@@ -105,12 +84,7 @@ async def app() -> AsyncIterator[FastAPI]:
 
 def node_facts(port: int) -> tuple[bool, int]:
     """(in recovery, port) asked of one PostgreSQL node directly, bypassing HAProxy."""
-    e = STACK_ENV
-    conninfo = (
-        f"host=127.0.0.1 port={port} user={e['POSTGRES_USER']} "
-        f"password={e['POSTGRES_PASSWORD']} dbname={e['POSTGRES_DB']}"
-    )
-    with psycopg.connect(conninfo, connect_timeout=5) as conn:
+    with psycopg.connect(node_dsn(port)) as conn:
         row = conn.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone()
     assert row is not None
     return row[0], row[1]
@@ -133,7 +107,7 @@ def closed_port() -> int:
 
 async def test_routes_do_not_exist_unless_enabled() -> None:
     app = make_app(debug_routes=False)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         for path in (SPLIT, POOLS):
             assert (await c.get(path)).status_code == 404
     assert not any(r.path.startswith("/debug") for r in app.routes if hasattr(r, "path"))
@@ -142,7 +116,7 @@ async def test_routes_do_not_exist_unless_enabled() -> None:
 
 async def test_prefix_is_configurable() -> None:
     app = make_app(debug_prefix="/ops/db")
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         assert (await c.get("/ops/db/pool-stats")).status_code == 200
         assert (await c.get("/ops/db/read-write-split")).status_code == 200
         assert (await c.get(POOLS)).status_code == 404
@@ -160,7 +134,7 @@ async def test_token_is_required_when_set() -> None:
         {"Authorization": "Bearer"},
         {"X-Debug-Token": DEBUG_TOKEN},
     ]
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         for path in (SPLIT, POOLS):
             bodies = set()
             for headers in refused:
@@ -203,7 +177,7 @@ async def test_split_reports_primary_and_replica_for_both_pairs(app: FastAPI) ->
         assert report["driver"] == driver
         write, read = report["write"], report["read"]
         assert write == {
-            "endpoint": "127.0.0.1:5432/rwdb",
+            "endpoint": f"127.0.0.1:5432/{TEST_DB}",
             "expected": "primary",
             "reached": "primary",
             "as_expected": True,
@@ -224,7 +198,7 @@ async def test_split_reports_primary_and_replica_for_both_pairs(app: FastAPI) ->
             "replay_lsn",
             "replay_lag",
         }
-        assert read["endpoint"] == "127.0.0.1:5433/rwdb"
+        assert read["endpoint"] == f"127.0.0.1:5433/{TEST_DB}"
         assert (read["expected"], read["reached"], read["as_expected"]) == (
             "replica",
             "replica",
@@ -251,7 +225,7 @@ def find_primary_port() -> int:
 
 async def test_read_port_reaching_a_primary_is_a_problem() -> None:
     app = make_app(read_port=5432)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         response = await c.get(SPLIT)
     assert response.status_code == 503
     body = response.json()
@@ -259,7 +233,7 @@ async def test_read_port_reaching_a_primary_is_a_problem() -> None:
     assert len(body["problems"]) == 2
     for pair, problem in zip(("sync", "async"), body["problems"], strict=True):
         assert problem.startswith(f"{pair} (")
-        assert "the read port (127.0.0.1:5432/rwdb) reached a primary (127.0.0.1:" in problem
+        assert f"the read port (127.0.0.1:5432/{TEST_DB}) reached a primary (127.0.0.1:" in problem
         assert "check HAProxy's /replica health check" in problem
         read = body[pair]["read"]
         assert (read["reached"], read["as_expected"], read["in_recovery"]) == (
@@ -273,12 +247,12 @@ async def test_read_port_reaching_a_primary_is_a_problem() -> None:
 
 async def test_write_port_reaching_a_replica_is_a_problem() -> None:
     app = make_app(write_port=5433)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         body = (response := await c.get(SPLIT)).json()
     assert response.status_code == 503
     assert len(body["problems"]) == 2
     for pair, problem in zip(("sync", "async"), body["problems"], strict=True):
-        assert "the write port (127.0.0.1:5433/rwdb) reached a replica" in problem
+        assert f"the write port (127.0.0.1:5433/{TEST_DB}) reached a replica" in problem
         assert "check HAProxy's /primary health check" in problem
         assert body[pair]["write"]["reached"] == "replica"
         assert body[pair]["write"]["current_lsn"] is None
@@ -291,14 +265,14 @@ async def test_unreachable_read_side_is_explained_without_secrets(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     port = closed_port()
-    read_url = f"postgresql://rwdb_app:{PASSWORD}@127.0.0.1:{port}/rwdb"
+    read_url = f"postgresql://rwdb_app:{PASSWORD}@127.0.0.1:{port}/{TEST_DB}"
     app = make_app(read_url=read_url, connect_retries=0)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         assert (await c.post("/notes")).status_code == 200  # the write side works
         response = await c.get(SPLIT)
     assert response.status_code == 503
     body = response.json()
-    endpoint = f"127.0.0.1:{port}/rwdb"
+    endpoint = f"127.0.0.1:{port}/{TEST_DB}"
     assert [p.split(":")[0] for p in body["problems"]] == ["sync (psycopg)", "async (asyncpg)"]
     for pair, problem in zip(("sync", "async"), body["problems"], strict=True):
         assert f"cannot connect to the read side ({endpoint}): " in problem
@@ -321,7 +295,7 @@ async def test_wrong_password_is_reported_but_never_shown(
     caplog.set_level(logging.DEBUG)
     wrong = "not-the-password-8d1e3b"
     app = make_app(password=wrong)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         split = await c.get(SPLIT)
         pools = await c.get(POOLS)
     assert split.status_code == 503 and pools.status_code == 200
@@ -340,7 +314,7 @@ async def test_no_password_in_any_output(caplog: pytest.LogCaptureFixture) -> No
     apps = [
         make_app(),
         make_app(read_port=5432),
-        make_app(write_url=f"postgresql://rwdb_app:{PASSWORD}@127.0.0.1:5432/rwdb"),
+        make_app(write_url=f"postgresql://rwdb_app:{PASSWORD}@127.0.0.1:5432/{TEST_DB}"),
     ]
     for application in apps:
         async with application.router.lifespan_context(application), client(application) as c:
@@ -403,7 +377,7 @@ async def test_pinned_caller_does_not_redirect_the_check() -> None:
     """In window mode a token sends every read of the client to the primary; the
     check must still look at the replicas, and say where the client's reads go."""
     app = make_app(pin_mode="window", routing_header=True)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         await c.post("/notes")
         assert c.cookies.get("rwdb_pin")
         pinned = await c.get("/notes")
@@ -457,7 +431,7 @@ async def test_pool_stats_before_use_build_nothing(app: FastAPI) -> None:
 async def test_pool_stats_follow_sessions_held_by_requests() -> None:
     holds = Holds()
     app = make_app(holds)
-    async with app.router.lifespan_context(app), client(app) as c:
+    async with served_client(app) as c:
         async_request = asyncio.create_task(c.get("/hold/async"))
         sync_request = asyncio.create_task(c.get("/hold/sync"))
         try:

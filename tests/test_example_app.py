@@ -27,6 +27,8 @@ from example_app import main as example
 from example_app.models import DailySummary, Location
 from fastapi_rwdb import get_read_db_context, tracking
 
+from .helpers import client
+
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +41,6 @@ async def app() -> AsyncIterator[FastAPI]:
     with fastapi_rwdb.using(example.database):
         async with example.app.router.lifespan_context(example.app):
             yield example.app
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
 def unique(prefix: str) -> str:

@@ -28,26 +28,24 @@ from fastapi_rwdb import (
     ReadSession,
     RWDBSettings,
 )
-from tests.test_unequal_replicas import KEY, WHERE, client, paused, serve
+from tests.test_unequal_replicas import WHERE, paused
+
+from .helpers import KEY, client, dsn, rwdb_app, serve, warm
 
 pytestmark = pytest.mark.stack
 
 __all__ = ["paused"]  # the module-scoped fixture: one replica paused for this module
 
-PRIMARY_DSN = "postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:5432/rwdb"
-
 
 def someone_else_writes() -> str:
     name = f"fresh-{uuid.uuid4()}"
-    with psycopg.connect(PRIMARY_DSN, prepare_threshold=None, autocommit=True) as conn:
+    with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
         conn.execute("INSERT INTO rwdb_items (name) VALUES (%s)", (name,))
     return name
 
 
 def make_app(**overrides: Any) -> FastAPI:
-    settings = RWDBSettings(secret_key=KEY, routing_header=True, **overrides)
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(settings))
+    app = rwdb_app(routing_header=True, **overrides)
 
     def answer(row: Any) -> dict[str, Any]:
         port, replica, found = row
@@ -80,16 +78,6 @@ def make_app(**overrides: Any) -> FastAPI:
     return app
 
 
-async def warm(app: FastAPI, flavour: str, ports: tuple[int, int]) -> None:
-    """Fill the read pool with connections to both replicas (HAProxy: round robin)."""
-    async with client(app) as c:
-        for _ in range(20):
-            answers = await asyncio.gather(*(c.get(f"{flavour}/plain/warm") for _ in range(6)))
-            if set(ports) <= {a.json()["port"] for a in answers}:
-                return
-    raise AssertionError(f"the read pool never reached both replicas {ports}")
-
-
 @pytest.mark.parametrize("flavour", ["", "/async"])
 async def test_a_fresh_read_always_sees_what_someone_else_just_wrote(
     paused: tuple[int, int], flavour: str
@@ -98,7 +86,7 @@ async def test_a_fresh_read_always_sees_what_someone_else_just_wrote(
     app = make_app(pin_wait_ms=300)
     fresh_missed, plain_missed, fresh_ports = 0, 0, []
     async with serve(app), client(app) as stranger:
-        await warm(app, flavour, paused)
+        await warm(app, f"{flavour}/plain/warm", paused)
         for _ in range(15):
             name = someone_else_writes()
             # Several at once, so they take connections to both replicas.

@@ -12,13 +12,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
 import fastapi_rwdb
 from fastapi_rwdb import Database, ReadSession, RWDBSettings
+
+from .helpers import client
 
 pytestmark = pytest.mark.stack
 
@@ -38,10 +39,6 @@ def sub_app() -> tuple[FastAPI, Database]:
 
 def watching() -> bool:
     return any(task.get_name() == WATCHER for task in asyncio.all_tasks())
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
 async def test_a_mounted_apps_lifespan_runs_from_the_outer_one(

@@ -17,7 +17,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from fastapi_rwdb import Database
-from tests.test_testing_plugin import client, plain_postgres, plain_settings, serving
+from tests.test_testing_plugin import plain_postgres, plain_settings, serving
+
+from .helpers import client
 
 __all__ = ["plain_postgres"]
 

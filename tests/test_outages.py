@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
+import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 
 import httpx
 import pytest
@@ -27,10 +25,11 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
+from .helpers import served_client, stack
+
 pytestmark = pytest.mark.stack
 
-STACK = Path(__file__).resolve().parent.parent / "scripts" / "stack.sh"
-PASSWORD = "rwdb_app_pw"
+PASSWORD = os.environ["POSTGRES_PASSWORD"]
 CLOSED_PORT = 1  # nothing listens there: connections are refused at once
 FAST_RETRY = {"connect_retries": 1, "connect_retry_backoff": 0.01}
 
@@ -68,12 +67,8 @@ def make_app(**overrides: object) -> FastAPI:
     return app
 
 
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client
+def serve(app: FastAPI) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return served_client(app, "http://t", raise_app_exceptions=False)
 
 
 @pytest.mark.parametrize("path", ["/read", "/async/read"])
@@ -196,7 +191,7 @@ async def test_write_side_on_a_standby_discards_the_pool_and_says_503(path: str)
 async def test_lag_above_the_limit_sends_reads_to_the_primary() -> None:
     app = make_app(max_replica_lag=0.3, lag_check_interval=0.1)
     db = fastapi_rwdb.get_database()
-    subprocess.run(["bash", str(STACK), "lag", "1s"], check=True, capture_output=True)
+    stack("lag", "1s")
     try:
         async with serve(app) as client:
             deadline = time.monotonic() + 10
@@ -207,14 +202,14 @@ async def test_lag_above_the_limit_sends_reads_to_the_primary() -> None:
             pinned = await client.get("/read")
             assert pinned.headers["x-rwdb-read"] == "primary; reason=replica-lag"
             assert pinned.json() == {"replica": False}
-            subprocess.run(["bash", str(STACK), "lag", "0"], check=True, capture_output=True)
+            stack("lag", "0")
             deadline = time.monotonic() + 10
             while db.health.lag_exceeded and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             back = await client.get("/read")
             assert back.headers["x-rwdb-read"] == "replica" and back.json() == {"replica": True}
     finally:
-        subprocess.run(["bash", str(STACK), "lag", "0"], check=True, capture_output=True)
+        stack("lag", "0")
 
 
 def _replica_bouncer_port() -> int:

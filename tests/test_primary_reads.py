@@ -15,8 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-import fastapi_rwdb.database as registry
-from fastapi_rwdb import Database, ReadOnlySessionError, RWDBSettings
+from fastapi_rwdb import Database, ReadOnlySessionError, RWDBSettings, using
 
 pytestmark = pytest.mark.stack
 
@@ -52,9 +51,9 @@ def test_slow_primary_reads_do_not_starve_a_write_sync() -> None:
         stats = db.pool_stats()["sync"]
         assert stats["primary_read"]["checked_out"] == SLOW_READS
         assert stats["write"]["checked_out"] == 0
-        registry._default = db  # the gauges read the process-wide Database
         labels = {"pair": "sync", "side": "primary_read"}
-        assert REGISTRY.get_sample_value("rwdb_pool_checked_out", labels) == SLOW_READS
+        with using(db):  # the gauges read the process-wide Database
+            assert REGISTRY.get_sample_value("rwdb_pool_checked_out", labels) == SLOW_READS
         began = time.monotonic()
         with db.write_session() as session:
             session.execute(

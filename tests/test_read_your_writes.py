@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import psycopg
@@ -21,25 +19,18 @@ import fastapi_rwdb
 from fastapi_rwdb import (
     AsyncReadSession,
     AsyncWriteSession,
-    Database,
     ReadSession,
-    RWDBSettings,
     WriteSession,
 )
 from fastapi_rwdb.audit import TEARDOWN_AFTER_RESPONSE
 
+from .helpers import NODE_PORTS, add_writes, client, node_dsn, replica_nodes, rwdb_app, stack
 from .models import Item
 
 pytestmark = pytest.mark.stack
 
-STACK = Path(__file__).resolve().parent.parent / "scripts" / "stack.sh"
-KEY = "test-secret-key-0123456789abcdef"
 TOKEN_HEADER = "X-RWDB-Pin"
 VIEW_DELAY = 0.5  # a few of make_app's replica-view intervals
-
-
-def stack(*args: str) -> None:
-    subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +46,8 @@ def lagging_replicas() -> Iterator[float]:
 def make_app(**overrides: object) -> FastAPI:
     # A quick replica view, so that "every replica has it" is known soon after it is true.
     overrides.setdefault("lag_check_interval", 0.1)
-    settings = RWDBSettings(secret_key=KEY, routing_header=True, **overrides)  # type: ignore[arg-type]
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(settings))
-
-    @app.post("/notes")
-    def create(db: WriteSession) -> dict[str, str]:
-        name = f"note-{uuid.uuid4()}"
-        db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
-        db.commit()
-        return {"name": name}
-
-    @app.post("/async/notes")
-    async def create_async(db: AsyncWriteSession) -> dict[str, str]:
-        name = f"anote-{uuid.uuid4()}"
-        await db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
-        await db.commit()
-        return {"name": name}
+    app = rwdb_app(routing_header=True, **overrides)
+    add_writes(app)
 
     @app.post("/notes/rolled-back")
     def rolled_back(db: WriteSession) -> dict[str, str]:
@@ -127,9 +103,8 @@ async def replicas_have(name: str, timeout: float = 10.0) -> None:
     """Wait until both replicas show the row (checked on each node directly)."""
     deadline = time.monotonic() + timeout
     for port in await asyncio.to_thread(replica_ports):
-        dsn = f"postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:{port}/rwdb"
         while True:
-            with psycopg.connect(dsn, prepare_threshold=None) as conn:
+            with psycopg.connect(node_dsn(port), prepare_threshold=None) as conn:
                 row = conn.execute("SELECT 1 FROM rwdb_items WHERE name = %s", (name,)).fetchone()
             if row is not None:
                 break
@@ -138,13 +113,8 @@ async def replicas_have(name: str, timeout: float = 10.0) -> None:
 
 
 def replica_ports() -> set[int]:
-    """The PostgreSQL ports of the nodes in recovery (stack.sh: nodes on 15432..15434)."""
-    ports = set()
-    for port in (15432, 15433, 15434):
-        dsn = f"postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:{port}/rwdb"
-        with psycopg.connect(dsn, prepare_threshold=None) as conn:
-            if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
-                ports.add(port)
+    """The PostgreSQL ports of the nodes in recovery."""
+    ports = {NODE_PORTS[node] for node in replica_nodes()}
     assert len(ports) == 2, f"expected two replicas, found {ports}"
     return ports
 
@@ -159,11 +129,6 @@ async def app() -> AsyncIterator[FastAPI]:
     application = make_app()
     async with application.router.lifespan_context(application):
         yield application
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.mark.parametrize("flavour", ["", "/async"])
@@ -351,8 +316,7 @@ async def test_commit_that_fails_at_commit_time_is_an_error_and_issues_no_token(
     deferred_table: None, orm_write: bool
 ) -> None:
     """A deferred constraint fails at COMMIT: the one-message commit must raise."""
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))
+    app = rwdb_app()
     key = int(time.time() * 1000) % 2_000_000_000
 
     @app.post("/twice")
@@ -376,8 +340,7 @@ async def test_commit_that_fails_at_commit_time_is_an_error_and_issues_no_token(
 
 async def test_savepoint_commit_issues_no_token_before_the_real_commit() -> None:
     seen: dict[str, object] = {}
-    sub = FastAPI()
-    fastapi_rwdb.setup(sub, Database(RWDBSettings(secret_key=KEY)))
+    sub = rwdb_app()
 
     @sub.post("/nested")
     def nested(db: WriteSession) -> dict[str, bool]:

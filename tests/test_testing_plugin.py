@@ -27,17 +27,16 @@ from sqlalchemy import text
 import fastapi_rwdb
 from fastapi_rwdb import (
     AsyncReadSession,
-    AsyncWriteSession,
     Database,
     ReadSession,
     RWDBSettings,
-    WriteSession,
     observers,
 )
 from fastapi_rwdb.testing import RoutingRecorder, RWDBKit, StaleReplica
 
+from .helpers import KEY, add_writes, client, rwdb_app
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-KEY = "testing-plugin-key-0123456789abcdef"
 TABLE = "CREATE TABLE IF NOT EXISTS kit_items (id bigserial PRIMARY KEY, name text NOT NULL)"
 FOUND = "SELECT EXISTS (SELECT 1 FROM kit_items WHERE name = :n)"
 
@@ -97,22 +96,8 @@ def plain_settings(url: str, **overrides: Any) -> RWDBSettings:
 
 
 def make_app(database: Database) -> FastAPI:
-    app = FastAPI()
-    fastapi_rwdb.setup(app, database)
-
-    @app.post("/items")
-    def create(db: WriteSession) -> dict[str, str]:
-        name = f"api-{uuid.uuid4()}"
-        db.execute(text("INSERT INTO kit_items (name) VALUES (:n)"), {"n": name})
-        db.commit()
-        return {"name": name}
-
-    @app.post("/async/items")
-    async def create_async(db: AsyncWriteSession) -> dict[str, str]:
-        name = f"api-async-{uuid.uuid4()}"
-        await db.execute(text("INSERT INTO kit_items (name) VALUES (:n)"), {"n": name})
-        await db.commit()
-        return {"name": name}
+    app = rwdb_app(database)
+    add_writes(app, "/items", "kit_items")
 
     @app.get("/items/{name}")
     def read(name: str, db: ReadSession) -> dict[str, Any]:
@@ -130,10 +115,6 @@ async def serving(database: Database) -> AsyncIterator[FastAPI]:
     app = make_app(database)
     async with app.router.lifespan_context(app):
         yield app
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
 def write_fixture_row(kit: RWDBKit | None, c: httpx.AsyncClient, database: Database) -> str:
@@ -280,7 +261,7 @@ async def test_the_stale_block_on_the_full_stack(
 ) -> None:
     import psycopg
 
-    from tests.conftest import dsn
+    from .helpers import dsn
 
     with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
         conn.execute(TABLE)

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
@@ -23,12 +22,11 @@ import fastapi_rwdb
 from fastapi_rwdb import AsyncWriteSession, Database, RWDBSettings, WriteSession
 from fastapi_rwdb.tracking import UNKNOWN_LSN
 
-from .conftest import dsn
+from .helpers import KEY, client, dsn, rwdb_app, served_client
 from .models import Item
 
 pytestmark = pytest.mark.stack
 
-KEY = "test-secret-key-0123456789abcdef"
 items = Item.__table__  # type: ignore[attr-defined]
 
 
@@ -106,8 +104,7 @@ async def _async_body(session: AsyncSession, kind: str) -> None:
 
 
 def make_app() -> FastAPI:
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))
+    app = rwdb_app()
 
     @app.post("/sync/{kind}")
     def sync_route(kind: str, db: WriteSession) -> dict[str, bool]:
@@ -154,8 +151,7 @@ def primary_lsn() -> int:
 
 
 async def post(app: FastAPI, path: str) -> str | None:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with client(app, "http://t") as c:
         response = await c.post(path)
     assert response.status_code == 200, response.text
     token = response.headers.get("x-rwdb-pin")
@@ -305,10 +301,8 @@ async def test_a_commit_vetoed_by_a_later_before_commit_listener_is_not_committe
         raise _VetoedCommit
 
     event.listen(AppSession, "before_commit", veto)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            response = await c.post(f"/{flavour}")
+    async with served_client(app, "http://t", raise_app_exceptions=False) as c:
+        response = await c.post(f"/{flavour}")
     assert response.status_code == 500
     assert "set-cookie" not in response.headers
     with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
@@ -359,24 +353,22 @@ async def test_psycopg_commit_tracking_costs_no_round_trip() -> None:
                 WIRE_BODIES[kind](s)
                 s.commit()
 
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                for kind in WIRE_BODIES:
-                    for variant in ("plain", "rwdb"):
-                        for _ in range(2):  # the first fills the pool
-                            await asyncio.sleep(0.05)  # the proxy has counted the last bytes
-                            wire.reset()
-                            if variant == "plain":
-                                plain_request(kind)
-                            else:
-                                (await client.post(f"/{kind}")).raise_for_status()
-                        await asyncio.sleep(0.05)
-                        counts = wire.counts()
-                        counted.setdefault(kind, {})[variant] = (
-                            round_trips(counts),
-                            counts["statement"],
-                        )
+        async with served_client(app, "http://t") as client:
+            for kind in WIRE_BODIES:
+                for variant in ("plain", "rwdb"):
+                    for _ in range(2):  # the first fills the pool
+                        await asyncio.sleep(0.05)  # the proxy has counted the last bytes
+                        wire.reset()
+                        if variant == "plain":
+                            plain_request(kind)
+                        else:
+                            (await client.post(f"/{kind}")).raise_for_status()
+                    await asyncio.sleep(0.05)
+                    counts = wire.counts()
+                    counted.setdefault(kind, {})[variant] = (
+                        round_trips(counts),
+                        counts["statement"],
+                    )
         plain.dispose()
     # The WAL position; the question whether it wrote (after textual SQL, or when only
     # compiled SELECTs ran: a function they called may have written).

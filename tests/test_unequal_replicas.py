@@ -9,15 +9,11 @@ what it has read), whichever replica each of its requests reaches.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi import BackgroundTasks, FastAPI
@@ -33,28 +29,18 @@ from fastapi_rwdb import (
     WriteSession,
 )
 
+from .helpers import KEY, NODE_PORTS, client, dsn, replica_nodes, rwdb_app, serve, stack, warm
+
 pytestmark = pytest.mark.stack
 
-STACK = Path(__file__).resolve().parent.parent / "scripts" / "stack.sh"
-KEY = "unequal-replicas-key-0123456789ab"
-NODE_PORTS = {"node1": 15432, "node2": 15433, "node3": 15434}
 WHERE = (
     "SELECT inet_server_port(), pg_is_in_recovery(),"
     " EXISTS (SELECT 1 FROM rwdb_items WHERE name = :n)"
 )
 
 
-def stack(*args: str) -> None:
-    subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
-
-
 def replicas() -> list[str]:
-    found = []
-    for node, port in NODE_PORTS.items():
-        dsn = f"postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:{port}/rwdb"
-        with psycopg.connect(dsn, prepare_threshold=None) as conn:
-            if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
-                found.append(node)
+    found = replica_nodes()
     assert len(found) == 2, f"expected two replicas, found {found}"
     return sorted(found)
 
@@ -72,9 +58,7 @@ def paused() -> Iterator[tuple[int, int]]:
 
 def make_app(**overrides: Any) -> FastAPI:
     overrides.setdefault("lag_check_interval", 0.1)
-    settings = RWDBSettings(secret_key=KEY, routing_header=True, **overrides)
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(settings))
+    app = rwdb_app(routing_header=True, **overrides)
 
     @app.post("/notes")
     def create(db: WriteSession) -> dict[str, Any]:
@@ -119,28 +103,6 @@ def job_reads(name: str, token: str | None) -> None:
         job_results[name] = db.execute(text(WHERE), {"n": name}).one()[2]
 
 
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[None]:
-    async with app.router.lifespan_context(app):
-        yield
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
-
-
-async def warm(app: FastAPI, flavour: str, ports: tuple[int, int]) -> None:
-    """Fill the read pool with connections to both replicas (HAProxy: round robin)."""
-    async with client(app) as c:
-        for _ in range(20):
-            answers = await asyncio.gather(*(c.get(f"{flavour}/notes/warm") for _ in range(6)))
-            seen = {a.json()["port"] for a in answers}
-            if set(ports) <= seen:
-                return
-    raise AssertionError(f"the read pool never reached both replicas {ports}")
-
-
 @pytest.mark.parametrize("flavour", ["", "/async"])
 async def test_own_writes_are_never_missed_with_one_replica_paused(
     paused: tuple[int, int], flavour: str
@@ -149,7 +111,7 @@ async def test_own_writes_are_never_missed_with_one_replica_paused(
     app = make_app()
     stale, served_by = 0, []
     async with serve(app):
-        await warm(app, flavour, paused)
+        await warm(app, f"{flavour}/notes/warm", paused)
         async with client(app) as me:
             for _ in range(12):
                 name = (await me.post(f"{flavour}/notes")).json()["name"]
@@ -170,7 +132,7 @@ async def test_a_plain_client_does_see_the_paused_replica(paused: tuple[int, int
     so the test above would see stale reads if the routing let them through."""
     app = make_app()
     async with serve(app):
-        await warm(app, "", paused)
+        await warm(app, "/notes/warm", paused)
         async with client(app) as me, client(app) as stranger:
             name = (await me.post("/notes")).json()["name"]
             answers = [(await stranger.get(f"/notes/{name}")).json() for _ in range(10)]
@@ -210,7 +172,7 @@ async def test_monotonic_reads_only_in_session_consistency(
     app = make_app(consistency=consistency)
     flips = 0
     async with serve(app):
-        await warm(app, "", paused)
+        await warm(app, "/notes/warm", paused)
         async with client(app) as reader, client(app) as stranger:
             for _ in range(6):
                 name = (await stranger.post("/notes")).json()["name"]
@@ -235,11 +197,7 @@ async def test_the_lag_limit_applies_to_the_replica_behind_each_connection(
     stop = threading.Event()
 
     def keep_writing() -> None:  # gives the primary a WAL history to measure lag against
-        with psycopg.connect(
-            "postgresql://rwdb_app:rwdb_app_pw@127.0.0.1:5432/rwdb",
-            prepare_threshold=None,
-            autocommit=True,
-        ) as conn:
+        with psycopg.connect(dsn(), prepare_threshold=None, autocommit=True) as conn:
             while not stop.wait(0.05):
                 conn.execute("INSERT INTO rwdb_items (name) VALUES ('lag-limit filler')")
 
@@ -268,7 +226,7 @@ async def test_a_background_job_reads_after_the_requests_write(paused: tuple[int
     app = make_app()
     job_results.clear()
     async with serve(app):
-        await warm(app, "", paused)
+        await warm(app, "/notes/warm", paused)
         async with client(app) as c:
             names = [(await c.post("/notes/with-job")).json()["name"] for _ in range(10)]
     assert [job_results.get(name) for name in names] == [True] * 10
@@ -280,7 +238,7 @@ async def test_a_job_given_the_token_never_misses_the_write(
 ) -> None:
     app = make_app()
     async with serve(app):
-        await warm(app, flavour, paused)
+        await warm(app, f"{flavour}/notes/warm", paused)
         async with client(app) as c:
             created = [(await c.post(f"{flavour}/notes")).json() for _ in range(5)]
         missed_with, missed_without = 0, 0
