@@ -274,10 +274,13 @@ def _session_uses(dependant: Any, via: tuple[str, ...] = ()) -> Iterator[Session
             yield from _session_uses(sub, (*via, _callable_name(call)))
 
 
-#: FastAPI releases with ``Depends(..., scope=...)`` run a yield dependency's teardown
-#: after the response has been sent unless ``scope="function"``; the releases before
-#: them (0.106 on) ran it before the response.
-TEARDOWN_AFTER_RESPONSE = "scope" in inspect.signature(fastapi.Depends).parameters
+#: From FastAPI 0.118 a yield dependency's teardown runs after the response has been
+#: sent; the releases before it (0.106 on) ran it just before the response. There is
+#: no feature to look for: 0.121 added ``Depends(..., scope="function")`` to get the
+#: old order back, three releases later.
+TEARDOWN_AFTER_RESPONSE = tuple(int(p) for p in fastapi.__version__.split(".")[:2]) >= (0, 118)
+#: ``Depends(..., scope="function")``: the teardown runs before the response.
+DEPENDS_SCOPE = "scope" in inspect.signature(fastapi.Depends).parameters
 
 
 def _late_teardowns(dependant: Any) -> Iterator[Finding]:
@@ -300,8 +303,13 @@ def _late_teardowns(dependant: Any) -> Iterator[Finding]:
                 f"{name} is a yield dependency holding a write session; its code after "
                 "`yield` runs once the response has been sent, so a commit there gives the "
                 "client no read-your-writes token (fastapi_rwdb logs a warning when it "
-                f"happens). Commit before returning, or declare Depends({name}, "
-                "scope='function') so the teardown runs before the response.",
+                "happens). Commit before returning"
+                + (
+                    f", or declare Depends({name}, scope='function') so the teardown runs "
+                    "before the response."
+                    if DEPENDS_SCOPE
+                    else "."
+                ),
             )
         yield from _late_teardowns(sub)
 

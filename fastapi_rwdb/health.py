@@ -243,4 +243,10 @@ async def watch_replicas(
             raise
         except Exception as exc:  # the breaker and the requests report outages
             logger.debug("fastapi_rwdb: replica view failed: %s", type(exc).__name__)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled, yet the view ended without the CancelledError: SQLAlchemy before
+            # 2.1.5 on Python 3.11 can return a pooled connection in its place (CPython
+            # gh-86296). Going on would keep the app's shutdown waiting for us forever.
+            raise asyncio.CancelledError
         await asyncio.sleep(health.interval)

@@ -22,6 +22,7 @@ from fastapi_rwdb import (
     ReadSession,
     WriteSession,
 )
+from fastapi_rwdb.audit import TEARDOWN_AFTER_RESPONSE
 
 from .helpers import NODE_PORTS, add_writes, client, node_dsn, replica_nodes, rwdb_app, stack
 from .models import Item
@@ -446,6 +447,10 @@ async def test_a_commit_after_the_response_started_is_logged_with_the_route(
         async with app.router.lifespan_context(app), client(app) as c:
             response = await c.post(path)
     assert response.status_code == 200
-    assert "set-cookie" not in response.headers  # too late for a token ...
     warnings = [r.getMessage() for r in caplog.records if "after its response" in r.getMessage()]
+    if path == "/late/teardown" and not TEARDOWN_AFTER_RESPONSE:
+        # FastAPI before 0.118 ran the teardown before the response: in time for a token.
+        assert "rwdb_pin=" in response.headers["set-cookie"] and warnings == []
+        return
+    assert "set-cookie" not in response.headers  # too late for a token ...
     assert len(warnings) == 1 and f"POST {path}" in warnings[0]  # ... but never silently

@@ -6,18 +6,21 @@ Runs in well under a second, like every test not marked ``stack``:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import fastapi_rwdb
-from fastapi_rwdb import Database, DatabaseUnavailableError, RWDBSettings
+from fastapi_rwdb import Database, DatabaseUnavailableError, RWDBSettings, health
 from fastapi_rwdb.faults import is_transient_connect_error, sqlstate_of
-from fastapi_rwdb.health import ReadSideHealth
+from fastapi_rwdb.health import ReadSideHealth, watch_replicas
 from fastapi_rwdb.lsn import parse_lsn
 from fastapi_rwdb.outages import unavailable_reason
 
@@ -193,6 +196,40 @@ def test_outages_get_a_reason(exc: BaseException, reason: str) -> None:
 )
 def test_other_errors_are_not_outages(exc: BaseException) -> None:
     assert unavailable_reason(exc) is None
+
+
+async def test_the_replica_watch_stops_even_if_its_cancellation_is_swallowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLAlchemy before 2.1.5 on Python 3.11 (its pool's checkout, CPython gh-86296)
+    can return a connection in place of the cancellation that reached it: the view
+    then ends normally although the app's shutdown cancelled the watcher, which must
+    stop anyway, or the lifespan waits for it forever."""
+    viewing, swallow = asyncio.Event(), True
+
+    async def view_that_swallows_a_cancellation(write: AsyncEngine) -> tuple[int, list[Any]]:
+        viewing.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+        return 1, []
+
+    monkeypatch.setattr(health, "view_replicas", view_that_swallows_a_cancellation)
+    watcher = asyncio.create_task(
+        watch_replicas(ReadSideHealth(), lambda: cast(AsyncEngine, None), lambda: True)
+    )
+    try:
+        await viewing.wait()
+        watcher.cancel()
+        await asyncio.wait({watcher}, timeout=5)
+        assert watcher.cancelled(), "the watcher went on after it was cancelled"
+    finally:
+        swallow = False
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 # -- LSNs --------------------------------------------------------------------------------------
