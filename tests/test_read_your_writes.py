@@ -30,7 +30,9 @@ from .models import Item
 pytestmark = pytest.mark.stack
 
 TOKEN_HEADER = "X-RWDB-Pin"
-VIEW_DELAY = 0.5  # a few of make_app's replica-view intervals
+# A replica reports its replay position at least every wal_receiver_status_interval (1 s
+# on the stack; sooner only when new WAL arrives), and make_app's view looks every 0.1 s.
+VIEW_DELAY = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -440,8 +442,10 @@ async def test_a_commit_then_an_unhandled_error_still_hands_out_the_token(
 
 @pytest.mark.parametrize("path", ["/late/stream", "/async/late/stream", "/late/teardown"])
 async def test_a_commit_after_the_response_started_is_logged_with_the_route(
-    caplog: pytest.LogCaptureFixture, path: str
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
+    # The warning is rate-limited per route and process: start from a clean slate.
+    monkeypatch.setattr(fastapi_rwdb.state, "_late_warned", {})
     app = late_commit_app()
     with caplog.at_level(logging.WARNING, logger="fastapi_rwdb"):
         async with app.router.lifespan_context(app), client(app) as c:
