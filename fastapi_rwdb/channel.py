@@ -21,6 +21,12 @@ these trips, so they are all listed here:
   and marks the record with :data:`BEGUN_INFO` until something needs the
   transaction gone before any statement ran in it
   (:func:`fastapi_rwdb.driver.end_unused_transaction`).
+- **No round trip for a connection known to be behind.** A read that tries replica
+  connections for a position also sets :data:`position_needed`; the ping
+  remembers each position it read (:data:`LAST_POSITION_INFO`), and a connection
+  whose server was short of the needed position moments ago gets that
+  remembered position instead of a ping, marked :data:`REMEMBERED_INFO`, so the
+  session moves on to the next connection at no cost.
 - **The write tracking's COMMIT.** The tracking (:mod:`fastapi_rwdb.tracking`)
   leaves a callable under :data:`COMMIT_INFO`; the engine's commit (routed by
   :func:`fastapi_rwdb.internals.route_commit`, attached in hooks) calls it
@@ -57,3 +63,12 @@ begin_with_position: ContextVar[bool] = ContextVar("rwdb_begin_with_position", d
 #: Connection-record info key: the checkout ping left a transaction open that no
 #: statement may have used yet (see :func:`fastapi_rwdb.driver.end_unused_transaction`).
 BEGUN_INFO = "rwdb_begun"
+#: Set with ``want_position`` while a read tries replica connections for this
+#: position: see :data:`LAST_POSITION_INFO`.
+position_needed: ContextVar[int | None] = ContextVar("rwdb_position_needed", default=None)
+#: Connection-record info key: ``(position, time.monotonic())`` of the last position
+#: the ping read on this connection.
+LAST_POSITION_INFO = "rwdb_last_position"
+#: Connection-record info key: the position under ``POSITION_INFO`` is the one
+#: remembered from a moment ago (short of the needed one), not asked now.
+REMEMBERED_INFO = "rwdb_remembered"

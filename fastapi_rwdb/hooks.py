@@ -20,7 +20,16 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import InvalidatePoolError
 
-from .channel import BEGUN_INFO, COMMIT_INFO, POSITION_INFO, begin_with_position, want_position
+from .channel import (
+    BEGUN_INFO,
+    COMMIT_INFO,
+    LAST_POSITION_INFO,
+    POSITION_INFO,
+    REMEMBERED_INFO,
+    begin_with_position,
+    position_needed,
+    want_position,
+)
 from .driver import begin_reading_position, end_unused_transaction, looks_alive, ping_query
 from .errors import DatabaseUnavailableError, ReadOnlySessionError
 from .faults import READ_ONLY_SQLSTATE, is_transient_connect_error, sqlstate_of
@@ -35,6 +44,23 @@ logger = logging.getLogger("fastapi_rwdb")
 ROLE_OPTION = "rwdb_role"
 
 _FRESH = "rwdb_fresh"
+#: How long a connection found short of a position is taken to still be short of
+#: it (a paused or lagging replica): reads that need as much skip it without a
+#: ping for that long. Short, as a lagging replica catches up within its lag.
+_BEHIND_FOR = 0.25
+
+
+def _known_behind(info: dict[str, Any], needed: int | None) -> bool:
+    last = info.get(LAST_POSITION_INFO)
+    return (
+        needed is not None
+        and last is not None
+        and last[0] is not None
+        and last[0] < needed
+        and time.monotonic() - last[1] < _BEHIND_FOR
+    )
+
+
 #: What psycopg's ``Connection`` options change on the server's transaction: an
 #: open transaction must end before SQLAlchemy sets one.
 _CHARACTERISTICS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
@@ -158,6 +184,11 @@ def instrument(
             if record.info.pop(_FRESH, False):
                 return
             position = want_position.get()
+            if position and _known_behind(record.info, position_needed.get()):
+                # Short of what this read needs a moment ago: not worth a round trip.
+                record.info[POSITION_INFO] = record.info[LAST_POSITION_INFO][0]
+                record.info[REMEMBERED_INFO] = True
+                return
             if (
                 not position
                 and time.monotonic() - record.info.get(_RETURNED_AT, -skip_window) < skip_window
@@ -177,6 +208,7 @@ def instrument(
                 raise InvalidatePoolError(f"ping failed: {_brief(exc)}") from exc
             if position:  # for the read session that asked: sessions._checkout pops it
                 record.info[POSITION_INFO] = value
+                record.info[LAST_POSITION_INFO] = (value, time.monotonic())
 
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits (internals.py).

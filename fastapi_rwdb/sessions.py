@@ -22,8 +22,10 @@ from . import conflicts, metrics, reconnect, tracking
 from .binds import BINDS, STATE, WAIT_MS, ReadBinds
 from .channel import (
     POSITION_INFO,
+    REMEMBERED_INFO,
     REPORTED_POSITION,
     begin_with_position,
+    position_needed,
     want_position,
 )
 from .driver import POSITION_SQL, end_unused_transaction, fetch_outside_transaction
@@ -148,7 +150,7 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     if route.target == "primary":
         bind = binds.primary
         if track:
-            bind, position = _checkout(session, binds.primary, use=True)
+            bind, position, _ = _checkout(session, binds.primary, use=True)
     elif route.min_lsn is None and not track:
         bind = binds.replica
     else:
@@ -175,7 +177,7 @@ def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> Re
     request's own state is folded in, so the request's commits and the client's
     token still count.
     """
-    conn, position = _checkout(None, binds.primary, use=False)
+    conn, position, _ = _checkout(None, binds.primary, use=False)
     conn.close()
     request = request_state.get()
     # A primary that reports no position: only the primary is sure to be current.
@@ -209,23 +211,30 @@ def _replica_at_least(
     HAProxy a pooled connection stays on one node, while another connection can
     reach another replica. So the session is bound to this very connection. A
     connection found behind is held while the next is taken, so the pool cannot
-    hand the same one back.
+    hand the same one back. One found behind a moment ago costs no round trip
+    and no try: it is passed over on what the last ping said (see channel.py),
+    so a paused replica's connections do not use up a read's tries.
     """
     state = session.info.get(STATE) or request_state.get()
     held: list[tuple[Connection, int | None]] = []
     chosen: Connection | None = None
     chosen_position: int | None = None
     try:
-        for attempt in range(_TRIES):
-            if attempt and _idle(binds.replica) == 0:
+        tries = 0
+        while tries < _TRIES:
+            if held and _idle(binds.replica) == 0:
                 break
             try:
                 # Only the first try opens the transaction with the ping: a connection
                 # found behind must roll that back (a round trip) before it is returned,
                 # and when the replicas lag, the first is seldom the last try.
-                conn, position = _checkout(None, binds.replica, use=attempt == 0)
+                conn, position, remembered = _checkout(
+                    None, binds.replica, use=tries == 0, needed=route.min_lsn
+                )
             except DatabaseUnavailableError:
+                tries += 1
                 continue  # that connection is gone (and discarded): try another
+            tries += not remembered
             held.append((conn, position))
             if _far_enough(position, route.min_lsn):
                 chosen, chosen_position = conn, position
@@ -255,7 +264,7 @@ def _replica_at_least(
         if state is not None:
             state.replica_behind = True
         if binds.consistency == "session" and binds.mode == "lsn" and state is not None:
-            conn, position = _checkout(session, binds.primary, use=True)
+            conn, position, _ = _checkout(session, binds.primary, use=True)
             return conn, route.if_behind, position
         return binds.primary, route.if_behind, None
     session.info.setdefault(_OWNED, []).append(chosen)
@@ -266,7 +275,9 @@ def _far_enough(position: int | None, min_lsn: int | None) -> bool:
     return min_lsn is None or (position is not None and position >= min_lsn)
 
 
-def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Connection, int | None]:
+def _checkout(
+    owner: Session | None, engine: Engine, *, use: bool, needed: int | None = None
+) -> tuple[Connection, int | None, bool]:
     """A connection and its server's WAL position, read by the checkout ping.
 
     A value passed through a pool hook, not returned by any call (see
@@ -278,16 +289,22 @@ def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Conn
     session's statements will run on this connection, so on psycopg the ping
     may open their transaction in the same round trip (``begin_with_position``);
     a connection only asked for its position is handed back untouched.
+    ``needed``: the position this read needs; a connection found short of it a
+    moment ago is not pinged again, and comes back with that remembered
+    position and ``True`` (see channel.py).
     """
     reset = want_position.set(True)
     reset_begin = begin_with_position.set(use)
+    reset_needed = position_needed.set(needed)
     try:
         conn = engine.connect()
     finally:
+        position_needed.reset(reset_needed)
         begin_with_position.reset(reset_begin)
         want_position.reset(reset)
     try:
         info = conn.connection.info
+        remembered = info.pop(REMEMBERED_INFO, False)
         position = info.pop(POSITION_INFO, _UNKNOWN)
         if position is _UNKNOWN or REPORTED_POSITION in info:
             position = _position_of(conn)
@@ -304,7 +321,7 @@ def _checkout(owner: Session | None, engine: Engine, *, use: bool) -> tuple[Conn
         raise
     if owner is not None:
         owner.info.setdefault(_OWNED, []).append(conn)
-    return conn, position
+    return conn, position, remembered
 
 
 def _position_of(conn: Connection) -> int | None:

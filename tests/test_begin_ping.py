@@ -1,5 +1,7 @@
-"""psycopg reads with a token: the checkout ping reads the replica's position and
-opens the session's transaction in the same message (engines.begin_reading_position).
+"""Reads with a token and the checkout ping. On psycopg the ping reads the
+replica's position and opens the session's transaction in the same message
+(driver.begin_reading_position); a connection found behind a moment ago is not
+pinged again (hooks._known_behind).
 
 What must still hold: the ``BEGIN`` is the one psycopg would send, a read sees
 its client's write, and whatever psycopg refuses inside a transaction (a new
@@ -9,6 +11,7 @@ works, because the unused transaction is ended first.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -16,9 +19,12 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from fastapi_rwdb import Database, RWDBSettings
+from fastapi_rwdb import Database, RWDBSettings, hooks
 from fastapi_rwdb.channel import BEGUN_INFO
 from fastapi_rwdb.driver import _SNAPSHOT_AT_FIRST, _begin_command
+from fastapi_rwdb.hooks import _BEHIND_FOR
+from fastapi_rwdb.lsn import MAX_LSN
+from fastapi_rwdb.sessions import _checkout
 
 from .helpers import dsn
 
@@ -143,3 +149,37 @@ def _replica_node_port() -> int:
         port = conn.execute("SELECT inet_server_port()").fetchone()
     assert port is not None and port[0] is not None
     return int(port[0])
+
+
+def test_a_connection_found_behind_is_passed_over_without_a_ping(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that tries replica connections does not ping one whose server was short
+    of the needed position a moment ago (a paused replica's, say): it is passed over
+    on the position remembered from the last ping, for a short while."""
+    pings: list[bool] = []
+    real = hooks.ping_query
+
+    def counting(dbapi_connection: object, position: bool, timeout: float) -> int | None:
+        pings.append(position)
+        return real(dbapi_connection, position, timeout)
+
+    monkeypatch.setattr(hooks, "ping_query", counting)
+    engine = db.engines.read
+    with engine.connect() as conn:  # open it: a new connection is not pinged
+        conn.exec_driver_sql("SELECT 1")
+
+    def check(needed: int | None) -> tuple[int | None, bool]:
+        conn, position, remembered = _checkout(None, engine, use=False, needed=needed)
+        conn.close()
+        return position, remembered
+
+    position, remembered = check(MAX_LSN)  # more than any server has
+    assert (len(pings), remembered) == (1, False) and position is not None
+    assert check(MAX_LSN) == (position, True)  # passed over: no round trip
+    assert len(pings) == 1
+    assert check(position)[1] is False  # the server has that much: pinged
+    assert len(pings) == 2
+    time.sleep(_BEHIND_FOR + 0.05)  # a lagging replica catches up: ask again
+    assert check(MAX_LSN)[1] is False
+    assert len(pings) == 3
