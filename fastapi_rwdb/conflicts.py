@@ -15,7 +15,8 @@ outage: the same read would succeed elsewhere.
   the primary, through the read session's own primary bind
   (``ReadBinds.primary``, READ ONLY like every read). The session stays on the
   primary until it is closed, so a request never reads older data after newer.
-  The response says ``X-RWDB-Read: primary; reason=replay-conflict``.
+  The response says ``X-RWDB-Read: primary; reason=replay-conflict``. In
+  session consistency the client's token then holds the primary's position.
 * Otherwise the transaction has read rows a retry elsewhere might contradict;
   :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
   with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.outages`).
@@ -44,11 +45,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .binds import BINDS, ReadBinds
+from .binds import BINDS, STATE, ReadBinds
+from .driver import POSITION_SQL
 from .errors import ReplicaConflictError
 from .faults import REPLAY_CONFLICT, sqlstate_of
+from .lsn import parse_lsn
 from .reconnect import is_autobegun, is_first_statement, transaction_connections
-from .state import request_state
+from .state import RequestState, request_state
 
 REASON = "replay-conflict"
 
@@ -80,7 +83,9 @@ class ReplayConflictRetry(Session):
                 ) from exc
             self.rollback()  # expires loaded objects, as any rollback does
             _move_to_primary(self)
-            return super()._execute_internal(statement, *args, **kw)
+            result = super()._execute_internal(statement, *args, **kw)
+            _note_primary_position(self, binds)
+            return result
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         if self.info.get(_ON_PRIMARY) and kw.get("bind") is None:
@@ -97,6 +102,21 @@ def _on_replica(session: Session, replica: Engine) -> bool:
     """Whether the transaction holds a connection of the read port's pool. (A 40001 on
     the primary is a genuine serialization failure, not a replay conflict.)"""
     return any(c.engine.pool is replica.pool for c in transaction_connections(session))
+
+
+def _note_primary_position(session: Session, binds: ReadBinds) -> None:
+    """Session consistency: the client has now read the primary, so its later reads
+    must go nowhere older. The position is read after the statement, on its own
+    connection, so it is at least as new as what the statement saw; one round trip
+    more, on a path taken only after a replay conflict."""
+    if binds.consistency != "session" or binds.mode != "lsn":
+        return
+    state: RequestState | None = session.info.get(STATE) or request_state.get()
+    if state is None:
+        return
+    lsn = parse_lsn(session.connection().exec_driver_sql(POSITION_SQL).scalar())
+    if lsn is not None:
+        state.note_seen(lsn)
 
 
 def _move_to_primary(session: Session) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import text
 
 import fastapi_rwdb
 from fastapi_rwdb import AsyncReadSession, Database, ReadSession, RWDBSettings
+from fastapi_rwdb.lsn import parse_lsn
 
 from .helpers import NODE_PORTS, dsn, node_dsn, served_client
 
@@ -104,17 +105,23 @@ def conflicting_replicas() -> Iterator[None]:
         wait_for_replicas(next(iter(shown_before.values())))
 
 
-def remove_rows_and_vacuum() -> None:
-    """On the primary: rows a replica scan may still need disappear for good."""
+def remove_rows_and_vacuum() -> int:
+    """On the primary: rows a replica scan may still need disappear for good. Returns
+    the primary's WAL position right after the rows were deleted."""
     with psycopg.connect(dsn(), autocommit=True, prepare_threshold=None) as conn:
         conn.execute(f"DELETE FROM {TABLE} WHERE id % 2 = 0")
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
         conn.execute(f"VACUUM {TABLE}")
         conn.execute(f"INSERT INTO {TABLE} SELECT generate_series(2, {ROWS}, 2)")
+    assert row is not None
+    lsn = parse_lsn(row[0])
+    assert lsn is not None
+    return lsn
 
 
-def make_app() -> FastAPI:
+def make_app(**settings: Any) -> FastAPI:
     app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(routing_header=True)))
+    fastapi_rwdb.setup(app, Database(RWDBSettings(routing_header=True, **settings)))
     pause = {"pause": SLEEP_PER_ROW}
 
     @app.get("/scan")
@@ -155,10 +162,35 @@ async def client(conflicting_replicas: None) -> AsyncIterator[httpx.AsyncClient]
 
 async def while_vacuumed(client: httpx.AsyncClient, path: str) -> httpx.Response:
     """``GET path`` while the primary removes and vacuums rows the scan is reading."""
+    return (await vacuumed_at(client, path))[0]
+
+
+async def vacuumed_at(client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, int]:
+    """:func:`while_vacuumed`, and the primary's position once the rows were deleted."""
     request = asyncio.create_task(client.get(path))
     await asyncio.sleep(0.6)  # the scan is running on a replica by now
-    await asyncio.to_thread(remove_rows_and_vacuum)
-    return await request
+    deleted_at = await asyncio.to_thread(remove_rows_and_vacuum)
+    return await request, deleted_at
+
+
+@pytest.fixture(scope="module")
+async def session_client(conflicting_replicas: None) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_app(consistency="session")
+    async with served_client(app, "http://t", raise_app_exceptions=False, timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_in_session_consistency_a_read_moved_to_the_primary_counts_as_read(
+    session_client: httpx.AsyncClient, flavour: str
+) -> None:
+    """Monotonic reads: the client has read the primary's rows (the deletion
+    included), so its token must send its next reads nowhere older than that."""
+    response, deleted_at = await vacuumed_at(session_client, f"{flavour}/scan")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-rwdb-read"] == "primary; reason=replay-conflict"
+    token = Database(RWDBSettings()).signer.load(response.headers["x-rwdb-pin"], max_age=3600)
+    assert token is not None and token.lsn >= deleted_at
 
 
 @pytest.mark.parametrize("flavour", ["", "/async"])
