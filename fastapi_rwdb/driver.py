@@ -95,11 +95,9 @@ def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
     thread of the process for the round trip.
     """
     pgconn.send_query(sql)
-    poller = select.poll()
-    poller.register(pgconn.socket, select.POLLIN)
     deadline = time.monotonic() + timeout
     while pgconn.flush():  # the socket took part of the message: wait to send the rest
-        _wait(select.POLLOUT, pgconn.socket, deadline)
+        _wait(pgconn.socket, select.POLLOUT, deadline, timeout)
     results: list[Any] = []
     while True:
         pgconn.consume_input()
@@ -108,15 +106,14 @@ def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
             if result is None:
                 return results
             results.append(result)
-        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            raise psycopg.OperationalError(f"no answer within {timeout:g} s")
+        _wait(pgconn.socket, select.POLLIN, deadline, timeout)
 
 
-def _wait(events: int, fd: int, deadline: float) -> None:
+def _wait(fd: int, events: int, deadline: float, timeout: float) -> None:
     poller = select.poll()
     poller.register(fd, events)
     if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-        raise psycopg.OperationalError("the connection does not take the query")
+        raise psycopg.OperationalError(f"no answer within {timeout:g} s")
 
 
 #: The position and the transaction's isolation level (the server's default may not

@@ -163,7 +163,9 @@ def instrument(
             any transaction. When a read session needs to know how far the server
             has got, the ping reads that position instead of running a no-op, so
             read-your-writes needs no query of its own: a channel no call shows
-            (channel.py). The session sets ``want_position`` around its
+            (channel.py); on psycopg, when the session will use the connection, the
+            same message opens its transaction (driver.begin_reading_position).
+            The session sets ``want_position`` around its
             ``engine.connect()`` (``sessions._checkout``); this hook reads it and
             leaves the position in ``record.info[POSITION_INFO]``, which the
             session pops once ``connect()`` has returned. A
