@@ -95,10 +95,19 @@ is_alive() {
 
 cmdline_of() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
 
-# pid is alive and belongs to this stack (its command line names the stack dir)
+# pid is alive and belongs to this stack (its command line names the stack dir).
+# While a process is in execve its cmdline reads empty for a moment (a launch goes
+# through setsid, bash, env and setpriv before the server): read again, briefly.
 is_ours() {
+    local cmd tries=0
     is_alive "$1" || return 1
-    [[ $(cmdline_of "$1") == *"$STACK_DIR/"* ]]
+    cmd=$(cmdline_of "$1")
+    while [[ -z $cmd ]] && is_alive "$1" && ((tries < 50)); do
+        sleep 0.01
+        tries=$((tries + 1))
+        cmd=$(cmdline_of "$1")
+    done
+    [[ $cmd == *"$STACK_DIR/"* ]]
 }
 
 # pid recorded in a pid file, if that process is still ours
@@ -145,8 +154,17 @@ launch() {
     printf '\n==== %s start: %s\n' "$(date '+%F %T')" "$*" >>"$logfile"
     setsid "$BASH" -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
         "${USER_CMD_PREFIX[@]}" "$@" </dev/null >>"$logfile" 2>&1 9>&- &
-    echo $! >"$pidfile"
+    local pid=$! waited=0
+    echo "$pid" >"$pidfile"
     own "$pidfile"
+    # Until the child has exec'd, /proc/PID/cmdline is still this script's, so
+    # is_ours (and every *_pid check) would call a starting process gone (CI once
+    # died on "etcd exited during start-up" with an empty etcd log). Wait for the
+    # first exec (well under a millisecond, longer on a loaded machine) or an exit.
+    while is_alive "$pid" && ! is_ours "$pid" && ((waited < 500)); do
+        sleep 0.01
+        waited=$((waited + 1))
+    done
 }
 
 # stop_pids TIMEOUT PID... : SIGTERM, wait, then SIGKILL; zombies count as exited
