@@ -19,6 +19,16 @@ ensure_venv() {
     fi
 }
 
+stack_up() {
+    # `up` starts only what is missing, so a second call finishes a start-up that
+    # failed half-way (a server slow to come up on a loaded machine) without
+    # touching what already runs; a second failure is a real one.
+    bash scripts/stack.sh up || {
+        echo "==> the stack did not come up: trying once more"
+        stack_up
+    }
+}
+
 load_stack_env() {
     # The app reads .env itself; when there is none, use the local stack's values.
     if [ ! -f .env ]; then
@@ -34,7 +44,7 @@ shift || true
 case "$cmd" in
     test)
         ensure_venv
-        bash scripts/stack.sh up
+        stack_up
         echo "==> headless Chromium for tests/test_browser.py"
         bash scripts/browser.sh install
         echo "==> ruff"
@@ -68,14 +78,14 @@ case "$cmd" in
         fi
         .venv-lowest/bin/python -m pip list --disable-pip-version-check 2>/dev/null \
             | grep -iE '^(fastapi|starlette|sqlalchemy|asyncpg|psycopg|pydantic-settings) '
-        bash scripts/stack.sh up
+        stack_up
         echo "==> pytest (lowest versions)"
         load_stack_env
         .venv-lowest/bin/pytest -p no:cacheprovider "$@"
         ;;
     demo)
         ensure_venv
-        bash scripts/stack.sh up
+        stack_up
         load_stack_env
         export RWDB_DEBUG_ROUTES=${RWDB_DEBUG_ROUTES:-true}
         port=${PORT:-8000}
