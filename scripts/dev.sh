@@ -25,7 +25,7 @@ stack_up() {
     # touching what already runs; a second failure is a real one.
     bash scripts/stack.sh up || {
         echo "==> the stack did not come up: trying once more"
-        stack_up
+        bash scripts/stack.sh up
     }
 }
 
