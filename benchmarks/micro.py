@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from fastapi_rwdb import Database, RWDBSettings
-from fastapi_rwdb.middleware import ReadYourWritesMiddleware
-from fastapi_rwdb.tokens import Token
+from fastapi_rwdb.routing.tokens import Token
+from fastapi_rwdb.web.middleware import ReadYourWritesMiddleware
 
 from .common import SECRET_KEY, call, spread
 

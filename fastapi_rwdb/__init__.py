@@ -1,7 +1,34 @@
 """Read/write splitting for FastAPI on HAProxy -> PgBouncer -> Patroni PostgreSQL."""
 
-from .database import Database, configure, get_database, using
-from .dependencies import (
+from .current import configure, get_database, using
+from .database import Database
+from .engine.factory import (
+    AsyncEnginePair,
+    EnginePair,
+    connect_args,
+    make_async_engine,
+    make_async_engine_pair,
+    make_engine,
+    make_engine_pair,
+)
+from .errors import (
+    DatabaseUnavailableError,
+    ReadOnlySessionError,
+    ReplicaConflictError,
+    RWDBError,
+    SettingsError,
+)
+from .jobs import (
+    current_token,
+    get_async_fresh_read_db_context,
+    get_async_read_db_context,
+    get_async_write_db_context,
+    get_fresh_read_db_context,
+    get_read_db_context,
+    get_write_db_context,
+)
+from .settings import RWDBSettings
+from .web.dependencies import (
     AsyncDBSession,
     AsyncFreshReadSession,
     AsyncPrimaryReadSession,
@@ -23,32 +50,6 @@ from .dependencies import (
     get_read_db,
     get_write_db,
 )
-from .engines import (
-    AsyncEnginePair,
-    EnginePair,
-    connect_args,
-    make_async_engine,
-    make_async_engine_pair,
-    make_engine,
-    make_engine_pair,
-)
-from .errors import (
-    DatabaseUnavailableError,
-    ReadOnlySessionError,
-    ReplicaConflictError,
-    RWDBError,
-    SettingsError,
-)
-from .scopes import (
-    current_token,
-    get_async_fresh_read_db_context,
-    get_async_read_db_context,
-    get_async_write_db_context,
-    get_fresh_read_db_context,
-    get_read_db_context,
-    get_write_db_context,
-)
-from .settings import RWDBSettings
 from .wiring import lifespan, setup
 
 __all__ = [

@@ -9,23 +9,19 @@ settings, which are lazy too, and a plain lock would deadlock right there.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
-from . import metrics, pools
-from .binds import BINDS, PIN_MODE_INFO, STATE, WAIT_MS, ReadBinds
-from .engines import (
+from .engine.factory import (
     AsyncEnginePair,
     EnginePair,
     make_async_engine,
@@ -34,26 +30,18 @@ from .engines import (
     make_engine_pair,
     make_primary_read_engine,
 )
-from .health import ReadSideHealth
-from .lsn import MAX_LSN
-from .sessions import read_class, session_classes, write_class
+from .engine.pool import pools_report
+from .observe import metrics
+from .orm.classes import session_classes
+from .orm.makers import Makers, async_makers, sync_makers
+from .orm.session_info import ReadBinds, read_after, read_fresh, write_maker_info
+from .routing.replicas import ReadSideHealth
+from .routing.tokens import Token, TokenSigner, signing_keys
 from .settings import RWDBSettings
-from .state import RequestState, request_state
-from .tokens import Token, TokenSigner, derive_key
 
 logger = logging.getLogger("fastapi_rwdb")
 
 _T = TypeVar("_T")
-_S = TypeVar("_S", Session, AsyncSession)
-
-
-@dataclass(frozen=True, slots=True)
-class _Makers(Generic[_S]):
-    """The sessionmakers of one driver."""
-
-    write: Callable[[], _S]
-    read: Callable[[], _S]
-    primary_read: Callable[[], _S]
 
 
 class Database:
@@ -140,28 +128,12 @@ class Database:
     def signer(self) -> TokenSigner:
         """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
         database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
-        return self._once("signer", lambda: TokenSigner(*_token_keys(self.settings)), keep=True)
+        return self._once("signer", lambda: TokenSigner(*signing_keys(self.settings)), keep=True)
 
     def token_for(self, lsn: int) -> str:
         """A signed read-your-writes token for ``lsn``, valid ``RWDB_PIN_SECONDS``."""
         expires = int(time.time() + self.settings.pin_seconds)
         return self.signer.dump(Token(lsn=lsn, expires=expires))
-
-    def lifespan_missing(self, root_path: str) -> None:
-        """Say, once, that requests arrive but setup()'s lifespan never ran."""
-        self.lifespan_ok = True
-        where = f"mounted at {root_path}" if root_path else "this app"
-        logger.warning(
-            "fastapi_rwdb: requests are arriving for the app %s, but the lifespan that "
-            "setup() gave it never ran: %sits pools will not be disposed at shutdown. "
-            "Starlette does not run the lifespan of a mounted app; run it from the outer "
-            "app's lifespan with `async with fastapi_rwdb.lifespan(<the mounted app>): "
-            "yield` (or serve the app with its lifespan on).",
-            where,
-            "no replica-lag watch is running, and "
-            if self.settings.max_replica_lag is not None
-            else "",
-        )
 
     # -- engines -------------------------------------------------------------------
 
@@ -210,8 +182,20 @@ class Database:
         )
 
     def pool_stats(self) -> dict[str, Any]:
-        """Every pool's size and use, read from memory; builds nothing."""
-        return pools.pool_stats(self)
+        """The six pools, read from memory (the body of ``GET {prefix}/pool-stats``);
+        builds nothing: see :func:`fastapi_rwdb.engine.pool.pools_report`."""
+        built = self._built
+        sync, aio = built.get("engines"), built.get("async_engines")
+        primary, async_primary = built.get("primary_read"), built.get("async_primary_read")
+        return pools_report(
+            self.settings,
+            sync=(sync and sync.write, sync and sync.read, primary),
+            aio=(
+                aio and aio.write.sync_engine,
+                aio and aio.read.sync_engine,
+                async_primary and async_primary.sync_engine,
+            ),
+        )
 
     def is_built(self, name: str) -> bool:
         return name in self._built
@@ -255,56 +239,34 @@ class Database:
         sync_cls, async_cls = session_classes(self.settings.session_class)
         return self._session_class or sync_cls, self._async_session_class or async_cls
 
-    def _read_binds(self, replica: Engine, primary: Engine, is_async: bool) -> dict[str, Any]:
+    def _binds(self, replica: Engine, primary: Engine, is_async: bool) -> ReadBinds:
         s = self.settings
-        routing = ReadBinds(
+        return ReadBinds(
             replica, primary, s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency
         )
-        return {BINDS: routing}
 
-    def _sync_makers(self) -> _Makers[Session]:
+    def _sync_makers(self) -> Makers[Session]:
         """The psycopg sessionmakers; building them builds no asyncpg engine."""
 
-        def build() -> _Makers[Session]:
-            sync_cls, _ = self._classes()
-            read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
+        def build() -> Makers[Session]:
+            base, _ = self._classes()
             pair, primary = self.engines, self.primary_read_engine
-            write_info = {PIN_MODE_INFO: self.settings.pin_mode}
-            return _Makers(
-                write=sessionmaker(pair.write, class_=write_cls, info=write_info),
-                read=sessionmaker(
-                    pair.read, class_=read_cls, info=self._read_binds(pair.read, primary, False)
-                ),
-                # A read that must see the primary has a pool of its own, so it can never
-                # take a write's connection; it runs READ ONLY, so a write in a read
-                # session fails the same way whichever server it reached.
-                primary_read=sessionmaker(primary, class_=read_cls),
-            )
+            binds = self._binds(pair.read, primary, False)
+            info = write_maker_info(self.settings.pin_mode)
+            return sync_makers(base, pair.write, binds, write_info=info)
 
         return self._once("makers", build)
 
-    def _async_makers(self) -> _Makers[AsyncSession]:
+    def _async_makers(self) -> Makers[AsyncSession]:
         """The asyncpg sessionmakers; building them builds no psycopg engine."""
 
-        def build() -> _Makers[AsyncSession]:
-            sync_cls, async_cls = self._classes()
-            read_cls, write_cls = read_class(sync_cls), write_class(sync_cls)
+        def build() -> Makers[AsyncSession]:
+            base, async_class = self._classes()
             pair, primary = self.async_engines, self.async_primary_read_engine
-            common: dict[str, Any] = {"class_": async_cls, "expire_on_commit": False}
-            return _Makers(
-                write=async_sessionmaker(
-                    pair.write,
-                    sync_session_class=write_cls,
-                    info={PIN_MODE_INFO: self.settings.pin_mode},
-                    **common,
-                ),
-                read=async_sessionmaker(
-                    pair.read,
-                    sync_session_class=read_cls,
-                    info=self._read_binds(pair.read.sync_engine, primary.sync_engine, True),
-                    **common,
-                ),
-                primary_read=async_sessionmaker(primary, sync_session_class=read_cls, **common),
+            binds = self._binds(pair.read.sync_engine, primary.sync_engine, True)
+            info = write_maker_info(self.settings.pin_mode)
+            return async_makers(
+                base, async_class, pair.write, pair.read, primary, binds, write_info=info
             )
 
         return self._once("async_makers", build)
@@ -374,27 +336,10 @@ class Database:
             # No routing to do: say so once, as the routed sessions do at their first read.
             metrics.record_route("primary", "primary-read")
         elif after is not None:
-            self._read_after(info, after, 1.0 if wait is None else wait)
+            token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
+            read_after(info, token, 1.0 if wait is None else wait, self)
         elif fresh:
-            info[STATE] = RequestState(fresh=True, database=self)
-            if wait is not None:
-                info[WAIT_MS] = max(0, round(wait * 1000))
-
-    def _read_after(self, info: dict[Any, Any], after: str, wait: float) -> None:
-        """Give a job's session a routing state of its own, holding ``after``'s position."""
-        token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
-        if token is None:
-            # Not ours (another key, garbled): the position is unknown, so only the
-            # primary is sure to have the write the job is about.
-            logger.warning(
-                "fastapi_rwdb: read session after= a token that does not verify "
-                "(another RWDB_SECRET_KEY?); reading from the primary"
-            )
-            token = Token(lsn=MAX_LSN, expires=0)
-            info[STATE] = RequestState(token=token, replica_behind=True, database=self)
-        else:
-            info[STATE] = RequestState(token=token, database=self)
-        info[WAIT_MS] = max(0, round(wait * 1000))
+            read_fresh(info, wait, self)
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -449,91 +394,3 @@ def _log_built(pair: EnginePair, db: Database) -> EnginePair:
     )
     db.check()
     return pair
-
-
-def _token_keys(settings: RWDBSettings) -> list[bytes]:
-    """The signing key first, then the keys that still verify.
-
-    With no ``RWDB_SECRET_KEY`` every process derives the same key from the
-    database credentials, so tokens keep working across workers and pods with
-    no setting; see :func:`fastapi_rwdb.tokens.derive_key`.
-    """
-    fallbacks = [key.encode() for key in settings.fallback_keys()]
-    if settings.secret_key is not None:
-        return [settings.secret_key.get_secret_value().encode(), *fallbacks]
-    url = settings.url("write", "psycopg")
-    password = url.password or ""
-    if settings.pin_mode != "off" and not password:
-        logger.warning(
-            "fastapi_rwdb: RWDB_SECRET_KEY is not set and the database password is empty "
-            "(trust authentication?), so the read-your-writes token key, derived from the "
-            "user and database names, can be guessed. A forged token cannot read or change "
-            "any data, nor touch other clients: it only sends its bearer's own reads to the "
-            "primary. Set RWDB_SECRET_KEY to the same long random string on every process "
-            "to rule that out."
-        )
-    derived = _derived_key(url.username or "", url.database or "", str(password))
-    return [derived, *fallbacks]
-
-
-@functools.lru_cache(maxsize=8)
-def _derived_key(user: str, database: str, password: str) -> bytes:
-    # Cached: the derivation is slow on purpose, and tests build many Databases.
-    return derive_key(user, database, password)
-
-
-_default = Database()
-_default_lock = threading.Lock()
-
-
-def get_database() -> Database:
-    """The :class:`Database` the dependencies and scopes use.
-
-    Inside a request, the one of the app serving it (its middleware says which,
-    so two apps set up with different settings can share a process); elsewhere
-    the process-wide one that :func:`configure` (and so ``setup()``) installs.
-    """
-    state = request_state.get()
-    if state is not None and state.database is not None:
-        return state.database
-    return _default
-
-
-def configure(database: Database | RWDBSettings | None = None) -> Database:
-    """Replace the process-wide :class:`Database` (before serving requests).
-
-    Settings are loaded and checked right away, so a bad configuration stops
-    start-up instead of the first request. The one replaced is disposed of,
-    unless an app set up with it still serves requests with it (its middleware
-    says which Database to use): that app's lifespan disposes of it at shutdown.
-    """
-    global _default
-    if not isinstance(database, Database):
-        database = Database(database)
-    database.check()
-    with _default_lock:
-        old, _default = _default, database
-    if old is not database and old._built and not old._apps:
-        old.dispose_sync()
-    return database
-
-
-@contextmanager
-def using(database: Database) -> Iterator[Database]:
-    """Make ``database`` the process-wide :class:`Database` for a ``with`` block,
-    then put the previous one back, even if the block raises.
-
-    For tests and scripts that need another cluster or other settings for a
-    while. Nothing is disposed of on the way in or out: ``database`` is the
-    caller's to dispose of. Requests still use their own app's Database. The
-    default is one per process, not per thread or task: blocks in concurrent
-    threads or tasks would swap it under each other.
-    """
-    global _default
-    with _default_lock:
-        previous, _default = _default, database
-    try:
-        yield database
-    finally:
-        with _default_lock:
-            _default = previous

@@ -77,10 +77,10 @@ class RWDBSettings(BaseSettings):
     pool_recycle: int = Field(1800, ge=-1, validation_alias="RWDB_POOL_RECYCLE")
     pool_pre_ping: bool = Field(True, validation_alias="RWDB_POOL_PRE_PING")
     # No checkout ping for a connection returned this recently (and whose socket is
-    # quiet); a dead one is found by the first statement and retried (reconnect.py).
+    # quiet); a dead one is found by the first statement and retried (orm/reconnect.py).
     ping_skip_ms: int = Field(500, ge=0, le=60_000, validation_alias="RWDB_PING_SKIP_MS")
     # A connection opened above pool_size is kept after use until the pool has not
-    # needed it for this long (pooling.py), instead of being closed on return.
+    # needed it for this long (engine/pool.py), instead of being closed on return.
     pool_idle_seconds: float = Field(60.0, gt=0, validation_alias="RWDB_POOL_IDLE_SECONDS")
     # Reads usually outnumber writes, so the read pools are this many times larger.
     read_pool_multiplier: int = Field(2, ge=1, validation_alias="RWDB_READ_POOL_MULTIPLIER")

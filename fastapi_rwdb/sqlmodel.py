@@ -15,7 +15,7 @@ from fastapi import Depends
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .dependencies import (
+from .web.dependencies import (
     get_async_db,
     get_async_fresh_read_db,
     get_async_primary_read_db,

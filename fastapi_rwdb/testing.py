@@ -23,11 +23,12 @@ A stale replica for real: a transaction on the primary exports its snapshot
 block start ``REPEATABLE READ`` transactions with ``SET TRANSACTION SNAPSHOT``,
 so they see the database as it was when the block began while writes go on.
 Their connections report the primary's WAL position of that moment as their
-replay position (``channel.REPORTED_POSITION``), so read-your-writes treats them
-exactly as a replica that far behind: a client with a newer token reads from the
-primary, everyone else reads the old data. The snapshot lives on the primary,
-so the block reads through the write URL: it works with both URLs pointing at
-one plain PostgreSQL and on a full HAProxy/PgBouncer/Patroni stack alike.
+replay position (:func:`fastapi_rwdb.engine.checkout.report_position`), so
+read-your-writes treats them exactly as a replica that far behind: a client
+with a newer token reads from the primary, everyone else reads the old data.
+The snapshot lives on the primary, so the block reads through the write URL: it
+works with both URLs pointing at one plain PostgreSQL and on a full
+HAProxy/PgBouncer/Patroni stack alike.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from . import observers
-from .channel import REPORTED_POSITION
-from .database import Database, get_database
-from .engines import make_async_engine, make_engine
-from .lsn import parse_lsn
-from .scopes import async_write_unit, write_unit
-from .state import RequestState, request_state
+from .current import get_database
+from .database import Database
+from .engine.checkout import report_position
+from .engine.factory import make_async_engine, make_engine
+from .jobs import async_write_unit, write_unit
+from .observe import listeners
+from .routing.lsn import parse_lsn
+from .routing.request import RequestState, request_state
 
 if TYPE_CHECKING:
     import httpx
@@ -173,7 +175,7 @@ class RoutingRecorder:
 
     @contextmanager
     def installed(self) -> Iterator[RoutingRecorder]:
-        remove = observers.listen(self.on_route, self.on_token)
+        remove = listeners.listen(self.on_route, self.on_token)
         try:
             yield self
         finally:
@@ -256,9 +258,7 @@ def stale_replica(database: Database | None = None) -> Iterator[StaleReplica]:
 
 
 def _read_snapshot(engine: Engine, stale: StaleReplica) -> None:
-    @event.listens_for(engine, "connect")
-    def _report(dbapi_connection: Any, record: Any) -> None:
-        record.info[REPORTED_POSITION] = stale.position
+    report_position(engine, stale.position)
 
     @event.listens_for(engine, "begin")
     def _import(conn: Any) -> None:

@@ -12,13 +12,14 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from . import metrics
-from .database import Database, configure, get_database
-from .debug import debug_router
-from .health import watch_replicas
-from .middleware import ReadYourWritesMiddleware
-from .outages import HANDLED, unavailable_handler
+from .current import configure, get_database
+from .database import Database
+from .observe import metrics
+from .routing.replicas import watch_replicas
 from .settings import RWDBSettings
+from .web.debug import debug_router
+from .web.middleware import ReadYourWritesMiddleware
+from .web.unavailable import HANDLED, unavailable_handler
 
 logger = logging.getLogger("fastapi_rwdb")
 

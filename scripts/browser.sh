@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium and its WebDriver for the browser test (tests/test_browser.py).
+# Headless Chromium and its WebDriver for the browser test (tests/stack/test_browser.py).
 # Usage: bash scripts/browser.sh install    (Debian/Ubuntu; needs root or sudo)
 set -euo pipefail
 

@@ -45,7 +45,7 @@ case "$cmd" in
     test)
         ensure_venv
         stack_up
-        echo "==> headless Chromium for tests/test_browser.py"
+        echo "==> headless Chromium for tests/stack/test_browser.py"
         bash scripts/browser.sh install
         echo "==> ruff"
         .venv/bin/ruff check .

@@ -1,0 +1,197 @@
+"""The checkout: one round trip that proves a pooled connection alive and, when a
+read asks, tells how far the server behind it has got.
+
+SQLAlchemy pings asyncpg inside BEGIN/ROLLBACK: four round trips behind
+PgBouncer. The ping here (:func:`install_ping`) is one round trip on both
+drivers, outside any transaction. It is skipped for a connection opened just now
+(as in SQLAlchemy: should it be unusable, the request's own statement fails and
+the pool is invalidated), and for one returned to the pool less than
+``RWDB_PING_SKIP_MS`` ago whose socket has nothing to say (as HikariCP's
+``aliveBypassWindowMs``): a server or proxy that closed it makes the socket
+readable, and then it is pinged after all; one that died silently is found by
+the first statement, which :mod:`fastapi_rwdb.orm.reconnect` runs again.
+
+A read that needs a position calls :func:`connect_at_position` instead of
+``engine.connect()``. Its ping then reads the server's WAL position instead of
+running a no-op, so read-your-writes costs no query of its own; on psycopg, when
+the session will run its statements there, the same message opens their
+transaction (:func:`fastapi_rwdb.engine.wire.begin_reading_position`). The ping
+runs inside ``engine.connect()``, where no argument reaches it, so the question
+travels in a contextvar and the answer comes back in the same object: both ends
+are in this module, and nothing outside it sees either.
+
+A connection whose server was short of the needed position a moment ago is not
+asked again: it comes back with the remembered position, so a paused replica's
+connections cost a read nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import InvalidatePoolError
+
+from ..errors import DatabaseUnavailableError
+from ..routing.lsn import parse_lsn
+from ..settings import RWDBSettings
+from .sqlalchemy_internals import EXECUTE_INTERNAL
+from .sqlstates import brief
+from .wire import (
+    POSITION_SQL,
+    begin_reading_position,
+    end_unused_transaction,
+    fetch_outside_transaction,
+    forget_unused_transaction,
+    looks_alive,
+    ping_query,
+)
+
+#: How long a connection found short of a position is taken to still be short of
+#: it (a paused or lagging replica): reads that need as much skip it without a
+#: ping for that long. Short, as a lagging replica catches up within its lag.
+BEHIND_FOR = 0.25
+
+# Connection-record info keys, private to this module.
+_FRESH = "rwdb_fresh"  # opened just now: not pinged
+_RETURNED_AT = "rwdb_returned_at"  # time.monotonic() when last returned to the pool
+_LAST_POSITION = "rwdb_last_position"  # (position, time.monotonic()) the ping last read
+_REPORTED = "rwdb_reported_position"  # a position reported instead of the server's
+
+
+@dataclass(slots=True)
+class _Asked:
+    """A read's question to the ping of the checkout it is making, and the answer."""
+
+    begin: bool  # open the session's transaction in the same message (psycopg)
+    needed: int | None  # the position the read needs (for the remembered shortcut)
+    answered: bool = False
+    position: int | None = None
+    remembered: bool = False  # the answer is the position remembered from moments ago
+
+
+_asked: ContextVar[_Asked | None] = ContextVar("rwdb_position_asked", default=None)
+
+
+def connect_at_position(
+    engine: Engine, *, begin: bool = False, needed: int | None = None
+) -> tuple[Connection, int | None, bool]:
+    """A connection of ``engine``, its server's WAL position, and whether that position
+    was remembered from moments ago rather than asked now.
+
+    Read by the checkout's ping in its one round trip; a connection opened just now
+    (not pinged) or one that reports another position is asked here. ``begin``: the
+    caller's statements will run on this connection, so on psycopg the ping may open
+    their transaction too. ``needed``: the position the read needs (see module doc).
+    A connection that cannot answer is discarded and
+    :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` raised.
+    """
+    asked = _Asked(begin, needed)
+    reset = _asked.set(asked)
+    try:
+        conn = engine.connect()
+    finally:
+        _asked.reset(reset)
+    try:
+        if asked.answered and _REPORTED not in conn.connection.info:
+            return conn, asked.position, asked.remembered
+        return conn, position_of(conn), False
+    except Exception as exc:
+        # Asked on the driver's connection, so SQLAlchemy did not see the failure: a
+        # connection that cannot answer this serves nobody.
+        conn.invalidate()
+        conn.close()
+        raise DatabaseUnavailableError(
+            "a database connection was lost while checking its WAL position"
+        ) from exc
+    except BaseException:
+        conn.close()
+        raise
+
+
+def position_of(conn: Connection) -> int | None:
+    """The WAL position of ``conn``'s server, asked now, outside any transaction (so
+    that the session's first statement takes a snapshot newer than the answer)."""
+    info = conn.connection.info
+    if _REPORTED in info:
+        reported: int | None = info[_REPORTED]
+        return reported
+    end_unused_transaction(info, conn.connection.dbapi_connection)
+    return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
+
+
+def report_position(engine: Engine, position: int) -> None:
+    """Every connection ``engine`` opens reports ``position`` as its server's, whenever a
+    read asks: the one hook for a read side that is behind by other means than
+    replay (the test kit's stale replica, a snapshot of the primary)."""
+
+    @event.listens_for(engine, "connect")
+    def _report(dbapi_connection: Any, record: Any) -> None:
+        record.info[_REPORTED] = position
+
+
+def _known_behind(info: dict[str, Any], needed: int | None) -> int | None:
+    """The position remembered for this connection, if it was short of ``needed``
+    less than :data:`BEHIND_FOR` ago; else ``None``."""
+    last = info.get(_LAST_POSITION)
+    if (
+        needed is None
+        or last is None
+        or last[0] is None
+        or last[0] >= needed
+        or time.monotonic() - last[1] >= BEHIND_FOR
+    ):
+        return None
+    position: int = last[0]
+    return position
+
+
+def install_ping(engine: Engine, settings: RWDBSettings, *, is_async: bool) -> None:
+    """Replace SQLAlchemy's pre-ping on ``engine`` with this module's checkout ping."""
+    # Without the session hook that retries a statement on a dead connection
+    # (orm.reconnect), every checkout pings.
+    skip_window = settings.ping_skip_ms / 1000 if EXECUTE_INTERNAL else 0.0
+    timeout = settings.connect_timeout
+
+    @event.listens_for(engine, "connect")
+    def _fresh(dbapi_connection: Any, record: Any) -> None:
+        record.info[_FRESH] = True
+
+    if skip_window:
+
+        @event.listens_for(engine, "checkin")
+        def _returned(dbapi_connection: Any, record: Any) -> None:
+            if dbapi_connection is not None:  # None: invalidated, not coming back
+                record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        info = record.info
+        forget_unused_transaction(info)
+        if info.pop(_FRESH, False):
+            return
+        asked = _asked.get()
+        if asked is not None and (remembered := _known_behind(info, asked.needed)) is not None:
+            asked.answered, asked.position, asked.remembered = True, remembered, True
+            return
+        if (
+            asked is None
+            and time.monotonic() - info.get(_RETURNED_AT, -skip_window) < skip_window
+            and looks_alive(dbapi_connection)
+        ):
+            return
+        try:
+            if asked is not None and asked.begin and not is_async:
+                value = begin_reading_position(dbapi_connection, info, timeout)
+            else:
+                value = ping_query(dbapi_connection, asked is not None, timeout)
+        except Exception as exc:
+            # After a failover every pooled connection is likely dead: discard
+            # them all; the pool opens a new one for this checkout.
+            raise InvalidatePoolError(f"ping failed: {brief(exc)}") from exc
+        if asked is not None:
+            asked.answered, asked.position = True, value
+            info[_LAST_POSITION] = (value, time.monotonic())

@@ -1,0 +1,144 @@
+"""What every engine of the package does around its connections: SQLAlchemy event hooks.
+
+Attached once per engine by the factories (:mod:`.factory`): connect retry with
+backoff (and the read side's breaker told about it), the checkout ping
+(:mod:`.checkout`), read-only connections on the read side, SQLSTATE 25006 told
+apart (a read session's write, or a demoted primary), and the write tracking's
+COMMIT routed to where SQLAlchemy commits (:mod:`.commit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
+
+from ..errors import DatabaseUnavailableError, ReadOnlySessionError
+from ..routing.replicas import ReadSideHealth
+from ..settings import RWDBSettings, Side
+from . import commit
+from .checkout import install_ping
+from .sqlalchemy_internals import await_, set_readonly
+from .sqlstates import READ_ONLY_SQLSTATE, brief, is_transient_connect_error, sqlstate_of
+from .wire import end_unused_transaction
+
+logger = logging.getLogger("fastapi_rwdb")
+
+#: Execution option that marks a connection as serving a read session; errors on
+#: such a connection are reported as the caller's mistake, not a server problem.
+ROLE_OPTION = "rwdb_role"
+
+#: What psycopg's ``Connection`` options change on the server's transaction: an
+#: open transaction must end before SQLAlchemy sets one.
+_CHARACTERISTICS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
+
+
+def instrument(
+    engine: Engine,
+    side: Side,
+    settings: RWDBSettings,
+    health: ReadSideHealth | None,
+    *,
+    ping: bool,
+    is_async: bool,
+) -> None:
+    """Attach connect retry, read-only connections and error translation."""
+    retries = settings.connect_retries
+    backoff = settings.connect_retry_backoff
+    endpoint = f"{engine.url.host}:{engine.url.port}"
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_retry(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        delay = backoff
+        for attempt in range(retries + 1):
+            try:
+                connection = dialect.connect(*cargs, **cparams)
+            except Exception as exc:
+                if not is_transient_connect_error(exc):
+                    raise
+                if attempt == retries:
+                    if health is not None:
+                        health.connect_failed()
+                    # Where, and what the driver said, go to the log only: the
+                    # exception's text may reach an anonymous client in a 503.
+                    logger.warning(
+                        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
+                        side,
+                        endpoint,
+                        retries + 1,
+                        brief(exc),
+                    )
+                    raise DatabaseUnavailableError(
+                        f"cannot connect to the {side} side of the database after "
+                        f"{retries + 1} attempts"
+                    ) from exc
+                logger.warning(
+                    "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",
+                    side,
+                    endpoint,
+                    type(exc).__name__,
+                    attempt + 1,
+                    retries,
+                    delay,
+                )
+                if is_async:
+                    await_(asyncio.sleep(delay))
+                else:
+                    time.sleep(delay)
+                delay *= 2
+            else:
+                if health is not None:
+                    health.connect_succeeded()
+                return connection
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    if ping:
+        install_ping(engine, settings, is_async=is_async)
+
+    if not is_async:
+        # The tracking's one-message COMMIT goes where SQLAlchemy commits.
+        commit.install(engine)
+
+        @event.listens_for(engine, "set_connection_execution_options")
+        def _characteristics(conn: Any, opts: dict[str, Any]) -> None:
+            # The checkout ping may have opened the transaction (wire.begin_reading_position):
+            # psycopg refuses a new isolation level inside one. Nothing ran in it yet.
+            if _CHARACTERISTICS.isdisjoint(opts) or conn.in_transaction():
+                return
+            fairy = conn.connection
+            end_unused_transaction(fairy.info, fairy.dbapi_connection)
+
+    if side == "read":
+
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:
+            set_readonly(engine.dialect, dbapi_connection)
+
+    @event.listens_for(engine, "handle_error")
+    def _read_only_error(ctx: ExceptionContext) -> None:
+        """25006 means two things: a write in a read session (the caller's mistake:
+        explain it, keep the pool) or a write session on a primary that was
+        demoted by a failover (discard every pooled connection to it)."""
+        if sqlstate_of(ctx.original_exception) != READ_ONLY_SQLSTATE or ctx.connection is None:
+            return
+        # The read engine serves only read sessions, whatever options a caller set on
+        # it or its connections; on the write engine, the Database's primary-read
+        # sessions are told apart by the role their (merged) options carry.
+        if side != "read" and ctx.connection.get_execution_options().get(ROLE_OPTION) != "read":
+            logger.warning(
+                "fastapi_rwdb: the write side at %s is read-only (demoted primary?); "
+                "discarding its pooled connections",
+                endpoint,
+            )
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = True
+            return
+        raise ReadOnlySessionError(
+            "a read session tried to change data; reads run in READ ONLY transactions. "
+            "Use get_write_db / get_async_write_db (or WriteSession / AsyncWriteSession) "
+            "for code that writes."
+        ) from ctx.sqlalchemy_exception

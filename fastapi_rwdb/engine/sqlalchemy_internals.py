@@ -1,0 +1,116 @@
+"""Every use of SQLAlchemy that is not its public API, fenced in one module.
+
+Each is here because it is the cheap way (or the only way) to do something on
+the hot path, and each is checked when this module is imported. If a
+SQLAlchemy release changes one, the package falls back to a public way that is
+slower but still correct, and says so once in the log; the contract tests
+(``tests/unit/test_sqlalchemy_contract.py``) fail loudly on that release, so the
+fallback is never the silent state of affairs.
+
+1. ``Session._execute_internal(statement, params, *, execution_options,
+   bind_arguments, ...)``: every ORM and Core statement of a session passes
+   through it (``execute``, ``scalar``, ``scalars``, ``get``, SQLModel's
+   ``exec``; the async session runs the sync one). Overridden by
+   :class:`~fastapi_rwdb.orm.writes.TrackedWrites` (what a transaction may have
+   written, noted for free), :class:`~fastapi_rwdb.orm.replay.ReplayConflictRetry`
+   and :class:`~fastapi_rwdb.orm.reconnect.LostConnectionRetry` (retrying a first
+   statement). The public alternative, an engine
+   ``before_cursor_execute`` listener, puts every statement of the application
+   on SQLAlchemy's slower event-dispatch path. Fallback: every transaction counts
+   as "may have written", so PostgreSQL is asked at commit (psycopg: in the
+   COMMIT's own message); replay conflicts are answered with a 503, not retried.
+2. ``sqlalchemy.util.await_`` (``await_only`` before 2.1): runs a coroutine from
+   the sync side of an async engine, inside SQLAlchemy's greenlet, which is
+   where the pool's hooks run.
+3. ``Dialect.set_readonly(dbapi_connection, value)`` of the psycopg and asyncpg
+   dialects: a read connection is made read-only once, when opened. Fallback:
+   the drivers' own switch (psycopg's ``read_only``, the asyncpg adapter's
+   ``readonly``), which is what the method sets.
+4. ``Dialect.do_commit`` replaced on one engine's *own* dialect instance
+   (:func:`route_commit`): the method is public, replacing it is not a
+   documented extension point. It is where SQLAlchemy commits a connection,
+   after every ``before_commit`` listener, which is where the write tracking's
+   one-message COMMIT must go (:mod:`fastapi_rwdb.engine.commit`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy import util as _sa_util
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+
+logger = logging.getLogger("fastapi_rwdb")
+
+_T = TypeVar("_T")
+
+#: ``sqlalchemy.util.await_`` (2.1), or ``await_only`` (its name before; see 2. above).
+await_: Callable[[Awaitable[_T]], _T] = getattr(_sa_util, "await_", None) or _sa_util.await_only
+
+__all__ = [
+    "EXECUTE_INTERNAL",
+    "await_",
+    "route_commit",
+    "set_readonly",
+]
+
+#: Keyword arguments ``Session._execute_internal`` is known to take.
+_EXECUTE_INTERNAL_PARAMS = ("statement", "params", "execution_options", "bind_arguments")
+
+
+def _execute_internal_as_expected() -> bool:
+    method = getattr(Session, "_execute_internal", None)
+    if not callable(method):
+        return False
+    try:
+        names = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return names[:1] == ["self"] and all(p in names for p in _EXECUTE_INTERNAL_PARAMS)
+
+
+#: Whether sessions may override ``Session._execute_internal`` (see 1. above).
+EXECUTE_INTERNAL = _execute_internal_as_expected()
+if not EXECUTE_INTERNAL:  # pragma: no cover - only on a SQLAlchemy that changed it
+    logger.warning(
+        "fastapi_rwdb: this SQLAlchemy has no Session._execute_internal of the expected "
+        "shape; write sessions ask PostgreSQL at every commit whether they wrote, and "
+        "replay conflicts on replicas are answered with 503 instead of being retried"
+    )
+
+
+def set_readonly(dialect: Dialect, dbapi_connection: Any) -> None:
+    """Make a new DBAPI connection read-only (every transaction ``READ ONLY``)."""
+    method = getattr(dialect, "set_readonly", None)
+    if callable(method):
+        method(dbapi_connection, True)
+    elif hasattr(dbapi_connection, "read_only"):  # pragma: no cover - psycopg
+        dbapi_connection.read_only = True
+    else:  # pragma: no cover - SQLAlchemy's asyncpg adapter
+        dbapi_connection.readonly = True
+
+
+def route_commit(engine: Engine, hook_of: Callable[[Any], Callable[[Any], None] | None]) -> None:
+    """Let ``hook_of(dbapi_connection)`` send a connection's COMMIT in SQLAlchemy's stead.
+
+    SQLAlchemy commits a connection through ``Dialect.do_commit``, after every
+    ``before_commit`` listener and with its own error handling around it (an
+    error is wrapped, the error hooks see it, a dead connection is invalidated).
+    Only this engine's own dialect instance is changed; when ``hook_of`` has
+    nothing for a connection, the DBAPI ``commit()`` runs as before.
+    """
+    dbapi_commit = engine.dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        hook = hook_of(dbapi_connection)
+        if hook is None:
+            dbapi_commit(dbapi_connection)
+        else:
+            hook(dbapi_connection.driver_connection)
+
+    engine.dialect.do_commit = do_commit  # type: ignore[method-assign]

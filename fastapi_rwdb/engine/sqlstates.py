@@ -1,0 +1,92 @@
+"""What a driver's error says: its SQLSTATE, and which ones mean what to this package.
+
+psycopg and asyncpg report the same server errors differently, and SQLAlchemy
+wraps both; everything here looks through the wrapping. One place for the
+codes, so that retrying a connect, answering with a 503 and retrying a read
+agree on what each one means.
+"""
+
+from __future__ import annotations
+
+from ..errors import RWDBError
+from ..settings import RWDBSettings
+
+#: How much of a driver's message a report or a log line quotes.
+_ERROR_CHARS = 240
+
+#: The transaction is read-only: a write in a read session, or on a demoted primary.
+READ_ONLY_SQLSTATE = "25006"
+#: The server (or the proxy in front of it) is shutting down, restarting, or out of
+#: connection slots for a moment: worth another try.
+SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
+#: A replica cancelled a query to go on replaying WAL (snapshot, lock or buffer-pin
+#: conflict with recovery).
+REPLAY_CONFLICT = frozenset({"40001", "40P01"})
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, wrapped by SQLAlchemy or not."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_connection_failure(code: str | None) -> bool:
+    """Class 08 (connection exception) or a server going away."""
+    return code is not None and (code.startswith("08") or code in SERVER_GOING_AWAY)
+
+
+def is_transient_connect_error(exc: BaseException) -> bool:
+    """Whether opening a connection may succeed if tried again shortly.
+
+    asyncpg reports a refused or reset socket as a bare ``OSError``; psycopg
+    wraps it in ``OperationalError`` without a SQLSTATE. Authentication
+    failures and unknown databases are not transient and fail at once.
+    """
+    if isinstance(exc, OSError):
+        return True
+    code = sqlstate_of(exc)
+    if code is not None:
+        return is_connection_failure(code)
+    if type(exc).__name__ == "OperationalError":
+        text = str(exc).lower()
+        return not any(word in text for word in ("authentication", "does not exist", "role "))
+    return False
+
+
+def brief(exc: BaseException) -> str:
+    """Error class and first line, for the log: enough to diagnose, no DSN (the drivers
+    never print the password)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def describe_error(exc: BaseException, settings: RWDBSettings) -> str:
+    """Error class and the first line of the driver's message, secrets masked."""
+    inner: BaseException = exc
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's wrapper around the driver's error
+    if isinstance(orig, BaseException):
+        inner = orig
+    elif isinstance(exc, RWDBError) and exc.__cause__ is not None:
+        inner = exc.__cause__  # ours, raised from the driver's error
+    lines = str(inner).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > _ERROR_CHARS:
+        first = first[: _ERROR_CHARS - 3] + "..."
+    for secret in _secrets(settings):
+        first = first.replace(secret, "***")
+    return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def _secrets(settings: RWDBSettings) -> list[str]:
+    found = []
+    for value in (settings.password, settings.write_url, settings.read_url):
+        if value is not None and value.get_secret_value():
+            found.append(value.get_secret_value())
+    for side in ("write", "read"):
+        password = settings.url(side, "psycopg").password
+        if password:
+            found.append(str(password))
+    return sorted(set(found), key=len, reverse=True)  # whole URLs before their parts

@@ -1,0 +1,226 @@
+"""Queries sent on the driver's own connection (psycopg or asyncpg), below SQLAlchemy.
+
+Each saves round trips that SQLAlchemy's way would cost behind PgBouncer: no
+BEGIN/ROLLBACK around a ping or a position read, no describe step on asyncpg.
+The checkout (:mod:`.checkout`) and the write tracking
+(:mod:`fastapi_rwdb.orm.writes`) ask the server through these.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any
+
+import psycopg
+
+from ..routing.lsn import parse_lsn
+from .sqlalchemy_internals import await_
+
+#: Connection-record info key: the checkout's ping left a transaction open that no
+#: statement may have used yet (see :func:`end_unused_transaction`).
+_BEGUN = "rwdb_begun"
+
+#: How far the server behind a connection is: the replay position on a replica,
+#: the current position on a primary (whose data is all there is). As text: see lsn.py.
+POSITION_SQL = (
+    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_lsn() END)::text"
+)
+
+
+def ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | None:
+    """The checkout ping's one round trip: the server's position when ``position``
+    (a read asked for it), else a no-op."""
+    # psycopg's connection is the DBAPI connection; asyncpg's sits under SQLAlchemy's adapter.
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if position:
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
+    if isinstance(raw, psycopg.Connection):
+        # An empty query, as SQLAlchemy's own ping: the server has nothing to parse.
+        _execute_autocommit(raw, ";")
+    else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
+        await_(raw.execute("SELECT 1", timeout=timeout))
+    return None
+
+
+#: Connection-record info key: this connection's transactions take their snapshot
+#: at their first statement (not READ COMMITTED): the ping must not open them.
+_SNAPSHOT_AT_FIRST = "rwdb_snapshot_at_first"
+
+
+def begin_reading_position(
+    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float
+) -> int | None:
+    """The server's WAL position, read in the message that opens the transaction
+    the session's statements will run in.
+
+    psycopg sends its ``BEGIN`` as a round trip of its own before the first
+    statement; sent here with the position query (``BEGIN ...; SELECT``, one
+    simple-query message on psycopg's documented low-level handle), it costs
+    nothing, and a read with a token needs no more round trips than one without.
+    psycopg sees the transaction open and sends no ``BEGIN`` of its own; its
+    ``rollback()`` ends it as usual. The ``BEGIN`` is the one psycopg would send
+    (same isolation level, read-only and deferrable options).
+
+    Sound only where every statement takes its own snapshot (READ COMMITTED): the
+    snapshot of the session's first statement is then taken after the position
+    was read, so it holds everything up to it. Under REPEATABLE READ the snapshot
+    would be the position query's own, possibly older than the position it
+    reads: such a connection gets the position outside any transaction instead.
+    """
+    level = raw.isolation_level
+    if info.get(_SNAPSHOT_AT_FIRST) or level not in (None, psycopg.IsolationLevel.READ_COMMITTED):
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL))
+    results = _simple_query(
+        raw.pgconn, _begin_command(raw) + b"; " + _POSITION_AND_ISOLATION_SQL, timeout
+    )
+    last = results[-1] if results else None
+    if last is None or last.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        message = "" if last is None else (last.error_message or b"").decode(errors="replace")
+        raise psycopg.OperationalError(message.strip() or "no answer to the position query")
+    position = parse_lsn(_text(last.get_value(0, 0)))
+    if last.get_value(0, 1) != b"read committed":
+        # The server's default isolation level is another: ask outside any
+        # transaction from now on.
+        info[_SNAPSHOT_AT_FIRST] = True
+        raw.rollback()
+        return position
+    info[_BEGUN] = True
+    return position
+
+
+def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
+    """Every result of a simple-query message, waiting on the socket as psycopg does.
+
+    Not libpq's blocking ``PQgetResult``: psycopg calls it holding the GIL (it only
+    ever calls it once a result is there), so waiting in it would stop every other
+    thread of the process for the round trip.
+    """
+    pgconn.send_query(sql)
+    deadline = time.monotonic() + timeout
+    while pgconn.flush():  # the socket took part of the message: wait to send the rest
+        _wait(pgconn.socket, select.POLLOUT, deadline, timeout)
+    results: list[Any] = []
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                return results
+            results.append(result)
+        _wait(pgconn.socket, select.POLLIN, deadline, timeout)
+
+
+def _wait(fd: int, events: int, deadline: float, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        raise psycopg.OperationalError(f"no answer within {timeout:g} s")
+
+
+#: The position and the transaction's isolation level (the server's default may not
+#: be READ COMMITTED): see begin_reading_position.
+_POSITION_AND_ISOLATION_SQL = (POSITION_SQL + ", current_setting('transaction_isolation')").encode()
+
+
+def _begin_command(raw: psycopg.Connection[Any]) -> bytes:
+    """The ``BEGIN`` psycopg sends for this connection's options.
+
+    Built from its public attributes; a contract test compares it with
+    psycopg's own on the installed release.
+    """
+    parts = [b"BEGIN"]
+    if raw.isolation_level is not None:
+        level = psycopg.IsolationLevel(raw.isolation_level)
+        parts.append(b"ISOLATION LEVEL " + level.name.replace("_", " ").encode())
+    if raw.read_only is not None:
+        parts.append(b"READ ONLY" if raw.read_only else b"READ WRITE")
+    if raw.deferrable is not None:
+        parts.append(b"DEFERRABLE" if raw.deferrable else b"NOT DEFERRABLE")
+    return b" ".join(parts)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def end_unused_transaction(connection_info: dict[str, Any], dbapi_connection: Any) -> None:
+    """Roll back the transaction the checkout ping opened, if no statement has run
+    in it (SQLAlchemy has not begun one of its own): before something that
+    psycopg refuses inside a transaction, such as a change of isolation level,
+    or a query that must run outside it."""
+    if not connection_info.pop(_BEGUN, False):
+        return
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if (
+        isinstance(raw, psycopg.Connection)
+        and raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    ):
+        raw.rollback()
+
+
+def forget_unused_transaction(connection_info: dict[str, Any]) -> None:
+    """A connection checked out anew: any transaction a ping opened on it before
+    ended when it went back to the pool."""
+    connection_info.pop(_BEGUN, None)
+
+
+def looks_alive(dbapi_connection: Any) -> bool:
+    """Whether an idle connection shows no sign of having been closed, asked of the
+    local socket: no round trip.
+
+    An idle connection's socket has nothing to read. If it has (the server or a
+    proxy closed it, or sent a notice), the caller pings to find out. asyncpg's
+    event loop has already read any such thing and marked the connection closed.
+    """
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if isinstance(raw, psycopg.Connection):
+        if raw.closed or raw.broken:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+    is_closed = getattr(raw, "is_closed", None)
+    return not (is_closed is None or is_closed())
+
+
+def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) -> str | None:
+    """The first column of ``sql``'s first row, as text, run on a driver connection
+    (psycopg or asyncpg) outside any transaction: one statement, one round trip,
+    no BEGIN and no ROLLBACK around it. ``sql`` must return one text column."""
+    if isinstance(raw, psycopg.Connection):
+        row = _execute_autocommit(raw, sql).fetchone()
+        return None if row is None else row[0]
+    return _fetch_by_copy(raw, sql, timeout)
+
+
+def _execute_autocommit(raw: psycopg.Connection[Any], sql: str) -> psycopg.Cursor[Any]:
+    """``sql`` on psycopg outside any transaction (no BEGIN first); the cursor holds
+    the results, so they can be fetched after autocommit is restored."""
+    was = raw.autocommit
+    raw.autocommit = True
+    try:
+        return raw.execute(sql)
+    finally:
+        raw.autocommit = was
+
+
+def _fetch_by_copy(raw: Any, sql: str, timeout: float | None) -> str | None:
+    """:func:`fetch_outside_transaction` on asyncpg.
+
+    asyncpg's ``fetchval`` costs two round trips (it describes the statement
+    first); a ``COPY (...) TO STDOUT`` of the same query goes in the simple
+    protocol and returns its row, as text, in one.
+    """
+    chunks: list[bytes] = []
+
+    async def collect(data: bytes) -> None:
+        chunks.append(bytes(data))
+
+    await_(raw.copy_from_query(sql, output=collect, timeout=timeout))
+    line = b"".join(chunks).split(b"\n", 1)[0].decode()
+    return None if line in ("", "\\N") else line

@@ -1,0 +1,223 @@
+"""Read sessions: each transaction routed where :mod:`fastapi_rwdb.routing` says.
+
+SQLAlchemy asks a session for its bind when a transaction begins
+(``get_bind``); the read session answers with the route's engine, or, when the
+route needs a replica that has replayed a position, with the very connection
+whose position was checked: through HAProxy a pooled connection stays on one
+node, while another connection can reach another replica. The steps (try
+another connection, take one, wait, fall back to the primary) come from
+:func:`~fastapi_rwdb.routing.rules.next_replica_step`; this module carries them
+out and records what they found in the request's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ..engine.checkout import connect_at_position, position_of
+from ..engine.sqlalchemy_internals import await_
+from ..errors import DatabaseUnavailableError
+from ..observe import metrics
+from ..routing.lsn import MAX_LSN
+from ..routing.request import RequestState, request_state
+from ..routing.rules import (
+    Poll,
+    Primary,
+    Route,
+    Seen,
+    Take,
+    choose_read_route,
+    next_replica_step,
+)
+from ..routing.tokens import Token
+from .session_info import ReadBinds, binds_of, give_state, own_state, wait_ms_of
+
+#: Session.info keys of this module.
+_CHOICE = "rwdb_read_choice"  # (state version, bind) of the last routing
+_OWNED = "rwdb_owned_connections"  # connections the routing took for the session
+
+_PAUSE = 0.01  # seconds between two looks at a replica that is catching up
+
+
+class RoutedReads(Session):
+    """Mixed in before the application's session class."""
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
+        binds = binds_of(self)
+        if binds is None or kw.get("bind") is not None:
+            return super().get_bind(mapper, **kw)
+        return _route(self, binds)
+
+    # The connections a routing check took belong to the session: every way a
+    # session lets go of its transaction gives them back to the pool.
+    def close(self) -> None:
+        super().close()
+        _release(self)
+
+    def reset(self) -> None:
+        super().reset()
+        _release(self)
+
+    def invalidate(self) -> None:
+        for conn in self.info.get(_OWNED, ()):
+            conn.invalidate()
+        super().invalidate()
+        _release(self)
+
+
+def _release(session: Session) -> None:
+    for conn in session.info.pop(_OWNED, ()):
+        conn.close()
+    session.info.pop(_CHOICE, None)
+
+
+def _own(session: Session, conn: Connection) -> Connection:
+    session.info.setdefault(_OWNED, []).append(conn)
+    return conn
+
+
+def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
+    # A job's session carries its own state (get_read_db_context(after=...)), and so
+    # does a fresh read (its position is taken from the primary on its first read).
+    state = own_state(session)
+    if state is None:
+        state = request_state.get()
+    elif state.fresh:
+        state = _fresh_state(session, binds, state)
+    version = -1 if state is None else state.version
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+
+    route = choose_read_route(state, binds.mode, binds.health)
+    # Session consistency: note how far the server behind each read has got, so that
+    # the client's later reads go nowhere older.
+    follow = state is not None and binds.follows_reads
+    bind: Engine | Connection
+    position: int | None = None
+    target, reason = route.target, route.reason
+    if route.target == "primary":
+        bind = binds.primary
+        if follow:
+            conn, position, _ = connect_at_position(binds.primary, begin=True)
+            bind = _own(session, conn)
+    elif route.min_lsn is None and not follow:
+        bind = binds.replica
+    else:
+        found = _replica_at(session, binds, route)
+        if found is None:
+            target, reason = "primary", route.if_behind
+            if state is not None:
+                state.replica_behind = True
+            bind = binds.primary
+            if follow:
+                conn, position, _ = connect_at_position(binds.primary, begin=True)
+                bind = _own(session, conn)
+        else:
+            bind, reason, position = found
+    if follow and position is not None:
+        assert state is not None
+        state.note_seen(position)
+    metrics.record_route(target, reason, route.min_lsn)
+    if state is not None:
+        state.read_target = target
+        state.read_reason = reason
+    session.info[_CHOICE] = (version, bind)
+    return bind
+
+
+def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> RequestState:
+    """A fresh read's routing state: the primary's current WAL position, as a token.
+
+    Taken on the first read, not when the session is made, so that a session never
+    used costs nothing; either way it is after the request began, so every write
+    committed anywhere before that is included. One round trip on the primary-read
+    pool, outside any transaction (the checkout ping reads the position). The
+    request's own state is folded in, so the request's commits and the client's
+    token still count.
+    """
+    conn, position, _ = connect_at_position(binds.primary)
+    conn.close()
+    request = request_state.get()
+    # A primary that reports no position: only the primary is sure to be current.
+    lsn = MAX_LSN if position is None else position
+    if request is not None and request.needed_lsn is not None:
+        lsn = max(lsn, request.needed_lsn)
+    state = RequestState(
+        token=Token(lsn=lsn, expires=0),
+        commit_lsn=request.commit_lsn if request is not None else None,
+        replica_behind=position is None,
+        database=marker.database,
+    )
+    give_state(session.info, state)
+    return state
+
+
+def _replica_at(
+    session: Session, binds: ReadBinds, route: Route
+) -> tuple[Connection, str, int | None] | None:
+    """Carries out :func:`~fastapi_rwdb.routing.rules.next_replica_step` until it takes a
+    replica connection (returned, owned by the session, with the reason and position)
+    or says the primary (``None``)."""
+    seen: list[Seen] = []
+    held: list[Connection | None] = []  # by index of seen; None once lost
+    wait = wait_ms_of(session, binds) / 1000
+    waited: float | None = None
+    started = 0.0
+    chosen: Connection | None = None
+    try:
+        while True:
+            step = next_replica_step(
+                route, seen, idle=_idle(binds.replica), wait=wait, waited=waited
+            )
+            if isinstance(step, Take):
+                chosen = held[step.index]
+                assert chosen is not None
+                return _own(session, chosen), step.reason, seen[step.index].position
+            if isinstance(step, Primary):
+                return None
+            if isinstance(step, Poll):
+                if waited is None:
+                    started = time.monotonic()
+                _pause(binds.is_async)
+                conn = held[step.index]
+                assert conn is not None
+                try:
+                    seen[step.index] = Seen(position_of(conn))
+                except Exception:
+                    conn.invalidate()
+                    held[step.index] = None
+                    seen[step.index] = Seen(lost=True)
+                waited = time.monotonic() - started
+                continue
+            try:
+                conn, position, remembered = connect_at_position(
+                    binds.replica, begin=step.begin, needed=route.min_lsn
+                )
+            except DatabaseUnavailableError:
+                seen.append(Seen(lost=True))  # that connection is gone (and discarded)
+                held.append(None)
+                continue
+            seen.append(Seen(position, remembered=remembered))
+            held.append(conn)
+    finally:
+        for conn in held:
+            if conn is not None and conn is not chosen:
+                conn.close()
+
+
+def _pause(is_async: bool) -> None:
+    if is_async:
+        await_(asyncio.sleep(_PAUSE))
+    else:
+        time.sleep(_PAUSE)
+
+
+def _idle(engine: Engine) -> int:
+    checkedin = getattr(engine.pool, "checkedin", None)
+    return int(checkedin()) if callable(checkedin) else 0

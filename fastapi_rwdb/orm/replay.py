@@ -1,0 +1,129 @@
+"""Replica reads that fail for reasons of the replica's, not of the query: retried
+when nothing had been read yet.
+
+Replay conflicts: a replica cancelled a read to apply the primary's changes.
+
+A replica replaying WAL must sometimes remove row versions (VACUUM on the
+primary) or take a lock that a running query still needs. It waits
+``max_standby_streaming_delay`` and then cancels the query with SQLSTATE
+``40001``, "canceling statement due to conflict with recovery" (``40P01`` when
+replay deadlocked on a buffer pin). That is not the caller's bug and not an
+outage: the same read would succeed elsewhere.
+
+* If the cancelled statement was the **first** of its transaction, nothing has
+  been seen yet: the transaction is rolled back and the statement run again on
+  the primary, through the read session's own primary bind
+  (``ReadBinds.primary``, READ ONLY like every read). The session stays on the
+  primary until it is closed, so a request never reads older data after newer.
+  The response says ``X-RWDB-Read: primary; reason=replay-conflict``. In
+  session consistency the client's token then holds the primary's position.
+* Otherwise the transaction has read rows a retry elsewhere might contradict;
+  :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
+  with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.web.unavailable`).
+
+A replica connection lost under the first statement (HAProxy closes the
+sessions of a node that leaves the read port; a pooled connection the checkout
+ping skipped) is retried by :mod:`.reconnect`, for every session.
+
+The retry needs the statement itself, so it hooks where every ORM and Core
+statement of a session passes: SQLAlchemy's private
+``Session._execute_internal`` (``execute``, ``scalar(s)``, ``get``, SQLModel's
+``exec``, and the async session's, which runs the sync one), as
+:mod:`.writes` does for the write side (see
+:mod:`fastapi_rwdb.engine.sqlalchemy_internals`). Nothing is added to a
+statement that succeeds but a dictionary lookup. Not covered: statements run
+on a connection taken with ``session.connection()``, and rows streamed with
+``yield_per``/``stream_results`` (the cancellation arrives while they are
+fetched, after some were handed out); those fail with the driver's error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from ..engine.sqlstates import REPLAY_CONFLICT, sqlstate_of
+from ..engine.wire import POSITION_SQL
+from ..errors import ReplicaConflictError
+from ..observe import metrics
+from ..routing.lsn import parse_lsn
+from ..routing.request import RequestState, request_state
+from .reconnect import is_autobegun, is_first_statement, transaction_connections
+from .session_info import ReadBinds, binds_of, own_state
+
+REASON = "replay-conflict"
+
+_ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
+
+
+class ReplayConflictRetry(Session):
+    """Mixed in before the routing read session: retries, where nothing had been read
+    yet, a read that a replica cancelled (replay conflict) or lost (connection closed);
+    otherwise lets it fail as a 503."""
+
+    def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+        # Private SQLAlchemy method overridden on purpose: see the module docstring
+        # and engine/sqlalchemy_internals.py (1.); without it, this class is unused.
+        binds = binds_of(self)
+        if binds is None:
+            return super()._execute_internal(statement, *args, **kw)
+        first = is_first_statement(self)  # no connection yet: nothing read
+        try:
+            return super()._execute_internal(statement, *args, **kw)
+        except DBAPIError as exc:
+            if sqlstate_of(exc) not in REPLAY_CONFLICT or not _on_replica(self, binds.replica):
+                raise  # a lost connection included: LostConnectionRetry retries it
+            if not (first and is_autobegun(self)):
+                raise ReplicaConflictError(
+                    "a replica cancelled this read to replay the primary's changes (SQLSTATE "
+                    f"{sqlstate_of(exc)}, conflict with recovery) after the transaction had "
+                    "already read; retry the request"
+                ) from exc
+            self.rollback()  # expires loaded objects, as any rollback does
+            _move_to_primary(self)
+            result = super()._execute_internal(statement, *args, **kw)
+            _note_primary_position(self, binds)
+            return result
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
+        binds = binds_of(self)
+        if self.info.get(_ON_PRIMARY) and kw.get("bind") is None and binds is not None:
+            return binds.primary
+        return super().get_bind(mapper, **kw)
+
+    def close(self) -> None:
+        super().close()
+        self.info.pop(_ON_PRIMARY, None)
+
+
+def _on_replica(session: Session, replica: Engine) -> bool:
+    """Whether the transaction holds a connection of the read port's pool. (A 40001 on
+    the primary is a genuine serialization failure, not a replay conflict.)"""
+    return any(c.engine.pool is replica.pool for c in transaction_connections(session))
+
+
+def _note_primary_position(session: Session, binds: ReadBinds) -> None:
+    """Session consistency: the client has now read the primary, so its later reads
+    must go nowhere older. The position is read after the statement, on its own
+    connection, so it is at least as new as what the statement saw; one round trip
+    more, on a path taken only after a replay conflict."""
+    if not binds.follows_reads:
+        return
+    state: RequestState | None = own_state(session) or request_state.get()
+    if state is None:
+        return
+    lsn = parse_lsn(session.connection().exec_driver_sql(POSITION_SQL).scalar())
+    if lsn is not None:
+        state.note_seen(lsn)
+
+
+def _move_to_primary(session: Session) -> None:
+    session.info[_ON_PRIMARY] = True
+    metrics.record_route("primary", REASON)
+    state = request_state.get()
+    if state is not None:
+        state.read_target = "primary"
+        state.read_reason = REASON

@@ -1,0 +1,230 @@
+"""A real browser: headless Chromium on example_app's page, replicas 1 s behind.
+
+The page adds a tracker and lists the trackers with fetch(); nothing but the
+browser's own cookie handling carries the read-your-writes token from the
+create to the list. Chromium and its WebDriver come from
+``scripts/browser.sh install`` (Debian's ``chromium`` and ``chromium-driver``);
+the test speaks the W3C WebDriver protocol to chromedriver directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+CHROME_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with status {process.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"{what} did not answer at {url}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def lagging_replicas() -> Iterator[None]:
+    stack = ["bash", str(ROOT / "scripts/stack.sh")]
+    subprocess.run([*stack, "lag", "1s"], check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run([*stack, "lag", "0"], check=True, capture_output=True, timeout=120)
+
+
+PAGE_PORT = free_port()  # another origin, serving the same page (the cross-origin case)
+
+
+@pytest.fixture(scope="module")
+def server(lagging_replicas: None) -> Iterator[str]:
+    """example_app under uvicorn, as deployed; it lets the page origin call it (CORS)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "RWDB_ROUTING_HEADER": "true",
+        "EXAMPLE_CORS_ORIGINS": f"http://127.0.0.1:{PAGE_PORT}",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "example_app.main:app", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(url, process, "uvicorn")
+        yield url
+    finally:
+        stop(process)
+
+
+class Browser:
+    """Just enough of the W3C WebDriver protocol."""
+
+    def __init__(self, endpoint: str, session: str) -> None:
+        self._http = httpx.Client(base_url=f"{endpoint}/session/{session}", timeout=60)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = self._http.request(method, path, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["value"]
+
+    def go(self, url: str) -> None:
+        self._call("POST", "/url", {"url": url})
+
+    def type(self, css: str, text: str) -> None:
+        element = self._call("POST", "/element", {"using": "css selector", "value": css})
+        self._call("POST", f"/element/{element[ELEMENT]}/clear", {})
+        self._call("POST", f"/element/{element[ELEMENT]}/value", {"text": text})
+
+    def click(self, css: str) -> None:
+        element = self._call("POST", "/element", {"using": "css selector", "value": css})
+        self._call("POST", f"/element/{element[ELEMENT]}/click", {})
+
+    def run(self, script: str) -> Any:
+        return self._call("POST", "/execute/sync", {"script": script, "args": []})
+
+    def run_async(self, script: str) -> Any:
+        return self._call("POST", "/execute/async", {"script": script, "args": []})
+
+    def cookies(self) -> dict[str, str]:
+        return {c["name"]: c["value"] for c in self._call("GET", "/cookie")}
+
+    def quit(self) -> None:
+        self._http.delete("")
+        self._http.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        subprocess.run(["bash", str(ROOT / "scripts/browser.sh"), "install"], check=True)
+    port = free_port()
+    driver = subprocess.Popen(
+        ["chromedriver", f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    profile = tempfile.mkdtemp(prefix="rwdb-chromium-")
+    try:
+        wait_for(f"{endpoint}/status", driver, "chromedriver")
+        args = [*CHROME_ARGS, f"--user-data-dir={profile}"]
+        options = {"binary": shutil.which("chromium"), "args": args}
+        created = httpx.post(
+            f"{endpoint}/session",
+            json={"capabilities": {"alwaysMatch": {"goog:chromeOptions": options}}},
+            timeout=60,
+        )
+        assert created.status_code == 200, created.text
+        browser = Browser(endpoint, created.json()["value"]["sessionId"])
+        try:
+            yield browser
+        finally:
+            browser.quit()
+    finally:
+        stop(driver)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+LIST_WITHOUT_COOKIES = """
+const done = arguments[arguments.length - 1];
+fetch(API + "trackers?limit=20", {credentials: "omit"})
+  .then((r) => r.json()).then((ts) => done(ts.map((t) => t.serial)));
+"""
+
+
+@pytest.fixture(scope="module")
+def page_origin() -> Iterator[str]:
+    """The page alone, from an origin of its own (a plain static file server)."""
+    static = ROOT / "example_app" / "static"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(PAGE_PORT), "--bind", "127.0.0.1"],
+        cwd=static,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{PAGE_PORT}/index.html"
+    try:
+        wait_for(url, process, "the page's static server")
+        yield url
+    finally:
+        stop(process)
+
+
+def test_the_page_lists_the_tracker_it_just_added(server: str, browser: Browser) -> None:
+    add_and_list(browser, server)
+
+
+def test_the_same_from_another_origin_through_cors(
+    server: str, page_origin: str, browser: Browser
+) -> None:
+    """The page on one origin, the API on another: fetch() with credentials, the
+    README's CORSMiddleware arguments, and the browser's cookie jar do the rest."""
+    add_and_list(browser, f"{page_origin}?api={server}")
+    origin = browser.run("return location.origin")
+    assert origin == page_origin.rsplit("/", 1)[0] and not server.startswith(origin)
+
+
+def add_and_list(browser: Browser, url: str) -> None:
+    browser.go(url)
+    missed_without_cookie = 0
+    for i in range(5):
+        serial = f"WEB-{uuid.uuid4().hex[:10]}"
+        browser.type("input[name=name]", f"browser van {i}")
+        browser.type("input[name=serial]", serial)
+        browser.run("document.getElementById('status').textContent = ''")
+        browser.click("button")
+        status = ""
+        deadline = time.monotonic() + 20
+        while not status and time.monotonic() < deadline:
+            status = browser.run("return document.getElementById('status').textContent")
+            time.sleep(0.05)
+        # The list right after the create, through the browser's cookie: it is there.
+        assert status == f"added {serial}", status
+        assert serial in browser.run("return document.getElementById('list').textContent")
+        assert browser.cookies().get("rwdb_pin")
+        # The same browser without its cookie, at once: the replicas lag 1 s behind.
+        missed_without_cookie += serial not in browser.run_async(LIST_WITHOUT_COOKIES)
+    assert missed_without_cookie > 0  # the control: the cookie is what made it work

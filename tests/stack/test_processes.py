@@ -1,0 +1,137 @@
+"""Tokens across processes, with nothing configured: real uvicorn processes on the stack.
+
+Every deployment runs several processes (workers, pods), and a client's next
+request may reach any of them. Here two uvicorn processes take turns: each write
+goes to one, the client's own read right after it to the other, while the
+replicas are held one second behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = ROOT / "scripts" / "stack.sh"
+WRITES = 12
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(port: int, env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.process_app:app", "--port", str(port), *options],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"uvicorn exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{base} did not start")
+
+
+def no_rwdb_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RWDB_")}
+
+
+@pytest.fixture
+def two_processes() -> Iterator[tuple[str, str]]:
+    env = no_rwdb_settings()
+    ports = [free_port(), free_port()]
+    processes = [serve(port, env) for port in ports]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for base, process in zip(bases, processes, strict=True):
+            wait_ready(base, process)
+        yield bases[0], bases[1]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def lagging_replicas() -> Iterator[None]:
+    subprocess.run(["bash", str(STACK), "lag", "1s"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(STACK), "lag", "0"], check=True, capture_output=True)
+
+
+def test_a_token_from_one_process_is_honoured_by_another(
+    two_processes: tuple[str, str], lagging_replicas: None
+) -> None:
+    first, second = two_processes
+    stale = []
+    for i in range(WRITES):
+        writer, reader = (first, second) if i % 2 == 0 else (second, first)
+        written = httpx.post(f"{writer}/items", timeout=10)
+        assert written.status_code == 200, written.text
+        token = written.headers["x-rwdb-pin"]
+        name = written.json()["name"]
+        read = httpx.get(f"{reader}/items/{name}", headers={"X-RWDB-Pin": token}, timeout=10)
+        if read.status_code != 200:
+            stale.append((i, read.status_code))
+    assert stale == [], f"{len(stale)} of {WRITES} own reads did not see the write: {stale}"
+
+
+@pytest.fixture
+def two_workers() -> Iterator[str]:
+    port = free_port()
+    process = serve(port, no_rwdb_settings(), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_uvicorn_workers_honour_each_others_tokens(
+    two_workers: str, lagging_replicas: None
+) -> None:
+    """The kernel picks the worker of each connection: write and read until a dozen
+    reads have reached another worker than their write."""
+    crossed, stale, attempts = 0, [], 0
+    while crossed < WRITES and attempts < 20 * WRITES:
+        attempts += 1
+        written = httpx.post(f"{two_workers}/items", timeout=10)
+        assert written.status_code == 200, written.text
+        token, name = written.headers["x-rwdb-pin"], written.json()["name"]
+        read = httpx.get(f"{two_workers}/items/{name}", headers={"X-RWDB-Pin": token}, timeout=10)
+        if read.status_code == 200 and read.json()["pid"] == written.json()["pid"]:
+            continue  # same worker: proves nothing either way
+        crossed += 1
+        if read.status_code != 200:
+            stale.append(read.status_code)
+    assert crossed == WRITES, f"only {crossed} reads reached the other worker"
+    assert stale == [], f"{len(stale)} of {crossed} own reads on the other worker were stale"

@@ -1,0 +1,178 @@
+"""Round trips per request, counted on the wire, and the connections the checkout
+ping no longer checks: a dead one is retried, never shown to the caller.
+
+The proxy of ``benchmarks/wire.py`` sits between the app and HAProxy: it counts
+what the client sends (every message the client then waits on is a round trip)
+and can make every open connection die the moment it is next used, as one does
+whose server went away silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+import fastapi_rwdb
+from benchmarks.common import prepare_table, wait_replicas_have
+from benchmarks.overhead import count_round_trips
+from benchmarks.wire import WireCounter, round_trips
+from fastapi_rwdb import (
+    AsyncReadSession,
+    AsyncWriteSession,
+    Database,
+    ReadSession,
+    RWDBSettings,
+    WriteSession,
+)
+
+from ..helpers import dsn
+from ..models import Item
+
+pytestmark = pytest.mark.stack
+
+
+async def test_round_trips_per_route() -> None:
+    """Issue 14's targets: sync read 3, async read 4, writes one fewer than with a
+    ping on every checkout (4 and 6), a read with a token at most one more (none
+    more on psycopg)."""
+    ids = await asyncio.to_thread(prepare_table, 200)
+    await asyncio.to_thread(wait_replicas_have, ids)
+    counted = (await count_round_trips(ids, per_route=10))["routes"]
+    rwdb = {key: route["rwdb"]["round_trips"] for key, route in counted.items()}
+    assert rwdb["sync_read"] <= 3
+    assert rwdb["async_read"] <= 4
+    assert rwdb["sync_write"] <= 3
+    assert rwdb["async_write"] <= 5
+    # psycopg: the ping that reads the position also opens the transaction.
+    assert rwdb["sync_read_token"] <= rwdb["sync_read"]
+    assert rwdb["async_read_token"] <= rwdb["async_read"] + 1
+    for route in counted.values():
+        assert route["rwdb"]["connects"] == 0  # pools warm: nothing opened
+
+
+def upstream() -> dict[str, tuple[str, int]]:
+    host = os.environ["POSTGRES_SERVER"]
+    return {
+        "write": (host, int(os.environ["POSTGRES_PORT"])),
+        "read": (host, int(os.environ["POSTGRES_READ_PORT"])),
+    }
+
+
+def make_app(wire: WireCounter, **overrides: Any) -> FastAPI:
+    settings = RWDBSettings(
+        write_port=wire.ports["write"],
+        read_port=wire.ports["read"],
+        secret_key="round-trips-test-key-0123456789",
+        routing_header=True,
+        **overrides,
+    )
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(settings))
+    insert = text("INSERT INTO rwdb_items (name) VALUES (:n)")
+    select = text("SELECT count(*) FROM rwdb_items WHERE name = :n")
+
+    @app.post("/core/{name}")
+    def core_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.execute(insert, {"n": name})
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/orm/{name}")
+    def orm_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/async/core/{name}")
+    async def async_core_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        await db.execute(insert, {"n": name})
+        await db.commit()
+        return {"ok": True}
+
+    @app.post("/async/orm/{name}")
+    async def async_orm_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        await db.commit()
+        return {"ok": True}
+
+    @app.get("/read/{name}")
+    def read(name: str, db: ReadSession) -> dict[str, int]:
+        return {"count": db.execute(select, {"n": name}).scalar_one()}
+
+    @app.get("/async/read/{name}")
+    async def async_read(name: str, db: AsyncReadSession) -> dict[str, int]:
+        return {"count": (await db.execute(select, {"n": name})).scalar_one()}
+
+    return app
+
+
+@pytest.fixture
+async def wire() -> AsyncIterator[WireCounter]:
+    with WireCounter(upstream()) as counter:
+        yield counter
+
+
+def rows_named(name: str) -> int:
+    with psycopg.connect(dsn(), prepare_threshold=None) as conn:
+        row = conn.execute("SELECT count(*) FROM rwdb_items WHERE name = %s", (name,)).fetchone()
+    return int(row[0]) if row else -1
+
+
+WRITES = ["/core", "/orm", "/async/core", "/async/orm"]
+READS = ["/read", "/async/read"]
+
+
+@pytest.mark.parametrize("path", WRITES + READS)
+async def test_a_connection_dead_at_its_first_statement_is_retried(
+    wire: WireCounter, path: str
+) -> None:
+    """Pooled connections used moments ago are not pinged; when they are dead the
+    first statement finds out, and it runs again on a new connection: the caller
+    gets its answer, and a write is made exactly once."""
+    app = make_app(wire)
+    method = "POST" if path in WRITES else "GET"
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        for _ in range(3):  # pooled connections, no longer fresh, used just now
+            warm = await client.request(method, f"{path}/warm-{uuid.uuid4()}")
+            assert warm.status_code == 200, warm.text
+        wire.reset()
+        wire.break_established()
+        name = f"retried-{uuid.uuid4()}"
+        response = await client.request(method, f"{path}/{name}")
+        assert response.status_code == 200, response.text
+        counts = wire.counts()
+    assert counts["startup"] >= 1  # it did meet a dead connection and opened another
+    if method == "POST":
+        assert await asyncio.to_thread(rows_named, name) == 1
+    else:
+        assert response.json() == {"count": 0}
+
+
+async def test_without_the_window_every_checkout_pings(wire: WireCounter) -> None:
+    app = make_app(wire, ping_skip_ms=0)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        for _ in range(3):
+            await client.get(f"/read/warm-{uuid.uuid4()}")
+        wire.reset()
+        for _ in range(5):
+            await client.get(f"/read/x-{uuid.uuid4()}")
+        counts = wire.counts()
+    # The ping (an empty query), BEGIN, SELECT, ROLLBACK: four round trips each.
+    assert round_trips(counts) == 4 * 5

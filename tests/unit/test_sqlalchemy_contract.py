@@ -1,0 +1,96 @@
+"""The private SQLAlchemy behaviour fastapi_rwdb relies on (fastapi_rwdb/internals.py),
+checked against the installed release. No PostgreSQL: SQLite in memory stands in
+where a connection is needed. A SQLAlchemy release that changes any of this fails
+here, by name, instead of quietly running the slower fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.util import greenlet_spawn
+from sqlmodel import Session as SQLModelSession
+from sqlmodel import select
+
+from fastapi_rwdb.engine import sqlalchemy_internals as internals
+
+
+class _Base(DeclarativeBase):  # a metadata of its own: nothing reaches the real database
+    pass
+
+
+class Thing(_Base):
+    __tablename__ = "contract_thing"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_session_execute_internal_has_the_expected_shape() -> None:
+    assert internals.EXECUTE_INTERNAL, "Session._execute_internal changed: see internals.py"
+
+
+@pytest.mark.parametrize("call", ["execute", "scalar", "scalars", "get", "exec"])
+def test_every_way_of_running_a_statement_passes_through_execute_internal(call: str) -> None:
+    seen: list[Any] = []
+
+    class Watching(SQLModelSession):
+        def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+            seen.append(statement)
+            return super()._execute_internal(statement, *args, **kw)
+
+    engine = create_engine("sqlite://")
+    _Base.metadata.create_all(engine)
+    with Watching(engine) as session:
+        session.add(Thing(id=1))
+        session.commit()
+        seen.clear()
+        if call == "get":
+            session.expunge_all()
+            session.get(Thing, 1)
+        elif call == "exec":
+            session.exec(select(Thing)).all()
+        else:
+            getattr(session, call)(text("SELECT 1"))
+    assert len(seen) == 1
+
+
+def test_await_runs_a_coroutine_from_the_sync_side() -> None:
+    async def main() -> int:
+        return await greenlet_spawn(lambda: internals.await_(asyncio.sleep(0, result=5)))
+
+    assert asyncio.run(main()) == 5
+
+
+@pytest.mark.parametrize("dialect", [PGDialect_psycopg, PGDialect_asyncpg])
+def test_both_dialects_can_make_a_connection_read_only(dialect: type[Dialect]) -> None:
+    method = getattr(dialect, "set_readonly", None)
+    assert callable(method)
+    assert list(inspect.signature(method).parameters) == ["self", "connection", "value"]
+
+
+def test_commits_go_through_the_dialects_do_commit() -> None:
+    assert list(inspect.signature(Dialect.do_commit).parameters) == ["self", "dbapi_connection"]
+    engine = create_engine("sqlite://")
+    committed: list[Any] = []
+    hooked = {"on": False}
+
+    def hook_of(dbapi_connection: Any) -> Any:
+        return committed.append if hooked["on"] else None
+
+    internals.route_commit(engine, hook_of)
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TABLE t (x int)"))
+        conn.commit()  # the DBAPI commit: no hook
+        assert committed == []
+        hooked["on"] = True
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+        conn.commit()
+    assert len(committed) == 1  # the driver connection, handed to the hook
+    # Only this engine's dialect instance was changed.
+    assert create_engine("sqlite://").dialect.do_commit.__func__ is type(engine.dialect).do_commit  # type: ignore[attr-defined]
