@@ -172,9 +172,8 @@ def _replica_at(
     chosen: Connection | None = None
     try:
         while True:
-            step = next_replica_step(
-                route, seen, idle=_idle(binds.replica), wait=wait, waited=waited
-            )
+            idle = _idle(binds.replica) if seen else 0  # only asked once one is held
+            step = next_replica_step(route, seen, idle=idle, wait=wait, waited=waited)
             if isinstance(step, Take):
                 chosen = held[step.index]
                 assert chosen is not None

@@ -163,22 +163,29 @@ def next_replica_step(
     The caller holds every connection in ``seen`` that is not lost until it has
     taken one, so the pool cannot hand the same connection back twice.
     """
-    held = [i for i, s in enumerate(seen) if not s.lost]
-    # 1. A connection whose server has replayed far enough serves.
-    for i in held:
-        if _far_enough(seen[i].position, route.min_lsn):
+    # One pass over what was seen (this runs on every read that needs a position).
+    held = tries = 0
+    best = -1  # the most advanced connection held
+    for i, one in enumerate(seen):
+        if one.lost:
+            tries += 1
+            continue
+        # 1. A connection whose server has replayed far enough serves.
+        if _far_enough(one.position, route.min_lsn):
             return Take(i, _PASSED.get(route.reason, route.reason))
+        held += 1
+        tries += not one.remembered
+        if best < 0 or (one.position or -1) > (seen[best].position or -1):
+            best = i
     # 2. Before any waiting: another connection, perhaps to another replica, while tries
     #    are left. One known to be behind from moments ago cost no round trip, so it
     #    used no try (a paused replica's connections must not use up a read's tries).
     #    Once some are held, only an idle one is taken: the check never waits for the pool.
-    if waited is None:
-        tries = sum(1 for s in seen if s.lost or not s.remembered)
-        if tries < TRIES and not (held and idle == 0):
-            return TryAnother(begin=tries == 0)
+    if waited is None and tries < TRIES and not (held and idle == 0):
+        return TryAnother(begin=tries == 0)
     # 3. Give the most advanced of them a little time to catch up.
     if held and wait > 0 and (waited or 0.0) < wait:
-        return Poll(max(held, key=lambda i: seen[i].position or -1))
+        return Poll(best)
     # 4. None has it in time: the primary, which is certain to.
     return Primary(route.if_behind)
 
