@@ -1,5 +1,8 @@
 """Read/write splitting for FastAPI on HAProxy -> PgBouncer -> Patroni PostgreSQL."""
 
+#: The package's version; pyproject.toml reads it from here (one place to change).
+__version__ = "0.1.0"
+
 from .current import configure, get_database, using
 from .database import Database
 from .engine.factory import (

@@ -83,6 +83,45 @@ case "$cmd" in
         load_stack_env
         .venv-lowest/bin/pytest -p no:cacheprovider "$@"
         ;;
+    package)
+        # The wheel and sdist an index would get, checked as an index checks them, and
+        # the version the wheel carries is the one the package reports.
+        ensure_venv
+        rm -rf dist
+        .venv/bin/python -m build -q --outdir dist . >/dev/null
+        .venv/bin/twine check --strict dist/*
+        wheel_version=$(basename dist/*.whl | cut -d- -f2)
+        code_version=$(.venv/bin/python -c 'import fastapi_rwdb; print(fastapi_rwdb.__version__)')
+        if [ "$wheel_version" != "$code_version" ]; then
+            echo "the wheel says $wheel_version, fastapi_rwdb.__version__ says $code_version" >&2
+            exit 1
+        fi
+        echo "==> dist/ holds fastapi-rwdb $wheel_version (wheel and sdist), twine check passed"
+        ;;
+    test-matrix)
+        # The no-cluster layer (tests/unit) on every Python the classifiers name, each in
+        # a venv of its own (.venv-py3.X). A missing interpreter fails: not tested is not passed.
+        status=0
+        for version in 3.11 3.12 3.13; do
+            interpreter=$(command -v "python$version" || true)
+            if [ -z "$interpreter" ]; then
+                echo "==> python$version: NOT FOUND, the unit tests did not run on it" >&2
+                status=1
+                continue
+            fi
+            venv=".venv-py$version"
+            if [ ! -x "$venv/bin/python" ]; then
+                "$interpreter" -m venv "$venv"
+            fi
+            if [ pyproject.toml -nt "$venv/.installed" ]; then
+                "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+                touch "$venv/.installed"
+            fi
+            echo "==> tests/unit on $("$venv/bin/python" --version)"
+            "$venv/bin/pytest" -q -p no:cacheprovider tests/unit "$@" || status=1
+        done
+        exit $status
+        ;;
     demo)
         ensure_venv
         stack_up
@@ -94,7 +133,8 @@ case "$cmd" in
         exec .venv/bin/uvicorn example_app.main:app --host 127.0.0.1 --port "$port"
         ;;
     *)
-        echo "usage: bash scripts/dev.sh test [pytest args] | test-lowest [pytest args] | demo" >&2
+        echo "usage: bash scripts/dev.sh test [pytest args] | test-lowest [pytest args] |" \
+            "test-matrix [pytest args] | package | demo" >&2
         exit 2
         ;;
 esac

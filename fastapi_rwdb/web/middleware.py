@@ -20,6 +20,7 @@ from ..database import Database
 from ..observe import metrics
 from ..routing.request import RequestState, request_state
 from ..routing.tokens import Token
+from ..settings import RWDBSettings
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -201,19 +202,31 @@ class ReadYourWritesMiddleware:
 
 
 def _warn_lifespan_missing(database: Database, root_path: str) -> None:
-    """Say, once, that requests arrive but setup()'s lifespan never ran."""
+    """Say, once, that requests arrive but setup()'s lifespan never ran, and what to do:
+    a mounted app (Starlette sets ``root_path``) needs the outer app to run it; an app
+    served directly was started without its lifespan."""
     database.lifespan_ok = True
-    where = f"mounted at {root_path}" if root_path else "this app"
-    logger.warning(
-        "fastapi_rwdb: requests are arriving for the app %s, but the lifespan that "
-        "setup() gave it never ran: %sits pools will not be disposed at shutdown. "
-        "Starlette does not run the lifespan of a mounted app; run it from the outer "
-        "app's lifespan with `async with fastapi_rwdb.lifespan(<the mounted app>): "
-        "yield` (or serve the app with its lifespan on).",
-        where,
-        "no replica-lag watch is running, and "
-        if database.settings.max_replica_lag is not None
-        else "",
+    logger.warning("fastapi_rwdb: %s", lifespan_missing_message(root_path, database.settings))
+
+
+def lifespan_missing_message(root_path: str, settings: RWDBSettings) -> str:
+    """The warning's text (a function of its own, so that tests render every case)."""
+    effects = "its pools will not be disposed of at shutdown"
+    if settings.max_replica_lag is not None:
+        effects = "no replica-lag watch is running, and " + effects
+    if root_path:
+        return (
+            f"requests are arriving for the app mounted at {root_path}, but the lifespan "
+            f"that setup() gave it never ran: {effects}. Starlette runs only the outermost "
+            "app's lifespan; run the mounted app's from the outer app's lifespan with "
+            "`async with fastapi_rwdb.lifespan(<the mounted app>): yield`."
+        )
+    return (
+        "requests are arriving, but the lifespan that setup() gave this app never ran: "
+        f"{effects}. The app is being served without its lifespan (uvicorn's --lifespan "
+        "off, or a test transport such as httpx.ASGITransport); serve it with the lifespan "
+        "on (in tests: `with TestClient(app):`, or run `app.router.lifespan_context(app)` "
+        "around the client)."
     )
 
 

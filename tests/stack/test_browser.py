@@ -9,8 +9,10 @@ the test speaks the W3C WebDriver protocol to chromedriver directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,7 +107,8 @@ class Browser:
     """Just enough of the W3C WebDriver protocol."""
 
     def __init__(self, endpoint: str, session: str) -> None:
-        self._http = httpx.Client(base_url=f"{endpoint}/session/{session}", timeout=60)
+        self._session = f"{endpoint}/session/{session}"
+        self._http = httpx.Client(base_url=self._session, timeout=60)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = self._http.request(method, path, json=body)
@@ -134,8 +137,12 @@ class Browser:
         return {c["name"]: c["value"] for c in self._call("GET", "/cookie")}
 
     def quit(self) -> None:
-        self._http.delete("")
+        # The session's own URL, not "" joined to it: httpx's base URL ends in "/", and
+        # chromedriver answers "unknown command" to ".../session/<id>/", leaving the
+        # browser running once chromedriver is stopped.
+        response = self._http.delete(self._session)
         self._http.close()
+        assert response.status_code == 200, f"the browser did not quit: {response.text[:200]}"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +172,38 @@ def browser() -> Iterator[Browser]:
             browser.quit()
     finally:
         stop(driver)
+        left = leftovers(profile)
         shutil.rmtree(profile, ignore_errors=True)
+        # Asserted after the clean-up, which never leaves a process behind either way.
+        assert left == [], f"browser processes outlived the test (killed now): {left}"
+
+
+def browser_processes(profile: str) -> list[int]:
+    """Live processes of the browser started with this profile (zombies are dead)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if profile.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def leftovers(profile: str, grace: float = 10.0) -> list[int]:
+    """The browser's processes still alive ``grace`` seconds after it was told to quit;
+    each is killed, so that a failing run does not leave them behind either."""
+    deadline = time.monotonic() + grace
+    while (alive := browser_processes(profile)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return alive
 
 
 LIST_WITHOUT_COOKIES = """

@@ -91,3 +91,18 @@ async def test_an_app_served_with_its_lifespan_does_not_warn(
     async with app.router.lifespan_context(app), client(app) as c:
         assert (await c.get("/one")).status_code == 200
     assert "lifespan" not in caplog.text
+
+
+async def test_an_app_served_without_its_lifespan_is_told_so_not_that_it_is_mounted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fastapi_rwdb")
+    app, database = sub_app()
+    async with client(app) as c:  # httpx's ASGITransport runs no lifespan
+        for _ in range(2):
+            assert (await c.get("/one")).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "never ran" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "without its lifespan" in warnings[0]
+    assert "mounted" not in warnings[0] and "fastapi_rwdb.lifespan(" not in warnings[0]
+    await database.dispose()
