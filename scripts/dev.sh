@@ -96,7 +96,14 @@ case "$cmd" in
             echo "the wheel says $wheel_version, fastapi_rwdb.__version__ says $code_version" >&2
             exit 1
         fi
-        echo "==> dist/ holds fastapi-rwdb $wheel_version (wheel and sdist), twine check passed"
+        in_tree=$(find fastapi_rwdb -name '*.py' | wc -l)
+        in_wheel=$(.venv/bin/python -m zipfile -l dist/*.whl | grep -c '\.py ')
+        if [ "$in_tree" != "$in_wheel" ]; then
+            echo "the wheel holds $in_wheel Python modules, the source tree $in_tree" >&2
+            exit 1
+        fi
+        echo "==> dist/ holds fastapi-rwdb $wheel_version (wheel and sdist, $in_wheel modules)," \
+            "twine check passed"
         ;;
     test-matrix)
         # The no-cluster layer (tests/unit) on every Python the classifiers name, each in
