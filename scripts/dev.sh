@@ -6,6 +6,21 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 
+find_python() {
+    # An interpreter of Python $1 that runs: on PATH, or one pyenv has (its shims
+    # answer `command -v` for versions that are not selected, then refuse to run).
+    local candidate
+    for candidate in "$(command -v "python$1" || true)" \
+        "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$1"*/bin/"python$1"; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import sys' 2>/dev/null
+        then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         echo "==> creating .venv"
@@ -83,6 +98,10 @@ case "$cmd" in
         load_stack_env
         .venv-lowest/bin/pytest -p no:cacheprovider "$@"
         ;;
+    python-for)
+        # The interpreter of one Python version, for .ci/run: `dev.sh python-for 3.13`.
+        find_python "${1:?usage: dev.sh python-for VERSION}"
+        ;;
     package)
         # The wheel and sdist an index would get, checked as an index checks them, and
         # the version the wheel carries is the one the package reports.
@@ -110,7 +129,7 @@ case "$cmd" in
         # a venv of its own (.venv-py3.X). A missing interpreter fails: not tested is not passed.
         status=0
         for version in 3.11 3.12 3.13; do
-            interpreter=$(command -v "python$version" || true)
+            interpreter=$(find_python "$version" || true)
             if [ -z "$interpreter" ]; then
                 echo "==> python$version: NOT FOUND, the unit tests did not run on it" >&2
                 status=1
