@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .classes import read_class, write_class
-from .session_info import ReadBinds, read_maker_info, write_maker_info
+from .session_info import ReadBinds, read_maker_info
 
 _S = TypeVar("_S", Session, AsyncSession)
 
@@ -67,4 +67,4 @@ def async_makers(
     )
 
 
-__all__ = ["Makers", "async_makers", "sync_makers", "write_maker_info"]
+__all__ = ["Makers", "async_makers", "sync_makers"]
