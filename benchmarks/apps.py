@@ -95,25 +95,27 @@ def add_routes(app: FastAPI, read: Any, write: Any, async_read: Any, async_write
 
 
 class Baseline:
-    """The hand-written module: engines, sessionmakers and dependencies."""
+    """The hand-written module: engines, sessionmakers and dependencies.
 
-    def __init__(self, write_port: int, read_port: int) -> None:
+    ``pool_size`` given: every pool keeps that many connections (the read side too),
+    so a team that sized its pools for the load measured opens none under it; the
+    default is fastapi_rwdb's formula, as the guide's pattern writes it.
+    """
+
+    def __init__(self, write_port: int, read_port: int, pool_size: int | None = None) -> None:
+        def sizes(factor: int) -> dict[str, int]:
+            if pool_size is None:
+                return {"pool_size": POOL_SIZE * factor, "max_overflow": MAX_OVERFLOW * factor}
+            return {"pool_size": pool_size, "max_overflow": MAX_OVERFLOW}
+
         def engine(port: int, factor: int) -> Engine:
             return create_engine(
-                _url("psycopg", port),
-                pool_size=POOL_SIZE * factor,
-                max_overflow=MAX_OVERFLOW * factor,
-                connect_args=PSYCOPG_ARGS,
-                **POOL,
+                _url("psycopg", port), connect_args=PSYCOPG_ARGS, **sizes(factor), **POOL
             )
 
         def async_engine(port: int, factor: int) -> AsyncEngine:
             return create_async_engine(
-                _url("asyncpg", port),
-                pool_size=POOL_SIZE * factor,
-                max_overflow=MAX_OVERFLOW * factor,
-                connect_args=ASYNCPG_ARGS,
-                **POOL,
+                _url("asyncpg", port), connect_args=ASYNCPG_ARGS, **sizes(factor), **POOL
             )
 
         self.write_engine = engine(write_port, 1)
@@ -199,3 +201,81 @@ def rwdb_app(write_port: int, read_port: int, **overrides: Any) -> tuple[FastAPI
         fastapi_rwdb.AsyncWriteSession,
     )
     return app, database
+
+
+#: The peer library's pools as a new user would set them (its engine_config): 10 + 20
+#: on each engine, pre-ping on, the same PgBouncer-safe connect arguments.
+AA_POOL = {"pool_size": 10, "max_overflow": 20, "pool_pre_ping": True}
+
+
+class AdvancedAlchemy:
+    """advanced-alchemy's read/write routing (its ``RoutingSyncSessionMaker`` and
+    ``RoutingAsyncSessionMaker``: a write, a flush or ``FOR UPDATE`` goes to the
+    writer group, any other statement to the reader group, and a session sticks to
+    the writer after its first write until it commits), one engine per group: the
+    write port and the read port. Optional: ``pip install -e '.[bench]'``.
+
+    Its async routing session cannot be made on SQLAlchemy 2.1 (advanced-alchemy
+    1.12 sets ``AsyncSession.bind`` before ``AsyncSession.__init__``, and 2.1's
+    ``bind`` setter needs the sync session made there): ``async_error`` then says
+    what failed, the app serves the sync routes only and the async ones answer 500.
+    """
+
+    def __init__(self, write_port: int, read_port: int) -> None:
+        from advanced_alchemy.config.routing import RoutingConfig
+        from advanced_alchemy.routing import RoutingAsyncSessionMaker, RoutingSyncSessionMaker
+
+        def config(driver: str) -> RoutingConfig:
+            return RoutingConfig(
+                primary_connection_string=_url(driver, write_port).render_as_string(False),
+                read_replicas=[_url(driver, read_port).render_as_string(False)],
+            )
+
+        self.sync_maker = RoutingSyncSessionMaker(
+            routing_config=config("psycopg"),
+            engine_config={**AA_POOL, "connect_args": PSYCOPG_ARGS},
+            session_config={"autoflush": False},
+        )
+        self.async_maker = RoutingAsyncSessionMaker(
+            routing_config=config("asyncpg"),
+            engine_config={**AA_POOL, "connect_args": ASYNCPG_ARGS},
+            session_config={"expire_on_commit": False},
+        )
+        self.async_error = ""
+        try:
+            self.async_maker()
+        except AttributeError as exc:  # see the class docstring
+            self.async_error = f"{type(exc).__name__}: {exc}"
+
+    def engines(self) -> list[Engine]:
+        """Every engine's sync face (an async engine's pool lives on it)."""
+        sync = [self.sync_maker.primary_engine, *self.sync_maker.replica_engines]
+        async_ = [self.async_maker.primary_engine, *self.async_maker.replica_engines]
+        return sync + [e.sync_engine for e in async_]
+
+    def app(self) -> FastAPI:
+        def get_db() -> Iterator[Session]:
+            session = self.sync_maker()
+            try:
+                yield session
+            finally:
+                session.close()
+
+        async def get_async_db() -> AsyncIterator[AsyncSession]:
+            async with self.async_maker() as session:
+                yield session
+
+        peer = self
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            yield
+            peer.sync_maker.close_all()
+            for engine in [peer.async_maker.primary_engine, *peer.async_maker.replica_engines]:
+                await engine.dispose()
+
+        sync, async_ = (
+            Annotated[Session, Depends(get_db)],
+            Annotated[AsyncSession, Depends(get_async_db)],
+        )
+        return add_routes(FastAPI(lifespan=lifespan), sync, sync, async_, async_)
