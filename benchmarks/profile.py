@@ -30,7 +30,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from .apps import Baseline, rwdb_app
+from .apps import AdvancedAlchemy, Baseline, rwdb_app
 from .common import ROOT, call, env, prepare_table, wait_replicas_have
 
 Row = tuple[int, float]  # calls, own seconds
@@ -49,12 +49,26 @@ def _stats(profile: cProfile.Profile) -> dict[str, Row]:
     return stats
 
 
-async def _profile(route: str, n: int, token: bool) -> dict[str, dict[str, Row]]:
+def _app(name: str, w: int, r: int) -> Any:
+    """``baseline`` (the hand-written pattern), ``aa`` (advanced-alchemy's routing),
+    ``rwdb`` (fastapi_rwdb, defaults) or ``rwdb_off`` (``RWDB_PIN_MODE=off``)."""
+    if name == "baseline":
+        return Baseline(w, r).app()
+    if name == "aa":
+        return AdvancedAlchemy(w, r).app()
+    if name == "rwdb_off":
+        return rwdb_app(w, r, pin_mode="off")[0]
+    return rwdb_app(w, r)[0]
+
+
+async def _profile(
+    route: str, n: int, token: bool, against: str = "baseline", subject: str = "rwdb"
+) -> dict[str, dict[str, Row]]:
     method, template = route.split(maxsplit=1)
     ids = await asyncio.to_thread(prepare_table, 200)
     await asyncio.to_thread(wait_replicas_have, ids)
     w, r = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
-    apps = {"baseline": Baseline(w, r).app(), "rwdb": rwdb_app(w, r)[0]}
+    apps = {"baseline": _app(against, w, r), "rwdb": _app(subject, w, r)}
     async with contextlib.AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
@@ -66,7 +80,8 @@ async def _profile_apps(
 ) -> dict[str, dict[str, Row]]:
     headers: list[tuple[bytes, bytes]] = []
     if token:
-        response = await call(apps["rwdb"], "POST", "/sync/items")
+        token_app = apps["rwdb"] if "rwdb" in apps else apps["baseline"]
+        response = await call(token_app, "POST", "/sync/items")
         new_id = int(response.body.decode().split(":")[1].rstrip("}"))
         await asyncio.to_thread(wait_replicas_have, [new_id])
         headers = [(b"x-rwdb-pin", response.header(b"x-rwdb-pin") or b"")]
@@ -92,21 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=2000, help="requests per app")
     parser.add_argument("--token", action="store_true", help="send a valid token")
     parser.add_argument("--top", type=int, default=30)
+    names = ("baseline", "aa", "rwdb", "rwdb_off")
+    parser.add_argument(
+        "--against", default="baseline", choices=names, help="the app compared with"
+    )
+    parser.add_argument("--subject", default="rwdb", choices=names, help="the app profiled")
     args = parser.parse_args(argv)
-    stats = asyncio.run(_profile(args.route, args.n, args.token))
+    stats = asyncio.run(_profile(args.route, args.n, args.token, args.against, args.subject))
     base, rwdb = stats["baseline"], stats["rwdb"]
     calls = {name: sum(c for c, _ in s.values()) / args.n for name, s in stats.items()}
     own = {name: sum(t for _, t in s.values()) / args.n * 1e6 for name, s in stats.items()}
     print(
-        f"per request: baseline {calls['baseline']:.0f} calls, {own['baseline']:.0f} us; "
-        f"fastapi_rwdb {calls['rwdb']:.0f} calls, {own['rwdb']:.0f} us (profiled)"
+        f"per request: {args.against} {calls['baseline']:.0f} calls, {own['baseline']:.0f} us; "
+        f"{args.subject} {calls['rwdb']:.0f} calls, {own['rwdb']:.0f} us (profiled)"
     )
     rows = []
     for key in base.keys() | rwdb.keys():
         (bc, bt), (rc, rt) = base.get(key, (0, 0.0)), rwdb.get(key, (0, 0.0))
         rows.append(((rt - bt) / args.n * 1e6, (rc - bc) / args.n, key))
     rows.sort(key=lambda row: (-abs(row[0]), -abs(row[1])))
-    print(f"{'own us/req':>10} {'calls/req':>9}  function (fastapi_rwdb minus baseline)")
+    print(f"{'own us/req':>10} {'calls/req':>9}  function ({args.subject} minus {args.against})")
     for delta_us, delta_calls, key in rows[: args.top]:
         print(f"{delta_us:+10.1f} {delta_calls:+9.1f}  {key}")
     return 0
