@@ -13,6 +13,8 @@ TOKEN_ROUTES = ("sync_read_token", "async_read_token")
 #: than with a ping on every checkout (4 and 6).
 ROUND_TRIP_TARGETS = {"sync_read": 3, "async_read": 4, "sync_write": 3, "async_write": 5}
 NOTES = Path(__file__).with_name("notes.md")
+#: Written by hand from ``python -m benchmarks.peers`` runs (issue 22), included as is.
+PEERS = Path(__file__).with_name("peers.md")
 
 
 def _pct(x: float) -> str:
@@ -613,6 +615,8 @@ def write_report(
         lines += _overhead(overhead, _rel(png, base))
     if micro:
         lines += _micro(micro)
+    if PEERS.exists():
+        lines += [PEERS.read_text().strip(), ""]
     if notes:
         lines += ["## Run notes", "", *[f"- {n}" for n in notes], ""]
     path.write_text("\n".join(lines))

@@ -22,7 +22,7 @@ from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
 from . import commit
 from .checkout import install_ping
-from .sqlalchemy_internals import await_, set_readonly
+from .sqlalchemy_internals import await_, before_connection_options, set_readonly
 from .sqlstates import READ_ONLY_SQLSTATE, brief, is_transient_connect_error, sqlstate_of
 from .wire import end_unused_transaction
 
@@ -103,7 +103,8 @@ def instrument(
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
         commit.install(engine)
 
-        @event.listens_for(engine, "set_connection_execution_options")
+        # Not an engine event: any ConnectionEvents listener puts every statement,
+        # BEGIN and COMMIT of the engine on SQLAlchemy's event-dispatch path.
         def _characteristics(conn: Any, opts: dict[str, Any]) -> None:
             # The checkout ping may have opened the transaction (wire.begin_reading_position):
             # psycopg refuses a new isolation level inside one. Nothing ran in it yet.
@@ -111,6 +112,8 @@ def instrument(
                 return
             fairy = conn.connection
             end_unused_transaction(fairy.info, fairy.dbapi_connection)
+
+        before_connection_options(engine, _characteristics)
 
     if side == "read":
 

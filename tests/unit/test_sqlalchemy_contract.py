@@ -94,3 +94,43 @@ def test_commits_go_through_the_dialects_do_commit() -> None:
     assert len(committed) == 1  # the driver connection, handed to the hook
     # Only this engine's dialect instance was changed.
     assert create_engine("sqlite://").dialect.do_commit.__func__ is type(engine.dialect).do_commit  # type: ignore[attr-defined]
+
+
+def test_connection_options_go_through_the_dialect_instance() -> None:
+    """Where SQLAlchemy applies a Connection's execution options: the hook sees them
+    first, and the engine keeps SQLAlchemy's fast path (no engine event listener)."""
+    assert list(inspect.signature(Dialect.set_connection_execution_options).parameters) == [
+        "self",
+        "connection",
+        "opts",
+    ]
+    engine = create_engine("sqlite://")
+    seen: list[tuple[Any, dict[str, Any]]] = []
+    internals.before_connection_options(engine, lambda conn, opts: seen.append((conn, dict(opts))))
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="SERIALIZABLE")
+        assert seen == [(conn, {"isolation_level": "SERIALIZABLE"})]
+        assert conn.get_isolation_level() == "SERIALIZABLE"  # applied after the hook
+    assert engine._has_events is False
+    other = create_engine("sqlite://")
+    assert (
+        other.dialect.set_connection_execution_options.__func__
+        is type(  # type: ignore[attr-defined]
+            engine.dialect
+        ).set_connection_execution_options
+    )
+
+
+@pytest.mark.parametrize("side", ["write", "read"])
+def test_the_packages_sync_engines_keep_sqlalchemys_fast_path(side: str) -> None:
+    """No ConnectionEvents listener on a package engine: one would send every
+    statement, BEGIN, COMMIT and ROLLBACK through SQLAlchemy's event dispatch."""
+    from fastapi_rwdb.engine.factory import make_engine
+    from fastapi_rwdb.settings import RWDBSettings
+
+    engine = make_engine(
+        "postgresql+psycopg://u:p@127.0.0.1:1/db",
+        RWDBSettings(secret_key="k" * 32),
+        side=side,  # type: ignore[arg-type]
+    )
+    assert engine._has_events is False
