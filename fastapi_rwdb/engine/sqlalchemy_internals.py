@@ -36,8 +36,8 @@ fallback is never the silent state of affairs.
    reason as 4.: it is where SQLAlchemy applies a connection's options, and the
    public alternative, the engine's ``set_connection_execution_options`` event,
    turns on SQLAlchemy's per-statement event dispatch for every statement and
-   every BEGIN, COMMIT and ROLLBACK of the engine (about 65 Python calls per
-   request, counted by ``python -m benchmarks.profile``). Fallback: that event.
+   every BEGIN, COMMIT and ROLLBACK of the engine (see benchmarks/peers.md for
+   what it cost). Fallback: that event.
 """
 
 from __future__ import annotations
