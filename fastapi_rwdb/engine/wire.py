@@ -90,15 +90,16 @@ def begin_reading_position(
     return position
 
 
-def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
+def _simple_query(pgconn: Any, sql: bytes, timeout: float | None) -> list[Any]:
     """Every result of a simple-query message, waiting on the socket as psycopg does.
 
     Not libpq's blocking ``PQgetResult``: psycopg calls it holding the GIL (it only
     ever calls it once a result is there), so waiting in it would stop every other
-    thread of the process for the round trip.
+    thread of the process for the round trip. ``timeout`` ``None``: as long as the
+    server takes.
     """
     pgconn.send_query(sql)
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     while pgconn.flush():  # the socket took part of the message: wait to send the rest
         _wait(pgconn.socket, select.POLLOUT, deadline, timeout)
     results: list[Any] = []
@@ -112,11 +113,29 @@ def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:
         _wait(pgconn.socket, select.POLLIN, deadline, timeout)
 
 
-def _wait(fd: int, events: int, deadline: float, timeout: float) -> None:
+def _wait(fd: int, events: int, deadline: float | None, timeout: float | None) -> None:
     poller = select.poll()
     poller.register(fd, events)
-    if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+    wait_ms = -1 if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+    if not poller.poll(wait_ms):
         raise psycopg.OperationalError(f"no answer within {timeout:g} s")
+
+
+def simple_query_results(raw: psycopg.Connection[Any], sql: str) -> list[Any]:
+    """Every result of ``sql``, sent as one simple-query message on psycopg's
+    documented low-level handle: a message of several statements whose results are
+    all wanted (the write tracking's COMMIT and WAL position) without psycopg's
+    cursor machinery, some 50 Python calls per message.
+
+    No deadline (a COMMIT timed out after the server committed would be a write of
+    unknown outcome); a statement that failed raises psycopg's own exception for
+    it, as a cursor would, so SQLAlchemy wraps and reports it as before.
+    """
+    results = _simple_query(raw.pgconn, sql.encode(), None)
+    for result in results:
+        if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+    return results
 
 
 #: The position and the transaction's isolation level (the server's default may not

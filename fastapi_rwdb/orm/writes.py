@@ -40,7 +40,7 @@ from sqlalchemy.sql.selectable import CTE
 
 from ..engine import commit
 from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL
-from ..engine.wire import fetch_outside_transaction
+from ..engine.wire import fetch_outside_transaction, simple_query_results
 from ..routing.lsn import MAX_LSN, parse_lsn
 from ..routing.request import request_state
 from .session_info import is_own_unit, pin_mode_of
@@ -270,9 +270,11 @@ def _commit_reading_lsn(
     """COMMIT on psycopg with the LSN read (if ``read_lsn``) and the question whether
     the transaction wrote (if ``check``) in the same round trip.
 
-    Sent on the driver's own cursor: through ``exec_driver_sql`` it would cost
-    SQLAlchemy's whole statement machinery, and a first result without rows
-    (the COMMIT) would close the cursor before the LSN could be fetched. Called
+    Sent on the driver's own connection (:func:`~fastapi_rwdb.engine.wire.simple_query_results`):
+    through ``exec_driver_sql`` it would cost SQLAlchemy's whole statement
+    machinery, and a first result without rows (the COMMIT) would close the
+    cursor before the LSN could be fetched; a psycopg cursor costs its own
+    machinery per result, which shows when the process is bound by CPU. Called
     by the engine's ``do_commit``, so a failure is handled as SQLAlchemy handles
     any failed COMMIT: wrapped as usual (a deferred constraint, a lost
     connection, a demoted primary), the package's error hook sees it, the
@@ -283,18 +285,24 @@ def _commit_reading_lsn(
         sql = CHECK_COMMIT_SQL
     else:
         sql = CHECK_COMMIT_READING_LSN_SQL if check else COMMIT_READING_LSN_SQL
-    with raw.cursor() as cursor:
-        cursor.execute(sql)
-        wrote = True
-        if check:
-            row = cursor.fetchone()
-            wrote = bool(row and row[0])
-            cursor.nextset()  # to the COMMIT
-        if not read_lsn:
-            return wrote, None
-        cursor.nextset()  # to the LSN
-        lsn_row = cursor.fetchone()
-    return wrote, _lsn_or_unknown(lsn_row[0] if lsn_row else None)
+    results = simple_query_results(raw, sql)
+    # One result per statement: the question, the COMMIT, the position. Should any
+    # be missing, the safe answers: it wrote, at a position no replica reports.
+    complete = len(results) == check + 1 + read_lsn
+    wrote = True
+    if check and complete:
+        wrote = _value(results[0]) != "f"
+    if not read_lsn:
+        return wrote, None
+    return wrote, _lsn_or_unknown(_value(results[-1]) if complete else None)
+
+
+def _value(result: Any) -> str | None:
+    """The first column of a simple-query result's first row, as text."""
+    if result.status != psycopg.pq.ExecStatus.TUPLES_OK or not result.ntuples:
+        return None
+    value = result.get_value(0, 0)
+    return None if value is None else bytes(value).decode()
 
 
 def current_lsn(conn: Connection) -> int:
