@@ -30,13 +30,14 @@ from .engine.factory import (
     make_engine_pair,
     make_primary_read_engine,
 )
+from .engine.keystore import SigningKeys
 from .engine.pool import pools_report
 from .observe import metrics
 from .orm.classes import session_classes
 from .orm.makers import Makers, async_makers, sync_makers
 from .orm.session_info import ReadBinds, read_after, read_fresh, write_maker_info
 from .routing.replicas import ReadSideHealth
-from .routing.tokens import Token, TokenSigner, signing_keys
+from .routing.tokens import Token, TokenSigner
 from .settings import RWDBSettings
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -64,8 +65,8 @@ class Database:
         self._lock = threading.RLock()
         # Built on first use: engines and sessionmakers, dropped by dispose() ...
         self._built: dict[str, Any] = {}
-        # ... and what outlives the pools: the settings, the read side's health, and
-        # the token signer (a new key would stop every token handed out from verifying).
+        # ... and what outlives the pools: the settings, the read side's health, the
+        # token key (a new key would stop every token handed out from verifying).
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         self._checked = False
         #: False once setup() has hooked this Database into an app's lifespan, True
@@ -125,15 +126,17 @@ class Database:
         )
 
     @property
-    def signer(self) -> TokenSigner:
-        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
-        database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
-        return self._once("signer", lambda: TokenSigner(*signing_keys(self.settings)), keep=True)
+    def signing_keys(self) -> SigningKeys:
+        """``RWDB_SECRET_KEY``, or the key kept in the database (:mod:`.engine.keystore`)."""
+        return self._once("keys", lambda: SigningKeys(self.settings), keep=True)
+
+    @property
+    def signer(self) -> TokenSigner:  # RWDB_SECRET_KEY_FALLBACKS verify too
+        return self.signing_keys.signer()
 
     def token_for(self, lsn: int) -> str:
         """A signed read-your-writes token for ``lsn``, valid ``RWDB_PIN_SECONDS``."""
-        expires = int(time.time() + self.settings.pin_seconds)
-        return self.signer.dump(Token(lsn=lsn, expires=expires))
+        return self.signer.dump(Token(lsn, int(time.time() + self.settings.pin_seconds)))
 
     # -- engines -------------------------------------------------------------------
 
@@ -336,7 +339,7 @@ class Database:
             # No routing to do: say so once, as the routed sessions do at their first read.
             metrics.record_route("primary", "primary-read")
         elif after is not None:
-            token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
+            token = self.signing_keys.verify(after, self.settings.pin_seconds, check_expiry=False)
             read_after(info, token, 1.0 if wait is None else wait, self)
         elif fresh:
             read_fresh(info, wait, self)
