@@ -121,7 +121,7 @@ class RWDBSettings(BaseSettings):
     # have replayed it.
     replicas: int | None = Field(None, ge=0, le=1000, validation_alias="RWDB_REPLICAS")
     # Signs tokens; shared by every worker that serves the app. When unset, a key
-    # is derived from the database credentials (see database._token_keys).
+    # is kept in the database (see engine/keystore.py).
     secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
     # Former keys, still accepted when verifying tokens (comma-separated, or a JSON
     # list of strings): set the old RWDB_SECRET_KEY here when changing it.
