@@ -14,7 +14,8 @@ so it fetches nothing. The app's lifespan fetches the key asynchronously at
 start-up, bounded by ``RWDB_CONNECT_TIMEOUT``; code in a worker thread (sync
 routes, jobs) fetches it on first use if it is still unknown; the event loop
 never waits on a blocking call. While the key is unknown (the database was down
-at start-up), the middleware tries again at most once a second, and meanwhile:
+at start-up), the middleware starts another attempt at most once a second in the
+background (only a response that carries a new token waits for it), and meanwhile:
 
 - a token that is well formed and unexpired is trusted without its signature
   check: the worst a forger gains is primary reads for himself, which is what a
@@ -254,12 +255,27 @@ class SigningKeys:
         concurrent callers share one attempt."""
         if self._signer is not None:
             return self._signer
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._attempt())
-        return await asyncio.shield(self._loading)
+        return await asyncio.shield(self._start())
+
+    def load_in_background(self) -> None:
+        """Start an attempt unless one is under way or one was made in the last second;
+        the caller does not wait for it."""
+        if self._signer is None and self.may_retry():
+            self._start()
+
+    def _start(self) -> asyncio.Task[TokenSigner | None]:
+        loading = self._loading
+        # A task of another loop (a test's, long closed) cannot be awaited here.
+        if (
+            loading is None
+            or loading.done()
+            or loading.get_loop() is not asyncio.get_running_loop()
+        ):
+            self._tried_at = time.monotonic()
+            loading = self._loading = asyncio.ensure_future(self._attempt())
+        return loading
 
     async def _attempt(self) -> TokenSigner | None:
-        self._tried_at = time.monotonic()
         s = self._settings
         engine = create_async_engine(
             s.url("write", "asyncpg"),

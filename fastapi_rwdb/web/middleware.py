@@ -71,7 +71,7 @@ class ReadYourWritesMiddleware:
             header = self._header
             for name, _ in headers:
                 if name == header or name == b"cookie":  # else no token: no call
-                    token = self._incoming(headers, await self._signer())
+                    token = self._incoming(headers, await self._signer(issuing=False))
                     break
         state = RequestState(token=token, database=database, scope=scope)
         reset = request_state.set(state)
@@ -88,7 +88,9 @@ class ReadYourWritesMiddleware:
                     or state.seen_lsn is not None
                     or routing_header
                 ):
-                    extra = self._outgoing(state, await self._signer())
+                    extra = self._outgoing(
+                        state, await self._signer(issuing=state.commit_lsn is not None)
+                    )
                     if extra:
                         message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
@@ -115,13 +117,16 @@ class ReadYourWritesMiddleware:
         finally:
             request_state.reset(reset)
 
-    async def _signer(self) -> TokenSigner | None:
-        """The signer once the key is known; while it is not, one attempt to fetch it
-        (at most one a second, shared by the requests that arrive meanwhile), then
-        ``None``: see :mod:`fastapi_rwdb.engine.keystore` for what happens then."""
+    async def _signer(self, *, issuing: bool) -> TokenSigner | None:
+        """The signer once the key is known. While it is not, an attempt to fetch it is
+        started (at most one a second); only a response that must carry a new token
+        waits for it (bounded, and the write just reached the primary), then ``None``:
+        see :mod:`fastapi_rwdb.engine.keystore` for what happens then."""
         signer = self._keys.current()
-        if signer is None and self._keys.may_retry():
-            signer = await self._keys.load_async()
+        if signer is None:
+            if issuing:
+                return await self._keys.load_async()
+            self._keys.load_in_background()
         return signer
 
     def _incoming(
