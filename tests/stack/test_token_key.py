@@ -83,8 +83,8 @@ async def test_processes_asking_at_once_agree_on_one_key(no_key_table: None) -> 
         assert signer is not None
         raw = sample(signer)
         assert verifies(ours, raw) and not verifies(derived(), raw)
-    # The sync path (a worker thread) reads the same row.
-    raw = Database(RWDBSettings()).token_for(777)
+    # The sync path (a worker thread, as a sync route's) reads the same row.
+    raw = await asyncio.to_thread(Database(RWDBSettings()).token_for, 777)
     assert verifies(ours, raw) and not verifies(derived(), raw)
 
 
