@@ -49,12 +49,13 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     async def rwdb_lifespan(app_: Any) -> AsyncIterator[Any]:
         database.lifespan_ok = True
         if database.settings.pin_mode != "off":
-            await database.signing_keys.load_async()  # bounded; retried later on failure
+            database.signing_keys.load_in_background()  # see engine/keystore.py
         watcher = _start_lag_watch(database)
         try:
             async with inner(app_) as state:
                 yield state
         finally:
+            database.signing_keys.stop()
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

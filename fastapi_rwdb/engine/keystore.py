@@ -10,8 +10,9 @@ step (PgBouncer's transaction mode is fine), on a throwaway connection of its ow
 nothing of the application's pools, tracking or request state is involved.
 
 When it is fetched: ``setup()`` runs at import, often before the database is up,
-so it fetches nothing. The app's lifespan fetches the key asynchronously at
-start-up, bounded by ``RWDB_CONNECT_TIMEOUT``; code in a worker thread (sync
+so it fetches nothing. The app's lifespan starts fetching the key at start-up,
+in the background (bounded by ``RWDB_CONNECT_TIMEOUT``: a database that is down
+does not hold up the start); code in a worker thread (sync
 routes, jobs) fetches it on first use if it is still unknown; the event loop
 never waits on a blocking call. While the key is unknown (the database was down
 at start-up), the middleware starts another attempt at most once a second in the
@@ -262,6 +263,11 @@ class SigningKeys:
         the caller does not wait for it."""
         if self._signer is None and self.may_retry():
             self._start()
+
+    def stop(self) -> None:
+        """Cancel an attempt under way (the app is shutting down)."""
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
 
     def _start(self) -> asyncio.Task[TokenSigner | None]:
         loading = self._loading
