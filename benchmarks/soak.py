@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     write_port, read_port = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
     if args.variant == "rwdb":
-        app, _ = rwdb_app(write_port, read_port, pin_seconds=30)
+        app, _ = rwdb_app(write_port, read_port)
     else:
         app = Baseline(write_port, read_port).app()
     started = time.monotonic()
