@@ -105,6 +105,22 @@ class RWDBSettings(BaseSettings):
     # "auto" yields SQLModel's session when SQLModel is installed, else SQLAlchemy's.
     session_class: SessionKind = Field("auto", validation_alias="RWDB_SESSION_CLASS")
 
+    # --- dead peers (TCP) -----------------------------------------------------------
+    # Keepalive probes and TCP_USER_TIMEOUT on every connection's socket (engine/sockets.py),
+    # so that a peer that vanished without a FIN is noticed in about 20 s, not the
+    # kernel's 15 minutes. Seconds; libpq's names, both drivers.
+    tcp_keepalives: bool = Field(True, validation_alias="RWDB_TCP_KEEPALIVES")
+    tcp_keepalives_idle: int = Field(
+        10, ge=1, le=32767, validation_alias="RWDB_TCP_KEEPALIVES_IDLE"
+    )
+    tcp_keepalives_interval: int = Field(
+        3, ge=1, le=32767, validation_alias="RWDB_TCP_KEEPALIVES_INTERVAL"
+    )
+    tcp_keepalives_count: int = Field(3, ge=1, le=127, validation_alias="RWDB_TCP_KEEPALIVES_COUNT")
+    # How long sent data may stay unacknowledged before the kernel drops the
+    # connection (0: the kernel's default, about 15 minutes of retransmissions).
+    tcp_user_timeout: float = Field(20.0, ge=0, le=3600, validation_alias="RWDB_TCP_USER_TIMEOUT")
+
     # --- read-your-writes ----------------------------------------------------------
     # lsn: after a write, read from a replica once it has replayed the write's WAL
     # position; window: read from the primary for pin_seconds after a write; off.

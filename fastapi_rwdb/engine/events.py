@@ -3,8 +3,9 @@
 Attached once per engine by the factories (:mod:`.factory`): connect retry with
 backoff (and the read side's breaker told about it), the checkout ping
 (:mod:`.checkout`), read-only connections on the read side, SQLSTATE 25006 told
-apart (a read session's write, or a demoted primary), and the write tracking's
-COMMIT routed to where SQLAlchemy commits (:mod:`.commit`).
+apart (a read session's write, or a demoted primary), the write tracking's
+COMMIT routed to where SQLAlchemy commits (:mod:`.commit`), and asyncpg sockets'
+keepalives (:mod:`.sockets`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
 from . import commit
 from .checkout import install_ping
+from .sockets import set_socket_options
 from .sqlalchemy_internals import await_, set_readonly
 from .sqlstates import READ_ONLY_SQLSTATE, brief, is_transient_connect_error, sqlstate_of
 from .wire import end_unused_transaction
@@ -111,6 +113,12 @@ def instrument(
                 return
             fairy = conn.connection
             end_unused_transaction(fairy.info, fairy.dbapi_connection)
+
+    if is_async:
+        # libpq sets psycopg's from its connection parameters (factory.connect_args).
+        @event.listens_for(engine, "connect")
+        def _tcp_options(dbapi_connection: Any, conn_rec: Any) -> None:
+            set_socket_options(dbapi_connection.driver_connection, settings)
 
     if side == "read":
 
