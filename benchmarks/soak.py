@@ -55,8 +55,9 @@ def object_counts() -> collections.Counter[str]:
 class Probe:
     """What is looked at besides RSS: after a trim, Python objects by type, tracemalloc."""
 
-    def __init__(self, trim: bool, objects: bool, traced: bool) -> None:
+    def __init__(self, trim: bool, objects: bool, traced: bool, warm_up: float = 0.2) -> None:
         self.trim, self.objects, self.traced = trim, objects, traced
+        self.warm_up = warm_up
         self.trimmed: list[tuple[int, float]] = []
         self.counts: collections.Counter[str] | None = None
         self.snapshot: tracemalloc.Snapshot | None = None
@@ -89,7 +90,7 @@ class Probe:
             self.report["traced_total_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 2)
         if self.trimmed:
             self.report["rss_after_trim"] = [(n, round(mb, 2)) for n, mb in self.trimmed]
-            self.report["slope_after_trim"] = round(slope_per_100k(self.trimmed), 3)
+            self.report["slope_after_trim"] = round(slope_per_100k(self.trimmed, self.warm_up), 3)
 
 
 class StackLock:
@@ -190,7 +191,7 @@ async def drive(
                     samples.append((i, rss_mb()))
                     if probe is not None:
                         probe.sample(i)
-                if probe is not None and i == requests // 5:
+                if probe is not None and i == int(requests * probe.warm_up):
                     probe.warm()
         finally:
             if paused is not None:
@@ -216,10 +217,13 @@ def main() -> None:
         metavar="PATH",
         help="take this stack lock itself, in parts (run it WITHOUT flock around it)",
     )
+    parser.add_argument(
+        "--warm-up", type=float, default=0.2, help="share of the run left out of the slopes"
+    )
     parser.add_argument("--hold", type=float, default=420, help="seconds per part of the lock")
     args = parser.parse_args()
     lock = StackLock(args.lock, args.hold)
-    probe = Probe(args.trim, args.objects, args.traced)
+    probe = Probe(args.trim, args.objects, args.traced, args.warm_up)
     write_port, read_port = int(env("POSTGRES_PORT")), int(env("POSTGRES_READ_PORT"))
     if args.variant == "rwdb":
         app, _ = rwdb_app(write_port, read_port)
@@ -238,7 +242,7 @@ def main() -> None:
                 "requests": args.requests,
                 "seconds": round(time.monotonic() - started - lock.waited, 1),
                 "lock_holds": lock.holds,
-                "slope_mb_per_100k": round(slope_per_100k(samples), 3),
+                "slope_mb_per_100k": round(slope_per_100k(samples, args.warm_up), 3),
                 "rss_first_mb": round(samples[0][1], 1),
                 "rss_last_mb": round(samples[-1][1], 1),
                 "samples": [(n, round(mb, 2)) for n, mb in samples],
