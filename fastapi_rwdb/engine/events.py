@@ -22,8 +22,9 @@ from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
 from . import commit
 from .checkout import install_ping
+from .connect_errors import classify_connect_error
 from .sqlalchemy_internals import await_, set_readonly
-from .sqlstates import READ_ONLY_SQLSTATE, brief, is_transient_connect_error, sqlstate_of
+from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
 from .wire import end_unused_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -35,6 +36,33 @@ ROLE_OPTION = "rwdb_role"
 #: What psycopg's ``Connection`` options change on the server's transaction: an
 #: open transaction must end before SQLAlchemy sets one.
 _CHARACTERISTICS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
+
+
+def _gave_up(
+    side: Side, endpoint: str, attempts: int, exc: BaseException, verdict: str
+) -> DatabaseUnavailableError:
+    """The outage a failed connect becomes. Where, and what the driver said, go to the
+    log only: the exception's text may reach an anonymous client in a 503."""
+    if verdict == "misconfigured":
+        logger.error(
+            "fastapi_rwdb: the %s side at %s refused the login (%s); check POSTGRES_USER, "
+            "POSTGRES_PASSWORD and POSTGRES_DB (or RWDB_%s_URL)",
+            side,
+            endpoint,
+            brief(exc),
+            side.upper(),
+        )
+        return DatabaseUnavailableError(f"the {side} side of the database refused the login")
+    logger.warning(
+        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
+        side,
+        endpoint,
+        attempts,
+        brief(exc),
+    )
+    return DatabaseUnavailableError(
+        f"cannot connect to the {side} side of the database after {attempts} attempts"
+    )
 
 
 def instrument(
@@ -58,24 +86,13 @@ def instrument(
             try:
                 connection = dialect.connect(*cargs, **cparams)
             except Exception as exc:
-                if not is_transient_connect_error(exc):
-                    raise
-                if attempt == retries:
+                verdict = classify_connect_error(exc)
+                if verdict is None:
+                    raise  # not a connection failure: a bug, shown as one
+                if verdict == "misconfigured" or attempt == retries:
                     if health is not None:
                         health.connect_failed()
-                    # Where, and what the driver said, go to the log only: the
-                    # exception's text may reach an anonymous client in a 503.
-                    logger.warning(
-                        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
-                        side,
-                        endpoint,
-                        retries + 1,
-                        brief(exc),
-                    )
-                    raise DatabaseUnavailableError(
-                        f"cannot connect to the {side} side of the database after "
-                        f"{retries + 1} attempts"
-                    ) from exc
+                    raise _gave_up(side, endpoint, attempt + 1, exc, verdict) from exc
                 logger.warning(
                     "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",
                     side,

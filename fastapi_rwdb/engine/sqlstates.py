@@ -38,24 +38,6 @@ def is_connection_failure(code: str | None) -> bool:
     return code is not None and (code.startswith("08") or code in SERVER_GOING_AWAY)
 
 
-def is_transient_connect_error(exc: BaseException) -> bool:
-    """Whether opening a connection may succeed if tried again shortly.
-
-    asyncpg reports a refused or reset socket as a bare ``OSError``; psycopg
-    wraps it in ``OperationalError`` without a SQLSTATE. Authentication
-    failures and unknown databases are not transient and fail at once.
-    """
-    if isinstance(exc, OSError):
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return is_connection_failure(code)
-    if type(exc).__name__ == "OperationalError":
-        text = str(exc).lower()
-        return not any(word in text for word in ("authentication", "does not exist", "role "))
-    return False
-
-
 def brief(exc: BaseException) -> str:
     """Error class and first line, for the log: enough to diagnose, no DSN (the drivers
     never print the password)."""
