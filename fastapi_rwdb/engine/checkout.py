@@ -73,6 +73,11 @@ class _Asked:
     remembered: bool = False  # the answer is the position remembered from moments ago
 
 
+class ConnectionLostError(DatabaseUnavailableError):
+    """A connection checked out, then lost while its position was read: unlike a
+    connection that could not be opened at all, another may do."""
+
+
 _asked: ContextVar[_Asked | None] = ContextVar("rwdb_position_asked", default=None)
 
 
@@ -86,8 +91,9 @@ def connect_at_position(
     (not pinged) or one that reports another position is asked here. ``begin``: the
     caller's statements will run on this connection, so on psycopg the ping may open
     their transaction too. ``needed``: the position the read needs (see module doc).
-    A connection that cannot answer is discarded and
-    :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` raised.
+    A connection that cannot answer is discarded and :class:`ConnectionLostError`
+    raised; one that cannot be opened raises
+    :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` (from the connect retry).
     """
     asked = _Asked(begin, needed)
     reset = _asked.set(asked)
@@ -104,7 +110,7 @@ def connect_at_position(
         # connection that cannot answer this serves nobody.
         conn.invalidate()
         conn.close()
-        raise DatabaseUnavailableError(
+        raise ConnectionLostError(
             "a database connection was lost while checking its WAL position"
         ) from exc
     except BaseException:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ..engine.checkout import connect_at_position, position_of
+from ..engine.checkout import ConnectionLostError, connect_at_position, position_of
 from ..engine.sqlalchemy_internals import await_
 from ..errors import DatabaseUnavailableError
 from ..observe import metrics
@@ -70,6 +70,19 @@ class RoutedReads(Session):
         _release(self)
 
 
+def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
+    """Whether the session's current routing chose the read port (its engine, or one
+    of its connections), as the last :meth:`RoutedReads.get_bind` answered: asked
+    after a failure, so it never routes again."""
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
+    if cached is None:
+        return False
+    bind = cached[1]
+    return bind is binds.replica or (
+        isinstance(bind, Connection) and bind.engine.pool is binds.replica.pool
+    )
+
+
 def _release(session: Session) -> None:
     for conn in session.info.pop(_OWNED, ()):
         conn.close()
@@ -110,9 +123,9 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
         bind = binds.replica
     else:
         found = _replica_at(session, binds, route)
-        if found is None:
-            target, reason = "primary", route.if_behind
-            if state is not None:
+        if isinstance(found, Primary):
+            target, reason = "primary", found.reason
+            if state is not None and found.reason == route.if_behind:
                 state.replica_behind = True
             bind = binds.primary
             if follow:
@@ -160,10 +173,10 @@ def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> Re
 
 def _replica_at(
     session: Session, binds: ReadBinds, route: Route
-) -> tuple[Connection, str, int | None] | None:
+) -> tuple[Connection, str, int | None] | Primary:
     """Carries out :func:`~fastapi_rwdb.routing.rules.next_replica_step` until it takes a
     replica connection (returned, owned by the session, with the reason and position)
-    or says the primary (``None``)."""
+    or says the primary (that step returned, with its reason)."""
     seen: list[Seen] = []
     held: list[Connection | None] = []  # by index of seen; None once lost
     wait = wait_ms_of(session, binds) / 1000
@@ -179,7 +192,7 @@ def _replica_at(
                 assert chosen is not None
                 return _own(session, chosen), step.reason, seen[step.index].position
             if isinstance(step, Primary):
-                return None
+                return step
             if isinstance(step, Poll):
                 if waited is None:
                     started = time.monotonic()
@@ -198,8 +211,12 @@ def _replica_at(
                 conn, position, remembered = connect_at_position(
                     binds.replica, begin=step.begin, needed=route.min_lsn
                 )
-            except DatabaseUnavailableError:
+            except ConnectionLostError:
                 seen.append(Seen(lost=True))  # that connection is gone (and discarded)
+                held.append(None)
+                continue
+            except DatabaseUnavailableError:
+                seen.append(Seen(lost=True, unreachable=True))  # none could be opened
                 held.append(None)
                 continue
             seen.append(Seen(position, remembered=remembered))

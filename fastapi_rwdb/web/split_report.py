@@ -331,6 +331,10 @@ _PRIMARY_BECAUSE = {
         "the read side refused several connections in a row, and is tried again after "
         "RWDB_READ_RETRY_SECONDS"
     ),
+    "replica-unreachable": (
+        "no connection to the read side could be opened for this read; the breaker "
+        "sends later reads to the primary if it keeps failing"
+    ),
     "replica-lag": "every replica is further behind than RWDB_MAX_REPLICA_LAG",
     "replica-behind": "a replica was found behind your last write earlier in this request",
     "wrote-in-request": "this request committed a write",
