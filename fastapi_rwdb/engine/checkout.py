@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 
 from ..errors import DatabaseUnavailableError
 from ..routing.lsn import parse_lsn
@@ -42,6 +42,7 @@ from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
     POSITION_SQL,
+    NoAnswerError,
     begin_reading_position,
     end_unused_transaction,
     fetch_outside_transaction,
@@ -194,6 +195,12 @@ def install_ping(engine: Engine, settings: RWDBSettings, *, is_async: bool) -> N
                 value = begin_reading_position(dbapi_connection, info, timeout)
             else:
                 value = ping_query(dbapi_connection, asked is not None, timeout)
+        except (NoAnswerError, TimeoutError) as exc:
+            # No answer within the deadline: this connection's path is frozen (a
+            # stopped PgBouncer, a stalled server), perhaps only this one's: another
+            # replica's connections stay. This one is discarded (its answer may
+            # come later), never handed out; the pool opens a new one for this checkout.
+            raise DisconnectionError(f"ping timed out: {brief(exc)}") from exc
         except Exception as exc:
             # After a failover every pooled connection is likely dead: discard
             # them all; the pool opens a new one for this checkout.

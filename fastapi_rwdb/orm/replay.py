@@ -63,7 +63,7 @@ from ..observe import metrics
 from ..routing.lsn import parse_lsn
 from ..routing.request import RequestState, request_state
 from .reads import routed_to_replica
-from .reconnect import is_autobegun, is_first_statement, transaction_connections
+from .reconnect import is_autobegun, is_first_statement, transaction_connections, will_retry
 from .session_info import ReadBinds, binds_of, own_state
 
 REASON = "replay-conflict"
@@ -127,7 +127,7 @@ def _replica_failure(session: Session, binds: ReadBinds, exc: DBAPIError, first:
         unreachable and first and is_autobegun(session) and _on_replica(session, binds.replica)
     ):
         raise exc
-    if exc.connection_invalidated and isinstance(session.get_bind(), Engine):
+    if will_retry(session, exc):
         raise exc  # LostConnectionRetry runs it again on a new replica connection first
     if binds.health is not None:
         binds.health.connect_failed()  # the proxy took the connection, no server behind
