@@ -2,18 +2,13 @@
 closing anything (SIGSTOP: its kernel still completes TCP handshakes and takes
 bytes), as a stopped proxy or a host stalled on I/O looks to a client.
 
-Run under the machine-wide lock like every stack test; each freeze is undone in a
-``finally`` (SIGCONT), whatever the test does.
+Run under the machine-wide lock like every stack test; each freeze is undone
+whatever the test does (see :mod:`.faults`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -21,30 +16,13 @@ from sqlalchemy import text
 from fastapi_rwdb import DatabaseUnavailableError, RWDBSettings, make_engine
 
 from ..helpers import replica_nodes
+from .faults import bouncer_url, frozen_bouncer
 
 pytestmark = pytest.mark.stack
 
-STACK_DIR = Path(os.environ.get("RWDB_STACK_DIR", "/var/tmp/rwdb-stack"))  # noqa: S108 (stack.sh)
-BOUNCER_PORTS = {"node1": 16432, "node2": 16433, "node3": 16434}  # scripts/stack.sh
-
-
-@contextlib.contextmanager
-def frozen_bouncer(node: str) -> Iterator[None]:
-    """``node``'s PgBouncer stopped (SIGSTOP) for the block, continued after it."""
-    pid = int((STACK_DIR / node / "pgbouncer.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
 
 def bouncer_settings(node: str, **overrides: object) -> RWDBSettings:
-    """The app role on ``node``'s own PgBouncer (no HAProxy: this very node)."""
-    url = (
-        f"postgresql://{os.environ['POSTGRES_USER']}:{os.environ['POSTGRES_PASSWORD']}"
-        f"@127.0.0.1:{BOUNCER_PORTS[node]}/{os.environ['POSTGRES_DB']}"
-    )
+    url = bouncer_url(node)
     return RWDBSettings(write_url=url, read_url=url, **overrides)  # type: ignore[arg-type]
 
 
@@ -65,7 +43,7 @@ def test_the_checkout_ping_has_a_deadline_and_never_hands_out_what_timed_out() -
             assert conn.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is True
             pooled = conn.connection.dbapi_connection
         assert pooled is not None and not pooled.closed
-        with frozen_bouncer(node):
+        with frozen_bouncer(node, at_most=FREEZE + 5):
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailableError), engine.connect():
                 pass
