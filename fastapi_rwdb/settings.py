@@ -98,6 +98,9 @@ class RWDBSettings(BaseSettings):
     connect_retry_backoff: float = Field(
         0.1, ge=0, le=30, validation_alias="RWDB_CONNECT_RETRY_BACKOFF"
     )
+    # A read (each statement of a read-side transaction) answered within this many
+    # seconds, or abandoned: see README "Deadlines". 0 turns the deadline off.
+    read_timeout: float = Field(5.0, ge=0, le=3600, validation_alias="RWDB_READ_TIMEOUT")
     # Prepared statements break behind PgBouncer in transaction mode; only turn
     # them on when both ports reach PostgreSQL directly.
     prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")

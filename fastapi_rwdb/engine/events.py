@@ -17,11 +17,11 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 
-from ..errors import DatabaseUnavailableError, ReadOnlySessionError
+from ..errors import DatabaseUnavailableError, ReadOnlySessionError, ReplicaTimeoutError
 from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
-from . import commit
-from .checkout import install_ping
+from . import commit, deadline
+from .checkout import install_ping, ping_timed_out
 from .connect_errors import classify_connect_error
 from .sqlalchemy_internals import await_, set_readonly
 from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
@@ -82,6 +82,16 @@ def instrument(
     @event.listens_for(engine, "do_connect")
     def _connect_with_retry(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
         delay = backoff
+        if ping_timed_out(conn_rec):
+            # The checkout this connect serves found its pooled connection's path frozen:
+            # the read runs elsewhere now rather than wait out a connect timeout there.
+            error = ReplicaTimeoutError if side == "read" else DatabaseUnavailableError
+            raise error(
+                f"a pooled connection of the {side} side did not answer its checkout ping "
+                "in time; no new one is opened on the same path for this checkout"
+            )
+        if side == "read":
+            deadline.bound_connect(cparams, settings.read_timeout, is_async=is_async)
         for attempt in range(retries + 1):
             try:
                 connection = dialect.connect(*cargs, **cparams)
@@ -114,7 +124,7 @@ def instrument(
         raise AssertionError("unreachable")  # pragma: no cover
 
     if ping:
-        install_ping(engine, settings, is_async=is_async)
+        install_ping(engine, settings, is_async=is_async, side=side)
 
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
@@ -130,6 +140,7 @@ def instrument(
             end_unused_transaction(fairy.info, fairy.dbapi_connection)
 
     if side == "read":
+        deadline.watch(engine, is_async=is_async)
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:

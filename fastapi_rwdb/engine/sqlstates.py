@@ -19,6 +19,9 @@ READ_ONLY_SQLSTATE = "25006"
 #: The server (or the proxy in front of it) is shutting down, restarting, or out of
 #: connection slots for a moment: worth another try.
 SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
+#: The server cancelled a statement at its ``statement_timeout``: a busy server, not a
+#: frozen one (a read's deadline, engine/deadline.py).
+STATEMENT_TIMEOUT = "57014"
 #: A replica cancelled a query to go on replaying WAL (snapshot, lock or buffer-pin
 #: conflict with recovery).
 REPLAY_CONFLICT = frozenset({"40001", "40P01"})

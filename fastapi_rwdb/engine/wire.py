@@ -51,7 +51,7 @@ _SNAPSHOT_AT_FIRST = "rwdb_snapshot_at_first"
 
 
 def begin_reading_position(
-    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float
+    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float, then: bytes = b""
 ) -> int | None:
     """The server's WAL position, read in the message that opens the transaction
     the session's statements will run in.
@@ -69,13 +69,20 @@ def begin_reading_position(
     was read, so it holds everything up to it. Under REPEATABLE READ the snapshot
     would be the position query's own, possibly older than the position it
     reads: such a connection gets the position outside any transaction instead.
+    ``then``: a statement of the transaction sent in the same message (the read
+    deadline's ``SET LOCAL``), only where the transaction is opened here.
     """
     level = raw.isolation_level
     if info.get(_SNAPSHOT_AT_FIRST) or level not in (None, psycopg.IsolationLevel.READ_COMMITTED):
         return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
     last = _answer(
         _simple_query(
-            raw.pgconn, _begin_command(raw) + b"; " + _POSITION_AND_ISOLATION_SQL, timeout
+            raw.pgconn,
+            _begin_command(raw)
+            + (b"; " + then if then else b"")
+            + b"; "
+            + _POSITION_AND_ISOLATION_SQL,
+            timeout,
         )
     )
     position = parse_lsn(_text(last.get_value(0, 0)))
@@ -87,6 +94,13 @@ def begin_reading_position(
         return position
     info[_BEGUN] = True
     return position
+
+
+def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> None:
+    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then`` in
+    the same message (one round trip, as psycopg's own ``BEGIN`` costs); psycopg sees
+    the transaction open and sends none. :class:`NoAnswerError` after ``timeout``."""
+    _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
 
 
 def _simple_query(pgconn: Any, sql: bytes, timeout: float) -> list[Any]:

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ..engine.checkout import ConnectionLostError, connect_at_position, position_of
+from ..engine.deadline import begin_within, set_local
 from ..engine.sqlalchemy_internals import await_
 from ..errors import DatabaseUnavailableError
 from ..observe import metrics
@@ -35,7 +36,7 @@ from ..routing.rules import (
     next_replica_step,
 )
 from ..routing.tokens import Token
-from .session_info import ReadBinds, binds_of, give_state, own_state, wait_ms_of
+from .session_info import ReadBinds, binds_of, give_state, own_state, timeout_of, wait_ms_of
 
 #: Session.info keys of this module.
 _CHOICE = "rwdb_read_choice"  # (state version, bind) of the last routing
@@ -68,6 +69,16 @@ class RoutedReads(Session):
             conn.invalidate()
         super().invalidate()
         _release(self)
+
+
+def deadline_on_replica(session: Session, transaction: Any, connection: Connection) -> None:
+    """``after_begin``: a transaction on the read port gets the read deadline (see
+    :mod:`fastapi_rwdb.engine.deadline`); the primary's reads are not the read side's."""
+    binds = binds_of(session)
+    if binds is None or transaction.parent is not None:
+        return
+    if connection.engine.pool is binds.replica.pool:
+        begin_within(connection, timeout_of(session, binds))
 
 
 def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
@@ -180,6 +191,8 @@ def _replica_at(
     seen: list[Seen] = []
     held: list[Connection | None] = []  # by index of seen; None once lost
     wait = wait_ms_of(session, binds) / 1000
+    timeout = timeout_of(session, binds)
+    then = set_local(timeout).encode() if timeout > 0 else b""
     waited: float | None = None
     started = 0.0
     chosen: Connection | None = None
@@ -209,7 +222,7 @@ def _replica_at(
                 continue
             try:
                 conn, position, remembered = connect_at_position(
-                    binds.replica, begin=step.begin, needed=route.min_lsn
+                    binds.replica, begin=step.begin, needed=route.min_lsn, then=then
                 )
             except ConnectionLostError:
                 seen.append(Seen(lost=True))  # that connection is gone (and discarded)

@@ -58,7 +58,7 @@ from sqlalchemy.orm import Session
 
 from ..engine.sqlstates import REPLAY_CONFLICT, is_connection_failure, sqlstate_of
 from ..engine.wire import POSITION_SQL
-from ..errors import DatabaseUnavailableError, ReplicaConflictError
+from ..errors import DatabaseUnavailableError, ReplicaConflictError, ReplicaTimeoutError
 from ..observe import metrics
 from ..routing.lsn import parse_lsn
 from ..routing.request import RequestState, request_state
@@ -68,6 +68,7 @@ from .session_info import ReadBinds, binds_of, own_state
 
 REASON = "replay-conflict"
 UNREACHABLE = "replica-unreachable"
+TIMED_OUT = "replica-timeout"
 
 _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
 
@@ -86,12 +87,14 @@ class ReplayConflictRetry(Session):
         first = is_first_statement(self)  # no connection yet: nothing read
         try:
             return super()._execute_internal(statement, *args, **kw)
-        except DatabaseUnavailableError:
+        except DatabaseUnavailableError as exc:
             # The read port could not be opened (the connect retry gave up and told the
-            # breaker): a first statement has seen nothing, the primary has it all.
+            # breaker), or its replica did not answer within the read deadline (the
+            # connection is discarded): a first statement has seen nothing, the primary
+            # has it all.
             if not (first and is_autobegun(self) and routed_to_replica(self, binds)):
                 raise
-            reason = UNREACHABLE
+            reason = TIMED_OUT if isinstance(exc, ReplicaTimeoutError) else UNREACHABLE
         except DBAPIError as exc:
             reason = _replica_failure(self, binds, exc, first)
         self.rollback()  # expires loaded objects, as any rollback does

@@ -331,6 +331,10 @@ _PRIMARY_BECAUSE = {
         "the read side refused several connections in a row, and is tried again after "
         "RWDB_READ_RETRY_SECONDS"
     ),
+    "replica-timeout": (
+        "the replica gave no answer within the read deadline (RWDB_READ_TIMEOUT or the "
+        "route's timeout=): its connection was discarded and the read ran on the primary"
+    ),
     "replica-unreachable": (
         "no connection to the read side could be opened for this read; the breaker "
         "sends later reads to the primary if it keeps failing"

@@ -12,8 +12,18 @@ import time
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from fastapi_rwdb import DatabaseUnavailableError, RWDBSettings, make_engine
+from fastapi_rwdb import (
+    Database,
+    DatabaseUnavailableError,
+    ReplicaTimeoutError,
+    RWDBSettings,
+    make_engine,
+)
+from fastapi_rwdb.engine.sqlstates import sqlstate_of
 
 from ..helpers import replica_nodes
 from .faults import bouncer_url, frozen_bouncer
@@ -57,3 +67,113 @@ def test_the_checkout_ping_has_a_deadline_and_never_hands_out_what_timed_out() -
             assert conn.connection.dbapi_connection is not pooled
     finally:
         engine.dispose()
+
+
+# -- item 1: the read deadline -------------------------------------------------------
+
+DEADLINE = 1.0  # seconds: the routes' timeout= below
+
+
+def replica_database(node: str) -> Database:
+    """Reads on ``node``'s own PgBouncer (so the frozen path is certain), writes and
+    primary reads through HAProxy's write port."""
+    settings = RWDBSettings(read_url=bouncer_url(node), connect_retries=0, read_timeout=DEADLINE)  # type: ignore[arg-type]
+    return Database(settings)
+
+
+def on_primary(session: Session) -> bool:
+    return session.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is False
+
+
+def test_a_first_read_with_no_answer_runs_again_on_the_primary_within_the_deadline() -> None:
+    """psycopg. The replica's PgBouncer freezes with a pooled connection warm: the
+    read's first statement is abandoned at the deadline and runs on the primary, in
+    well under the deadline plus 1 s; a read that had already read something fails
+    with ReplicaTimeoutError (a 503) just as fast; the pool keeps no connection that
+    timed out."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    try:
+        with database.read_session(timeout=DEADLINE) as s, database.read_session() as t:
+            assert not on_primary(s) and not on_primary(t)  # warm: two pooled connections
+        with database.read_session(timeout=DEADLINE) as later:
+            assert not on_primary(later)  # a transaction that has read on the replica
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                with database.read_session(timeout=DEADLINE) as s:
+                    assert on_primary(s), "the abandoned first read did not go to the primary"
+                first = time.monotonic() - started
+                started = time.monotonic()
+                with pytest.raises(ReplicaTimeoutError):
+                    later.execute(text("SELECT 1")).scalar_one()
+                second = time.monotonic() - started
+        assert DEADLINE * 0.9 < first < DEADLINE + 1.0, f"first statement: {first:.2f} s"
+        assert DEADLINE * 0.9 < second < DEADLINE + 1.0, f"later statement: {second:.2f} s"
+        with database.read_session(timeout=DEADLINE) as s:  # the path is back
+            assert not on_primary(s)
+    finally:
+        database.dispose_sync()
+
+
+async def test_async_a_first_read_with_no_answer_runs_again_on_the_primary() -> None:
+    """The asyncpg twin: abandoned at the deadline (the connection terminated, no
+    cancel request), run on the primary; a later statement: ReplicaTimeoutError."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+
+    async def primary(session: AsyncSession) -> bool:
+        result = await session.execute(text("SELECT pg_is_in_recovery()"))
+        return result.scalar_one() is False
+
+    try:
+        async with database.async_read_session() as s, database.async_read_session() as t:
+            assert not await primary(s) and not await primary(t)  # warm: two connections
+        async with database.async_read_session(timeout=DEADLINE) as later:
+            assert not await primary(later)
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                async with database.async_read_session(timeout=DEADLINE) as s:
+                    assert await primary(s), "the abandoned first read did not go to the primary"
+                first = time.monotonic() - started
+                started = time.monotonic()
+                with pytest.raises(ReplicaTimeoutError):
+                    await later.execute(text("SELECT 1"))
+                second = time.monotonic() - started
+        assert DEADLINE * 0.9 < first < DEADLINE + 1.0, f"first statement: {first:.2f} s"
+        assert DEADLINE * 0.9 < second < DEADLINE + 1.0, f"later statement: {second:.2f} s"
+        async with database.async_read_session(timeout=DEADLINE) as s:
+            assert not await primary(s)
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_busy_replica_answers_57014_in_time_and_the_read_stays_there(driver: str) -> None:
+    """A read slower than its deadline on a healthy replica: the server's statement
+    timeout (a little under the deadline) ends it with 57014 before the client gives
+    up, so it is not taken for a frozen path and not moved to the primary; with a
+    deadline that allows it (a report's route), the same read is served by the replica."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    slow = text("SELECT pg_sleep(:s), pg_is_in_recovery()")
+    try:
+        started = time.monotonic()
+        with pytest.raises(DBAPIError) as caught:
+            if driver == "psycopg":
+                with database.read_session(timeout=DEADLINE) as s:
+                    s.execute(slow, {"s": 2 * DEADLINE}).one()
+            else:
+                async with database.async_read_session(timeout=DEADLINE) as a:
+                    (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        took = time.monotonic() - started
+        assert sqlstate_of(caught.value) == "57014"
+        assert took < DEADLINE, f"the server's timeout came after the deadline: {took:.2f} s"
+        if driver == "psycopg":
+            with database.read_session(timeout=4 * DEADLINE) as s:
+                row = s.execute(slow, {"s": 2 * DEADLINE}).one()
+        else:
+            async with database.async_read_session(timeout=4 * DEADLINE) as a:
+                row = (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        assert row[1] is True, "a slow read allowed by its deadline left the replica"
+    finally:
+        await database.dispose()
