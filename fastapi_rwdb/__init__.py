@@ -21,6 +21,7 @@ from .errors import (
     ReplicaTimeoutError,
     RWDBError,
     SettingsError,
+    WriteOutcomeUnknownError,
 )
 from .jobs import (
     current_token,
@@ -78,6 +79,7 @@ __all__ = [
     "ReplicaConflictError",
     "ReplicaTimeoutError",
     "SettingsError",
+    "WriteOutcomeUnknownError",
     "WriteSession",
     "async_read_db",
     "configure",

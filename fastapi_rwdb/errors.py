@@ -57,3 +57,13 @@ class ReplicaTimeoutError(DatabaseUnavailableError):
     it elsewhere could mix two points in time: the request fails, answered with a 503
     and ``Retry-After``.
     """
+
+
+class WriteOutcomeUnknownError(DatabaseUnavailableError):
+    """A write-side statement or COMMIT got no answer within ``RWDB_WRITE_TIMEOUT``:
+    the write may or may not have happened.
+
+    The connection was discarded and nothing is run again (the server may have
+    committed it). Answered with a 503 and ``Retry-After`` whose text says so; a
+    client that retries should send an idempotency key (README, "Deadlines").
+    """

@@ -101,6 +101,9 @@ class RWDBSettings(BaseSettings):
     # A read (each statement of a read-side transaction) answered within this many
     # seconds, or abandoned: see README "Deadlines". 0 turns the deadline off.
     read_timeout: float = Field(5.0, ge=0, le=3600, validation_alias="RWDB_READ_TIMEOUT")
+    # A write-side statement or COMMIT answered within this many seconds, or abandoned
+    # as a write of unknown outcome (never run again). 0 turns it off.
+    write_timeout: float = Field(10.0, ge=0, le=3600, validation_alias="RWDB_WRITE_TIMEOUT")
     # Prepared statements break behind PgBouncer in transaction mode; only turn
     # them on when both ports reach PostgreSQL directly.
     prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")

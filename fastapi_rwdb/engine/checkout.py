@@ -173,9 +173,10 @@ def install_ping(
     # (orm.reconnect), every checkout pings.
     skip_window = settings.ping_skip_ms / 1000 if EXECUTE_INTERNAL else 0.0
     timeout = settings.connect_timeout
-    if side == "read" and settings.read_timeout > 0:
-        # A read's checkout is part of the read: the read deadline bounds it too.
-        timeout = min(timeout, settings.read_timeout)
+    limit = settings.read_timeout if side == "read" else settings.write_timeout
+    if limit > 0:
+        # A checkout is part of the read or write it serves: that deadline bounds it too.
+        timeout = min(timeout, limit)
 
     @event.listens_for(engine, "connect")
     def _fresh(dbapi_connection: Any, record: Any) -> None:

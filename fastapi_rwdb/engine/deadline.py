@@ -42,7 +42,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 
-from ..errors import ReplicaTimeoutError
+from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from .wire import NoAnswerError, begin_with
 
 # Connection info keys, private to this module (cleared when the connection goes back).
@@ -108,11 +108,11 @@ def begin_within(connection: Connection, deadline: float) -> None:
             ) from exc
 
 
-def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool) -> None:
-    """A read-side connect is part of a read: the read deadline bounds each attempt
-    (psycopg counts whole seconds, and waits at least 2). On asyncpg the connection's
-    ``BEGIN`` can also carry the transaction's statement timeout."""
-    if is_async:
+def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str) -> None:
+    """A connect is part of the read or write it serves: that side's deadline bounds each
+    attempt (psycopg counts whole seconds, and waits at least 2). On asyncpg a read
+    connection's ``BEGIN`` can also carry the transaction's statement timeout."""
+    if is_async and side == "read":
         cparams.setdefault("connection_class", DeadlineConnection)
     if deadline <= 0:
         return
@@ -123,13 +123,16 @@ def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool) -
         cparams["connect_timeout"] = min(int(cparams.get("connect_timeout", limit)), limit)
 
 
-def watch(engine: Engine, *, is_async: bool) -> None:
-    """Watch the statements of ``engine``'s transactions given a deadline."""
+def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> None:
+    """Watch the statements of ``engine``'s transactions given a deadline; ``every``: the
+    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``)."""
+    timed_out = _timed_out if side == "read" else _write_timed_out
 
     @event.listens_for(engine, "before_cursor_execute")
     def _arm(conn: Connection, cursor: Any, statement: Any, *args: Any) -> None:
-        deadline = conn.info.get(_DEADLINE)
-        if deadline is None:
+        _disarm(conn)
+        deadline = conn.info.get(_DEADLINE) or every
+        if not deadline:
             return
         raw: Any = conn.connection.driver_connection
         if is_async:
@@ -154,17 +157,38 @@ def watch(engine: Engine, *, is_async: bool) -> None:
             return None
         ctx.is_disconnect = True  # discard this connection...
         ctx.invalidate_pool_on_disconnect = False  # ... and only this one
-        error = _timed_out(conn.info.get(_DEADLINE, 0.0))
+        error = timed_out(conn.info.get(_DEADLINE) or every)
         error.__cause__ = ctx.original_exception
         return error
+
+    if every:
+        # The COMMIT too (SQLAlchemy's commit event comes before the driver's): one
+        # abandoned there is the write whose outcome nobody knows. Disarmed when the
+        # connection next begins, executes or goes back.
+        @event.listens_for(engine, "commit")
+        def _arm_commit(conn: Connection) -> None:
+            _arm(conn, None, None)
+
+        @event.listens_for(engine, "begin")
+        def _begun(conn: Connection) -> None:
+            _disarm(conn)
 
     @event.listens_for(engine, "checkin")
     def _forget(dbapi_connection: Any, record: Any) -> None:
         record.info.pop(_DEADLINE, None)
-        record.info.pop(_ARMED, None)
+        armed = record.info.pop(_ARMED, None)
+        if armed is not None:
+            armed.disarm()
 
 
-def _timed_out(deadline: float) -> ReplicaTimeoutError:
+def _write_timed_out(deadline: float) -> DatabaseUnavailableError:
+    return WriteOutcomeUnknownError(
+        f"the primary did not answer within RWDB_WRITE_TIMEOUT ({deadline:g} s): the "
+        "write may or may not have happened; it was not run again"
+    )
+
+
+def _timed_out(deadline: float) -> DatabaseUnavailableError:
     return ReplicaTimeoutError(
         f"a replica did not answer a read within its deadline ({deadline:g} s; "
         "RWDB_READ_TIMEOUT or the route's timeout=): its path looks frozen"

@@ -90,8 +90,8 @@ def instrument(
                 f"a pooled connection of the {side} side did not answer its checkout ping "
                 "in time; no new one is opened on the same path for this checkout"
             )
-        if side == "read":
-            deadline.bound_connect(cparams, settings.read_timeout, is_async=is_async)
+        limit = settings.read_timeout if side == "read" else settings.write_timeout
+        deadline.bound_connect(cparams, limit, is_async=is_async, side=side)
         for attempt in range(retries + 1):
             try:
                 connection = dialect.connect(*cargs, **cparams)
@@ -125,6 +125,8 @@ def instrument(
 
     if ping:
         install_ping(engine, settings, is_async=is_async, side=side)
+    if side == "write" and settings.write_timeout > 0:
+        deadline.watch(engine, is_async=is_async, side=side, every=settings.write_timeout)
 
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
@@ -140,7 +142,7 @@ def instrument(
             end_unused_transaction(fairy.info, fairy.dbapi_connection)
 
     if side == "read":
-        deadline.watch(engine, is_async=is_async)
+        deadline.watch(engine, is_async=is_async, side=side)
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:

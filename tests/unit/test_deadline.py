@@ -27,13 +27,13 @@ def test_the_server_gives_up_a_little_before_the_client(deadline: float, ms: int
 
 def test_a_read_connect_is_bounded_by_the_deadline() -> None:
     sync = {"connect_timeout": 5}
-    bound_connect(sync, 1.0, is_async=False)
+    bound_connect(sync, 1.0, is_async=False, side="read")
     assert sync == {"connect_timeout": 2}  # psycopg: whole seconds, at least 2
     aio: dict[str, object] = {"timeout": 5.0}
-    bound_connect(aio, 1.5, is_async=True)
+    bound_connect(aio, 1.5, is_async=True, side="read")
     assert aio == {"timeout": 1.5, "connection_class": DeadlineConnection}
     off = {"connect_timeout": 5}
-    bound_connect(off, 0, is_async=False)
+    bound_connect(off, 0, is_async=False, side="read")
     assert off == {"connect_timeout": 5}
 
 
