@@ -155,7 +155,11 @@ launch() {
     local pidfile=$1 logfile=$2; shift 2
     touch "$logfile" && own "$logfile"
     printf '\n==== %s start: %s\n' "$(date '+%F %T')" "$*" >>"$logfile"
-    setsid "$BASH" -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
+    # The daemon keeps no descriptor but its output: one inherited from the caller
+    # (say the lock of `flock /var/tmp/rwdb-tests.lock stack.sh up`) would be held as
+    # long as the daemon runs, and every later flock on it would wait forever.
+    setsid "$BASH" -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}; ((fd > 2)) && eval "exec $fd>&-"; done 2>/dev/null
+        ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
         "${USER_CMD_PREFIX[@]}" "$@" </dev/null >>"$logfile" 2>&1 9>&- &
     local pid=$! waited=0
     echo "$pid" >"$pidfile"
