@@ -295,7 +295,7 @@ async def arq_worker(tmp_path: Path, order_tables: None) -> AsyncIterator[Any]:
         yield pool
     finally:
         recipe_arq.redis = None
-        await pool.aclose()
+        await (getattr(pool, "aclose", None) or pool.close)()  # redis-py 5 / 4 (lowest)
         stop(process)
         print(log_tail(log))
 
