@@ -94,7 +94,7 @@ class RWDBSettings(BaseSettings):
     """Write pool size (each of sync and async)."""
     max_overflow: int = Field(10, ge=0, validation_alias="RWDB_MAX_OVERFLOW")
     """Connections a pool may open above its size under load; kept open after use, not closed on
-    return (sizing the pools).
+    return ([sizing the pools](configuration.md#sizing-the-pools)).
     """
     pool_timeout: float = Field(30.0, gt=0, validation_alias="RWDB_POOL_TIMEOUT")
     """Seconds to wait for a pooled connection."""
@@ -181,7 +181,9 @@ class RWDBSettings(BaseSettings):
     # Signs tokens; shared by every worker that serves the app. When unset, a key
     # is derived from the database credentials (see database._token_keys).
     secret_key: SecretStr | None = Field(None, validation_alias="RWDB_SECRET_KEY")
-    """Signs tokens; at least 16 characters, the same on every process (the signing key)."""
+    """Signs tokens; at least 16 characters, the same on every process ([the signing
+    key](guarantees.md#the-signing-key)).
+    """
     # Former keys, still accepted when verifying tokens (comma-separated, or a JSON
     # list of strings): set the old RWDB_SECRET_KEY here when changing it.
     secret_key_fallbacks: SecretStr | None = Field(
@@ -222,7 +224,7 @@ class RWDBSettings(BaseSettings):
 
     # --- built-in routes ---------------------------------------------------------------
     debug_routes: bool = Field(False, validation_alias="RWDB_DEBUG_ROUTES")
-    """Mounts the debug routes (README, "Checking a deployment")."""
+    """Mounts the debug routes ([checking a deployment](deployment.md))."""
     debug_prefix: str = Field(
         "/debug", pattern=r"^/[A-Za-z0-9_/.-]*[A-Za-z0-9_.-]$", validation_alias="RWDB_DEBUG_PREFIX"
     )

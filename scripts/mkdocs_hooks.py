@@ -1,76 +1,34 @@
-"""mkdocs hooks (mkdocs.yml): pages written at build time from their one source.
+"""mkdocs hooks (mkdocs.yml): what the site shows that is not written by hand.
 
-* ``configuration.md`` (committed, so that it also reads on GitHub): every
-  ``RWDBSettings`` field (variable, type, default, description) from the class itself;
-  the build fails when the committed page differs (``python scripts/mkdocs_hooks.py``
-  rewrites it), and so does tests/unit/test_docs.py;
-* ``quick-start.md``, ``guarantees.md``, ``testing.md``: sections of README.md, which
-  stays the front page (on the index as in the repository) without a second copy to keep.
+* The table of docs/configuration.md is made at build time from ``RWDBSettings``
+  itself: one row per field (variable, attribute, type, default, and the field's
+  docstring as its meaning). Nothing is committed for it, so a setting added to the
+  class appears with no other edit, and none can be left out or outlive its field.
+  A field without a docstring stops the build (and tests/unit/test_docs.py fails).
+* A docs/ page's link to another file of the repository (``../benchmarks/...``)
+  becomes that path in code: the site does not hold those files, and the project has
+  no public repository address to link to instead.
 
-README's links into docs/ become site links; a link to another file of the repository
-becomes its path in code, as the site does not hold it.
+``python scripts/mkdocs_hooks.py`` prints the table, to read it without building.
 """
 
 from __future__ import annotations
 
 import re
 import types
-from pathlib import Path
 from typing import Any, get_args
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import Files
+from mkdocs.structure.pages import Page
+from pydantic_settings import BaseSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# page -> (title, README sections, from the first heading named up to the next "## ")
-README_PAGES = {
-    "quick-start.md": ("Quick start", ["Try it (fresh machine, two commands)", "Use it"]),
-    "guarantees.md": ("Guarantees", ["Read-your-writes"]),
-    "testing.md": ("Testing kit", ["Testing your app (the pytest plugin)"]),
-}
-
-
-def readme_section(readme: str, heading: str) -> str:
-    """The ``## heading`` section of README.md, down to the next ``## `` heading."""
-    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
-    if match is None:
-        raise LookupError(f"README.md has no section '## {heading}' (scripts/mkdocs_hooks.py)")
-    return match.group(1)
-
-
-def slug(heading: str) -> str:
-    """The anchor mkdocs' toc gives a heading (near enough for the README's headings)."""
-    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading.lower()).strip())
-
-
-def site_links(markdown: str, prefix: str) -> str:
-    """Relative links made to work from the site: ``prefix`` + ``x.md`` (docs/ seen
-    from README.md, ../ nothing from docs/) becomes a site link; an anchor this page
-    lacks, or a file the site does not hold, becomes text naming it."""
-    anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
-
-    def fix(match: re.Match[str]) -> str:
-        text, target = match.group(1), match.group(2)
-        if target.startswith(("http://", "https://", "mailto:")):
-            return match.group(0)
-        if target.startswith("#"):
-            return match.group(0) if target[1:] in anchors else text
-        if prefix == "docs/" and target.startswith("docs/"):
-            return f"[{text}]({target.removeprefix('docs/')})"
-        if prefix == "docs/" or target.startswith("../"):
-            return f"{text} (`{target.removeprefix('../')}` in the repository)"
-        return match.group(0)
-
-    return re.sub(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)", fix, markdown).replace("](docs/", "](")
-
-
-def readme_page(title: str, headings: list[str]) -> str:
-    readme = (ROOT / "README.md").read_text()
-    body = "".join(f"## {h}\n{readme_section(readme, h)}" for h in headings)
-    note = "<!-- generated from README.md by scripts/mkdocs_hooks.py: edit README.md -->\n"
-    return f"{note}# {title}\n\n{site_links(body, 'docs/')}"
+# Where docs/configuration.md wants the table; the page keeps its prose around it.
+TABLE_MARKER = (
+    "<!-- rwdb-settings-table: replaced by the table at build time (scripts/mkdocs_hooks.py) -->"
+)
+CONFIGURATION_PAGE = "configuration.md"
 
 
 def type_name(annotation: Any) -> str:
@@ -93,58 +51,62 @@ def default_text(value: Any) -> str:
     return f"`{value}`"
 
 
-def configuration_reference() -> str:
-    """docs/configuration.md: one row per RWDBSettings field, from the class."""
-    from fastapi_rwdb import RWDBSettings
+def settings_table(settings_class: type[BaseSettings] | None = None) -> str:
+    """The configuration reference's table: one row per field of ``settings_class``
+    (``RWDBSettings`` unless a test passes another), in the class's order."""
+    if settings_class is None:
+        from fastapi_rwdb import RWDBSettings
 
+        settings_class = RWDBSettings
     rows = []
-    for name, field in RWDBSettings.model_fields.items():
-        if not field.description:
+    for name, field in settings_class.model_fields.items():
+        if not field.description or not field.description.strip():
             raise ValueError(
-                f"RWDBSettings.{name} has no docstring: write one below the field "
-                "(it is the field's line in the configuration reference)"
+                f"{settings_class.__name__}.{name} has no docstring: write one as a string "
+                "literal on the line below the field (it is the field's meaning in the "
+                "configuration reference, docs/configuration.md)"
             )
+        variable = field.validation_alias if isinstance(field.validation_alias, str) else name
         description = " ".join(field.description.split()).replace("|", "\\|")
+        default = field.get_default(call_default_factory=True)
         rows.append(
-            f"| `{field.validation_alias}` | `{name}` | {type_name(field.annotation)} "
-            f"| {default_text(field.default)} | {description} |"
+            f"| `{variable}` | `{name}` | {type_name(field.annotation)} "
+            f"| {default_text(default)} | {description} |"
         )
-    head = (
-        "<!-- generated from RWDBSettings by `python scripts/mkdocs_hooks.py`: do not edit -->\n"
-        "# Configuration reference\n\n"
-        "`RWDBSettings` reads these variables from the environment and from `.env` in the\n"
-        "working directory; in code, pass the attribute instead\n"
-        "(`RWDBSettings(pool_size=10)`). A bad value stops start-up with `SettingsError`\n"
-        "naming the variable; no password or URL is ever echoed. This page is generated\n"
-        "from the class (each field's docstring), and checked against it at each build.\n\n"
-        "| variable | attribute | type | default | meaning |\n| --- | --- | --- | --- | --- |\n"
-    )
+    head = "| variable | attribute | type | default | meaning |\n| --- | --- | --- | --- | --- |\n"
     return head + "\n".join(rows) + "\n"
 
 
-CONFIGURATION = ROOT / "docs" / "configuration.md"
-
-
-def on_pre_build(config: MkDocsConfig) -> None:
-    if CONFIGURATION.read_text() != configuration_reference():
-        raise PluginError(
-            "docs/configuration.md differs from what RWDBSettings says: "
-            "run `.venv/bin/python scripts/mkdocs_hooks.py` and commit the page"
+def configuration_page(markdown: str) -> str:
+    """docs/configuration.md with its table in place of the marker."""
+    if TABLE_MARKER not in markdown:
+        raise ValueError(
+            f"docs/{CONFIGURATION_PAGE} lost the marker the settings table goes in: "
+            f"put back the line {TABLE_MARKER}"
         )
+    return markdown.replace(TABLE_MARKER, settings_table())
 
 
-def on_files(files: Files, config: MkDocsConfig) -> Files:
-    pages = {path: readme_page(*spec) for path, spec in README_PAGES.items()}
-    for path, content in pages.items():
-        files.append(File.generated(config, path, content=content))
-    return files
+def repository_links(markdown: str) -> str:
+    """``[text](../path)`` (a file of the repository outside docs/) becomes
+    ``text (`path` in the repository)``; other links are left as they are."""
+
+    def fix(match: re.Match[str]) -> str:
+        text, target = match.group(1), match.group(2)
+        path = target.removeprefix("../")
+        return text if text.strip("`") == path else f"{text} (`{path}` in the repository)"
+
+    return re.sub(r"(?<!!)\[([^\]]*)\]\((\.\./[^)\s]+)\)", fix, markdown)
 
 
-def on_page_markdown(markdown: str, page: Any, config: MkDocsConfig, files: Files) -> str:
-    """docs/ pages link to the repository's files with ``../``: name them instead."""
-    return site_links(markdown, "../")
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri == CONFIGURATION_PAGE:
+        try:
+            markdown = configuration_page(markdown)
+        except ValueError as exc:
+            raise PluginError(str(exc)) from None
+    return repository_links(markdown)
 
 
 if __name__ == "__main__":
-    CONFIGURATION.write_text(configuration_reference())
-    print(f"wrote {CONFIGURATION.relative_to(ROOT)}")
+    print(settings_table(), end="")
