@@ -1,0 +1,25 @@
+"""Fixtures as an application's suite has them: rows written through a session of
+their own, clients of several scopes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+
+from fastapi_rwdb import get_write_db_context
+
+from .schema import TABLE
+
+
+@pytest.fixture
+def fixture_user() -> Iterator[int]:
+    """A user the test did not create through the API: no client has its token."""
+    with get_write_db_context() as db:
+        row = db.execute(
+            text(f"INSERT INTO {TABLE} (name) VALUES (:n) RETURNING id"),
+            {"n": f"fixture-{uuid.uuid4()}"},
+        ).one()
+    yield int(row[0])
