@@ -18,8 +18,9 @@ or options:
     Runs the test inside :func:`stale_replica` of the process-wide
     :class:`~fastapi_rwdb.Database` (the one ``setup()`` installed at import).
 ``--rwdb-stale`` (or ``rwdb_stale = true`` in the ini file)
-    Every test runs inside a stale replica, and the run ends with the routes whose
-    reads saw older data than the primary had (:mod:`.plugin`).
+    The whole run reads from one stale replica, as if the replicas never caught up,
+    and ends with the routes whose reads saw older data than the primary had
+    (:mod:`.plugin`).
 
 How the stale replica works, and why it holds through lifespans and
 ``configure()``: :mod:`.stale`.
@@ -30,6 +31,7 @@ from .plugin import (
     pytest_addoption,
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_runtest_setup,
     pytest_terminal_summary,
     rwdb,
     rwdb_routes,
@@ -58,6 +60,7 @@ _PLUGIN = (
     pytest_addoption,
     pytest_collection_modifyitems,
     pytest_configure,
+    pytest_runtest_setup,
     pytest_terminal_summary,
     rwdb,
     rwdb_routes,

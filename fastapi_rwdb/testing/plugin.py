@@ -1,7 +1,7 @@
 """The pytest plugin's hooks and fixtures (registered through the ``pytest11`` entry point).
 
-``--rwdb-stale`` (or ``rwdb_stale = true`` in the ini file) runs every test inside a
-stale replica, entered before the test's other function-scoped fixtures, and ends
+``--rwdb-stale`` (or ``rwdb_stale = true`` in the ini file) runs the whole run inside
+one stale replica, entered before the first fixture of the first test, and ends
 the run with a report of every route whose read saw older data than the primary
 had at that moment.
 """
@@ -58,12 +58,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             names.append("rwdb_stale_replica")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def _rwdb_stale_everywhere(request: pytest.FixtureRequest) -> Iterator[StaleReplica]:
-    log = request.config.stash[_LOG]
-    log.test = request.node.nodeid
-    with stale_replica(log=log) as stale:
+    """One stale replica for the whole run, entered before any other fixture: a write made
+    in one test is as missing from the reads of every later test as it is from replicas
+    that lag longer than the run (a block per test would let the "replica" catch up
+    between tests, and a token from an earlier test read the snapshot, not the primary)."""
+    with stale_replica(log=request.config.stash[_LOG]) as stale:
         yield stale
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    log = item.config.stash.get(_LOG, None)
+    if log is not None:
+        log.test = item.nodeid  # the stale reads from here on are this test's
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -23,3 +24,13 @@ def fixture_user() -> Iterator[int]:
             {"n": f"fixture-{uuid.uuid4()}"},
         ).one()
     yield int(row[0])
+
+
+@pytest.fixture(scope="session")
+def session_client() -> Any:
+    """One client for the whole run, never entered with ``with``: no lifespan at all."""
+    from fastapi.testclient import TestClient  # noqa: PLC0415 - not while pytest collects
+
+    from .app import app  # noqa: PLC0415 - setup() must run after collection, as in an app
+
+    return TestClient(app)
