@@ -23,6 +23,13 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .errors import RWDBError
+
+
+class StaleReplicaError(RWDBError):
+    """The test kit's stale replica cannot keep its promise; raised rather than letting
+    reads go, silently, to a read side that is not the stale one."""
+
 
 @dataclass(frozen=True, slots=True)
 class StandIn:
@@ -30,6 +37,9 @@ class StandIn:
 
     sync: Engine
     aio: AsyncEngine
+    #: Every cluster's reads must be stood in for while this one is in force (the whole
+    #: run under ``--rwdb-stale``): a Database of another cluster refuses to read.
+    everywhere: bool = False
 
 
 _stand_ins: dict[str, list[StandIn]] = {}  # by endpoint; the last one set is in force
@@ -39,11 +49,28 @@ generation = 0
 
 
 def for_endpoint(endpoint: str) -> StandIn | None:
-    """The stand-in for the cluster whose write endpoint is ``endpoint``, if any."""
+    """The stand-in for the cluster whose write endpoint is ``endpoint``, if any.
+
+    Raises :class:`StaleReplicaError` when a stand-in for every cluster is in force
+    (``everywhere``) and none is for this one: its reads would see real, current data
+    in a run that promised a stale read side everywhere.
+    """
     if not _stand_ins:
         return None
     found = _stand_ins.get(endpoint)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    others = [stack[-1] for stack in _stand_ins.values() if stack[-1].everywhere]
+    if others:
+        frozen = ", ".join(sorted(e for e, stack in _stand_ins.items() if stack[-1].everywhere))
+        raise StaleReplicaError(
+            f"a Database of the cluster at {endpoint} was used while the stale replica "
+            f"stands in for {frozen} only, for the whole run (--rwdb-stale): its reads "
+            "would not be stale. The run freezes the read side of the process-wide "
+            "Database as the first test starts; configure the app's Database before "
+            "then (at import, or in a conftest), or run this test without --rwdb-stale."
+        )
+    return None
 
 
 @contextmanager

@@ -26,6 +26,7 @@ How the stale replica works, and why it holds through lifespans and
 ``configure()``: :mod:`.stale`.
 """
 
+from ..stand_ins import StaleReplicaError
 from .plugin import (
     _rwdb_stale_everywhere,
     pytest_addoption,
@@ -49,6 +50,7 @@ __all__ = [
     "StaleRead",
     "StaleReadLog",
     "StaleReplica",
+    "StaleReplicaError",
     "give_token",
     "stale_replica",
 ]

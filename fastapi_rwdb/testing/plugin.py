@@ -64,7 +64,7 @@ def _rwdb_stale_everywhere(request: pytest.FixtureRequest) -> Iterator[StaleRepl
     in one test is as missing from the reads of every later test as it is from replicas
     that lag longer than the run (a block per test would let the "replica" catch up
     between tests, and a token from an earlier test read the snapshot, not the primary)."""
-    with stale_replica(log=request.config.stash[_LOG]) as stale:
+    with stale_replica(log=request.config.stash[_LOG], everywhere=True) as stale:
         yield stale
 
 

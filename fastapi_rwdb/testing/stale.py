@@ -43,6 +43,7 @@ from ..engine.factory import make_async_engine, make_engine
 from ..routing.lsn import parse_lsn
 from ..routing.request import request_state
 from ..settings import Driver
+from ..stand_ins import StaleReplicaError
 
 _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]{1,64}")
 _READS = re.compile(r"\s*(SELECT|WITH|VALUES|TABLE)\b", re.IGNORECASE)
@@ -94,7 +95,10 @@ class StaleReadLog:
 
 @contextmanager
 def stale_replica(
-    database: Database | None = None, *, log: StaleReadLog | None = None
+    database: Database | None = None,
+    *,
+    log: StaleReadLog | None = None,
+    everywhere: bool = False,
 ) -> Iterator[StaleReplica]:
     """Read sessions made inside the block see the database as it was when it began.
 
@@ -104,6 +108,9 @@ def stale_replica(
     catches up. ``database``: the app's, if it is not the process-wide one; every
     Database of the same cluster (same write URL) reads from the snapshot too.
     ``log``: compare each snapshot read with the primary's answer (see above).
+    ``everywhere``: while the block is in force, a Database of any other cluster raises
+    :class:`~fastapi_rwdb.stand_ins.StaleReplicaError` instead of reading real data
+    (``--rwdb-stale`` promises a stale read side to the whole run).
     """
     db = database or get_database()
     settings = db.settings
@@ -161,7 +168,7 @@ def stale_replica(
                 )
                 now.append(sync_primary)
                 _compare_with(sync_side, sync_primary, log)
-        stand_in = stand_ins.StandIn(engine, async_engine)
+        stand_in = stand_ins.StandIn(engine, async_engine, everywhere)
         try:
             with stand_ins.standing_in(settings.endpoint("write"), stand_in):
                 yield stale
@@ -184,6 +191,13 @@ def _read_snapshot(engine: Engine, stale: StaleReplica) -> None:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(f"SET TRANSACTION SNAPSHOT '{stale.snapshot}'")
+        except Exception as exc:
+            raise StaleReplicaError(
+                "the stale replica's snapshot could not be imported: the connection that "
+                "holds it open on the primary is gone (server restarted, or closed by an "
+                "idle timeout), or the read reached another server. Reads cannot be "
+                f"stale any more, so they fail. The server said: {exc}"
+            ) from exc
         finally:
             cursor.close()
 

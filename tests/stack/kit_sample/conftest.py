@@ -29,8 +29,8 @@ def fixture_user() -> Iterator[int]:
 @pytest.fixture(scope="session")
 def session_client() -> Any:
     """One client for the whole run, never entered with ``with``: no lifespan at all."""
-    from fastapi.testclient import TestClient  # noqa: PLC0415 - not while pytest collects
+    from fastapi.testclient import TestClient
 
-    from .app import app  # noqa: PLC0415 - setup() must run after collection, as in an app
+    from .app import app  # setup() must run after collection, as in an app
 
     return TestClient(app)
