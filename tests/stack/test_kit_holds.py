@@ -84,10 +84,12 @@ def test_a_whole_run_block_refuses_a_cluster_it_does_not_stand_in_for(
             conn.execute("CREATE DATABASE kit_other")
     database = Database(plain_settings(plain_postgres))
     other = Database(plain_settings(plain_postgres.rsplit("/", 1)[0] + "/kit_other"))
-    with stale_replica(database, everywhere=True):
-        with pytest.raises(StaleReplicaError, match="kit_other.*--rwdb-stale"):
-            with other.read_session() as db:
-                db.execute(text("SELECT 1"))
+    with (
+        stale_replica(database, everywhere=True),
+        pytest.raises(StaleReplicaError, match=r"kit_other.*--rwdb-stale"),
+        other.read_session() as db,
+    ):
+        db.execute(text("SELECT 1"))
     with other.read_session() as db:  # the block is over: nothing to refuse
         assert db.execute(text("SELECT 1")).scalar_one() == 1
     database.dispose_sync()
@@ -105,7 +107,9 @@ def test_a_lost_snapshot_fails_the_read_instead_of_reading_current_data(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name LIKE '%stale-replica'"
             )
-        with pytest.raises(StaleReplicaError, match="snapshot could not be imported"):
-            with database.read_session() as db:
-                db.execute(text("SELECT 1"))
+        with (
+            pytest.raises(StaleReplicaError, match="snapshot could not be imported"),
+            database.read_session() as db,
+        ):
+            db.execute(text("SELECT 1"))
     database.dispose_sync()
