@@ -25,8 +25,10 @@ def test_login_then_me(client: TestClient) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_health(client: TestClient) -> None:
+def test_health(client: TestClient, session_lifespan_client: TestClient) -> None:
     assert client.get("/health").json() == {"ok": True}
+    # The session's client starts its lifespan here; this module's ends under it.
+    assert session_lifespan_client.get("/health").json() == {"ok": True}
 
 
 @pytest.fixture

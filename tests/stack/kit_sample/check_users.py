@@ -42,6 +42,13 @@ def test_fixture_user_through_a_session_client_without_lifespan(
     assert response.status_code == 200, response.text
 
 
+def test_fixture_user_through_a_session_client_with_lifespan(
+    session_lifespan_client: TestClient, fixture_user: int
+) -> None:
+    response = session_lifespan_client.get(f"/users/{fixture_user}")
+    assert response.status_code == 200, response.text
+
+
 def test_an_earlier_tests_token_still_reads_the_primary(
     client: TestClient, fixture_user: int
 ) -> None:

@@ -34,3 +34,15 @@ def session_client() -> Any:
     from .app import app  # setup() must run after collection, as in an app
 
     return TestClient(app)
+
+
+@pytest.fixture(scope="session")
+def session_lifespan_client() -> Iterator[Any]:
+    """One client for the whole run, with the app's lifespan: it overlaps the module
+    clients', whose ends dispose of the app's engines under it."""
+    from fastapi.testclient import TestClient
+
+    from .app import app
+
+    with TestClient(app) as c:
+        yield c
