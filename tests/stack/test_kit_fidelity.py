@@ -137,6 +137,6 @@ def test_on_example_apps_suite_the_report_names_no_route(tmp_path: Path) -> None
     suite = "tests/stack/test_example_app.py"
     failed, printed = run_suite(tmp_path, dict(os.environ), suite, 12, "--rwdb-stale")
     assert set(failed) == {"test_example_app.py::test_health_is_served_by_a_replica"}, printed
-    assert "'served_by': 'primary'" in next(iter(failed.values()))
+    assert "primary" in next(iter(failed.values()))
     report = printed.split("reads older than the primary (--rwdb-stale)", 1)[1]
     assert "No read saw older data than the primary had." in report, report
