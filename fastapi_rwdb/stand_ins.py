@@ -60,9 +60,8 @@ def for_endpoint(endpoint: str) -> StandIn | None:
     found = _stand_ins.get(endpoint)
     if found:
         return found[-1]
-    others = [stack[-1] for stack in _stand_ins.values() if stack[-1].everywhere]
-    if others:
-        frozen = ", ".join(sorted(e for e, stack in _stand_ins.items() if stack[-1].everywhere))
+    frozen = ", ".join(sorted(e for e, stack in _stand_ins.items() if stack[-1].everywhere))
+    if frozen:
         raise StaleReplicaError(
             f"a Database of the cluster at {endpoint} was used while the stale replica "
             f"stands in for {frozen} only, for the whole run (--rwdb-stale): its reads "
