@@ -65,5 +65,5 @@ class WriteOutcomeUnknownError(DatabaseUnavailableError):
 
     The connection was discarded and nothing is run again (the server may have
     committed it). Answered with a 503 and ``Retry-After`` whose text says so; a
-    client that retries should send an idempotency key (README, "Deadlines").
+    client that retries should send an idempotency key (docs/reliability.md, "Deadlines").
     """
