@@ -126,9 +126,10 @@ def _replica_failure(session: Session, binds: ReadBinds, exc: DBAPIError, first:
             ) from exc
         return REASON
     unreachable = is_connection_failure(code) or exc.connection_invalidated
-    if not (
-        unreachable and first and is_autobegun(session) and _on_replica(session, binds.replica)
-    ):
+    # A BEGIN that failed (the read deadline's one-message BEGIN runs in after_begin)
+    # left no connection in the transaction: the routing's choice says where it was.
+    on_replica = _on_replica(session, binds.replica) or routed_to_replica(session, binds)
+    if not (unreachable and first and is_autobegun(session) and on_replica):
         raise exc
     if will_retry(session, exc):
         raise exc  # LostConnectionRetry runs it again on a new replica connection first
