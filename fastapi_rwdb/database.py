@@ -34,7 +34,7 @@ from .engine.pool import pools_report
 from .observe import metrics
 from .orm.classes import session_classes
 from .orm.makers import Makers, async_makers, sync_makers
-from .orm.session_info import ReadBinds, read_after, read_fresh, write_maker_info
+from .orm.session_info import ReadBinds, give_timeout, read_after, read_fresh, write_maker_info
 from .routing.replicas import ReadSideHealth
 from .routing.tokens import Token, TokenSigner, signing_keys
 from .settings import RWDBSettings
@@ -221,9 +221,8 @@ class Database:
 
     def _binds(self, replica: Engine, primary: Engine, is_async: bool) -> ReadBinds:
         s = self.settings
-        return ReadBinds(
-            replica, primary, s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency
-        )
+        args = (s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency, s.read_timeout)
+        return ReadBinds(replica, primary, *args)
 
     def _sync_makers(self) -> Makers[Session]:
         """The psycopg sessionmakers; building them builds no asyncpg engine."""
@@ -276,6 +275,7 @@ class Database:
         after: str | None = None,
         wait: float | None = None,
         fresh: bool = False,
+        timeout: float | None = None,
     ) -> Session:
         """A read-only session on a replica, or on the primary when ``primary``.
 
@@ -286,11 +286,13 @@ class Database:
         ``fresh``: the reads see every write committed anywhere before the
         session's first read: the primary's current WAL position is taken then,
         and a replica serves only once it has replayed it (waiting up to ``wait``
-        seconds, ``RWDB_PIN_WAIT_MS`` by default), else the primary.
+        seconds, ``RWDB_PIN_WAIT_MS`` by default), else the primary. ``timeout``:
+        each replica statement's deadline, instead of ``RWDB_READ_TIMEOUT``.
         """
         primary = primary or self._fresh_on_primary(fresh)
         makers = self._sync_makers()
         session = (makers.primary_read if primary else makers.read)()
+        give_timeout(session.info, timeout)
         self._prepare_read(session.info, primary, after, wait, fresh)
         return session
 
@@ -304,11 +306,13 @@ class Database:
         after: str | None = None,
         wait: float | None = None,
         fresh: bool = False,
+        timeout: float | None = None,
     ) -> AsyncSession:
         """The asyncpg twin of :meth:`read_session`."""
         primary = primary or self._fresh_on_primary(fresh)
         makers = self._async_makers()
         session = (makers.primary_read if primary else makers.read)()
+        give_timeout(session.info, timeout)
         self._prepare_read(session.info, primary, after, wait, fresh)
         return session
 

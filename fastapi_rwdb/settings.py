@@ -144,6 +144,16 @@ class RWDBSettings(BaseSettings):
         0.1, ge=0, le=30, validation_alias="RWDB_CONNECT_RETRY_BACKOFF"
     )
     """First wait in seconds, doubled each attempt."""
+    read_timeout: float = Field(5.0, ge=0, le=3600, validation_alias="RWDB_READ_TIMEOUT")
+    """Seconds each statement of a read-side transaction has to answer before it is
+    abandoned (the connection discarded; a first statement runs again elsewhere, a
+    later one is a 503). A busy replica answers sooner, through a server-side
+    statement_timeout derived from it. 0 turns the deadline off. See
+    [Deadlines](reliability.md#deadlines)."""
+    write_timeout: float = Field(10.0, ge=0, le=3600, validation_alias="RWDB_WRITE_TIMEOUT")
+    """Seconds each write-side statement or COMMIT has to answer before it is abandoned
+    as a write of unknown outcome (a 503 that says so; never run again). 0 turns it
+    off. See [Deadlines](reliability.md#deadlines)."""
     # Prepared statements break behind PgBouncer in transaction mode; only turn
     # them on when both ports reach PostgreSQL directly.
     prepared_statements: bool = Field(False, validation_alias="RWDB_PREPARED_STATEMENTS")
