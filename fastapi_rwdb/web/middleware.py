@@ -210,6 +210,7 @@ class ReadYourWritesMiddleware:
                 and not self._window
                 and not self._session
                 and self._health.all_replayed(incoming.lsn)
+                and self._database.stand_in() is None  # a stale replica never catches up
             ):
                 # Every replica has the client's last write: back to plain replica reads.
                 extra += self._cleared

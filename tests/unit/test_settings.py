@@ -157,16 +157,6 @@ def test_suspicious_settings_are_logged_once(caplog: pytest.LogCaptureFixture) -
     db.dispose_sync()
 
 
-def test_every_variable_is_in_the_readme_configuration_table() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    names = [f.validation_alias for f in RWDBSettings.model_fields.values()]
-    assert len(names) > 20
-    rows = [line for line in readme.splitlines() if line.startswith("| `")]
-    assert [n for n in names if not any(f"`{n}`" in row for row in rows)] == []
-
-
 # -- token keys -----------------------------------------------------------------------------
 
 OLD_KEY, NEW_KEY = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
