@@ -192,10 +192,8 @@ class RWDBSettings(BaseSettings):
     # position; window: read from the primary for pin_seconds after a write; off.
     pin_mode: PinMode = Field("lsn", validation_alias="RWDB_PIN_MODE")
     """`lsn`, `window` or `off`."""
-    # Longest time a client stays pinned (the token's lifetime and the cookie's Max-Age).
     pin_seconds: float = Field(30.0, gt=0, le=86400, validation_alias="RWDB_PIN_SECONDS")
     """Token lifetime and cookie Max-Age; the window in `window` mode."""
-    # How long a read may wait for a replica to catch up before using the primary.
     pin_wait_ms: int = Field(0, ge=0, le=10000, validation_alias="RWDB_PIN_WAIT_MS")
     """How long a read may wait for a replica to catch up before using the primary."""
     # read-your-writes: a client never reads older than its own writes. session: nor
@@ -218,8 +216,6 @@ class RWDBSettings(BaseSettings):
     key generated once and kept in the database (`rwdb_token_key`) ([the signing
     key](guarantees.md#the-signing-key)).
     """
-    # Former keys, still accepted when verifying tokens (comma-separated, or a JSON
-    # list of strings): set the old RWDB_SECRET_KEY here when changing it.
     secret_key_fallbacks: SecretStr | None = Field(
         None, validation_alias="RWDB_SECRET_KEY_FALLBACKS"
     )
@@ -234,7 +230,6 @@ class RWDBSettings(BaseSettings):
         "X-RWDB-Pin", pattern=r"^[A-Za-z0-9-]{1,64}$", validation_alias="RWDB_TOKEN_HEADER"
     )
     """Request and response header for API clients."""
-    # Adds "X-RWDB-Read: replica" or "primary; reason=..." to responses that read.
     routing_header: bool = Field(False, validation_alias="RWDB_ROUTING_HEADER")
     """Adds `X-RWDB-Read: replica` or `primary; reason=...` to responses."""
 
@@ -245,12 +240,10 @@ class RWDBSettings(BaseSettings):
     # ... and the read side is tried again after this many seconds.
     read_retry_seconds: float = Field(5.0, gt=0, validation_alias="RWDB_READ_RETRY_SECONDS")
     """After falling back, the read side is tried again after this many seconds."""
-    # Replay lag (seconds) above which a replica serves no reads; unset: no lag check.
     max_replica_lag: float | None = Field(None, gt=0, validation_alias="RWDB_MAX_REPLICA_LAG")
     """Seconds of replay lag above which a replica serves no reads (checked per connection); unset:
     no lag check.
     """
-    # How often the primary is asked for its replicas' positions (pg_stat_replication).
     lag_check_interval: float = Field(1.0, ge=0.05, validation_alias="RWDB_LAG_CHECK_INTERVAL")
     """Seconds between two looks at the primary's `pg_stat_replication` (one query on the write
     side).
@@ -263,7 +256,6 @@ class RWDBSettings(BaseSettings):
         "/debug", pattern=r"^/[A-Za-z0-9_/.-]*[A-Za-z0-9_.-]$", validation_alias="RWDB_DEBUG_PREFIX"
     )
     """Where the debug routes are mounted."""
-    # When set, the debug routes want "Authorization: Bearer <token>".
     debug_token: SecretStr | None = Field(None, validation_alias="RWDB_DEBUG_TOKEN")
     """When set, the debug routes want `Authorization: Bearer <token>`."""
 
