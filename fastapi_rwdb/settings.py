@@ -160,14 +160,12 @@ class RWDBSettings(BaseSettings):
     """Only `true` when both ports reach PostgreSQL without PgBouncer in transaction mode."""
     application_name: str = Field("fastapi-rwdb", validation_alias="RWDB_APPLICATION_NAME")
     """`application_name` the connections report to PostgreSQL."""
-    # "auto" yields SQLModel's session when SQLModel is installed, else SQLAlchemy's.
     session_class: SessionKind = Field("auto", validation_alias="RWDB_SESSION_CLASS")
-    """`auto`, `sqlalchemy` or `sqlmodel`."""
+    """`auto` (SQLModel's session when SQLModel is installed, else SQLAlchemy's),
+    `sqlalchemy` or `sqlmodel`."""
 
     # --- dead peers (TCP) -----------------------------------------------------------
-    # Keepalive probes and TCP_USER_TIMEOUT on every connection's socket (engine/sockets.py),
-    # so that a peer that vanished without a FIN is noticed in about 20 s, not the
-    # kernel's 15 minutes. Seconds; libpq's names, both drivers.
+    # Seconds; libpq's names, both drivers (engine/sockets.py).
     tcp_keepalives: bool = Field(True, validation_alias="RWDB_TCP_KEEPALIVES")
     """TCP keepalive probes on every connection, both drivers, so a host that vanished
     without closing its sockets is noticed in seconds. See
