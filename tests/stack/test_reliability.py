@@ -47,6 +47,7 @@ READERS = 4  # only read, no token
 SETTLED = 2  # read with a token the replicas had replayed before the action
 TOKEN_HEADER = "X-RWDB-Pin"
 STEADY = ("read-only", "settled")  # the groups that read in a loop
+REPLICA_FAILED = ("reason=replica-unreachable", "reason=replica-timeout")
 
 
 def stack(*args: str) -> str:
@@ -392,7 +393,13 @@ async def test_scenario_under_load(scenario: str) -> None:
     # moved to another replica (it could go back in time), it is a 503.
     for name in STEADY:
         group = groups[name]
-        assert group["primary"] == 0 and group["replica"] > 0, f"{name}: {group}"
+        assert group["replica"] > 0, f"{name}: {group}"
+        # The one primary read allowed: a first statement whose replica connection could
+        # not be opened or answer (issue 20, items 1 and 11) runs on the primary rather
+        # than fail. Any other reason (lag, a token) would mean these reads needed it.
+        on_primary = [r.target for r in tally.group(name) if r.target.startswith("primary")]
+        assert all(t.endswith(REPLICA_FAILED) for t in on_primary), on_primary
+        assert len(on_primary) <= group["reads"] // 100, f"{name}: {group}"
         failures = [r.detail for r in tally.group(name) if r.status != 200]
         assert all("connection was lost" in d for d in failures), failures
         assert len(failures) <= group["reads"] // 100, f"{name}: {group}"
