@@ -35,7 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="fastapi-rwdb example: trackers", lifespan=lifespan)
 database = fastapi_rwdb.setup(app)
 # A page served from another origin (EXAMPLE_CORS_ORIGINS, comma-separated) may call
-# the API with the browser's cookies: the README's CORS arguments, after setup().
+# the API with the browser's cookies: docs/quick-start.md's CORS arguments, after setup().
 origins = [o.strip() for o in os.environ.get("EXAMPLE_CORS_ORIGINS", "").split(",")]
 if any(origins):
     app.add_middleware(

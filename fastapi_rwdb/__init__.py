@@ -18,8 +18,10 @@ from .errors import (
     DatabaseUnavailableError,
     ReadOnlySessionError,
     ReplicaConflictError,
+    ReplicaTimeoutError,
     RWDBError,
     SettingsError,
+    WriteOutcomeUnknownError,
 )
 from .jobs import (
     current_token,
@@ -42,6 +44,7 @@ from .web.dependencies import (
     PrimaryReadSession,
     ReadSession,
     WriteSession,
+    async_read_db,
     get_async_db,
     get_async_fresh_read_db,
     get_async_primary_read_db,
@@ -52,6 +55,7 @@ from .web.dependencies import (
     get_primary_read_db,
     get_read_db,
     get_write_db,
+    read_db,
 )
 from .wiring import lifespan, setup
 
@@ -73,8 +77,11 @@ __all__ = [
     "ReadOnlySessionError",
     "ReadSession",
     "ReplicaConflictError",
+    "ReplicaTimeoutError",
     "SettingsError",
+    "WriteOutcomeUnknownError",
     "WriteSession",
+    "async_read_db",
     "configure",
     "connect_args",
     "current_token",
@@ -100,6 +107,7 @@ __all__ = [
     "make_async_engine_pair",
     "make_engine",
     "make_engine_pair",
+    "read_db",
     "setup",
     "using",
 ]

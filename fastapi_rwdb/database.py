@@ -13,14 +13,14 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from . import stand_ins
 from .engine.factory import (
     AsyncEnginePair,
     EnginePair,
@@ -30,14 +30,16 @@ from .engine.factory import (
     make_engine_pair,
     make_primary_read_engine,
 )
+from .engine.keystore import SigningKeys
 from .engine.pool import pools_report
 from .observe import metrics
 from .orm.classes import session_classes
 from .orm.makers import Makers, async_makers, sync_makers
-from .orm.session_info import ReadBinds, read_after, read_fresh, write_maker_info
+from .orm.session_info import ReadBinds, give_timeout, read_after, read_fresh, write_maker_info
 from .routing.replicas import ReadSideHealth
-from .routing.tokens import Token, TokenSigner, signing_keys
+from .routing.tokens import Token, TokenSigner
 from .settings import RWDBSettings
+from .stand_ins import StandIn
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -64,8 +66,8 @@ class Database:
         self._lock = threading.RLock()
         # Built on first use: engines and sessionmakers, dropped by dispose() ...
         self._built: dict[str, Any] = {}
-        # ... and what outlives the pools: the settings, the read side's health, and
-        # the token signer (a new key would stop every token handed out from verifying).
+        # ... and what outlives the pools: the settings, the read side's health, the
+        # token key (a new key would stop every token handed out from verifying).
         self._kept: dict[str, Any] = {} if settings is None else {"settings": settings}
         self._checked = False
         #: False once setup() has hooked this Database into an app's lifespan, True
@@ -125,31 +127,45 @@ class Database:
         )
 
     @property
-    def signer(self) -> TokenSigner:
-        """Signs read-your-writes tokens with ``RWDB_SECRET_KEY`` (or a key derived from the
-        database credentials); ``RWDB_SECRET_KEY_FALLBACKS`` verify too."""
-        return self._once("signer", lambda: TokenSigner(*signing_keys(self.settings)), keep=True)
+    def signing_keys(self) -> SigningKeys:
+        """``RWDB_SECRET_KEY``, or the key kept in the database (:mod:`.engine.keystore`)."""
+        return self._once("keys", lambda: SigningKeys(self.settings), keep=True)
+
+    @property
+    def signer(self) -> TokenSigner:  # RWDB_SECRET_KEY_FALLBACKS verify too
+        return self.signing_keys.signer()
 
     def token_for(self, lsn: int) -> str:
         """A signed read-your-writes token for ``lsn``, valid ``RWDB_PIN_SECONDS``."""
-        expires = int(time.time() + self.settings.pin_seconds)
-        return self.signer.dump(Token(lsn=lsn, expires=expires))
+        return self.signer.dump(Token(lsn, int(time.time() + self.settings.pin_seconds)))
 
     # -- engines -------------------------------------------------------------------
 
     @property
     def engines(self) -> EnginePair:
-        """The psycopg pair; built on first use."""
-        return self._once(
+        """The psycopg pair; built on first use. Its read engine is the stand-in's while
+        one replaces this cluster's read side (:mod:`fastapi_rwdb.stand_ins`)."""
+        pair = self._once(
             "engines", lambda: _log_built(make_engine_pair(self.settings, self.health), self)
         )
+        stand_in = self.stand_in()
+        return pair if stand_in is None else EnginePair(pair.write, stand_in.sync)
 
     @property
     def async_engines(self) -> AsyncEnginePair:
-        """The asyncpg pair; built on first use."""
-        return self._once(
+        """The asyncpg pair; built on first use (a stand-in's read engine as above)."""
+        pair = self._once(
             "async_engines", lambda: make_async_engine_pair(self.settings, self.health)
         )
+        stand_in = self.stand_in()
+        return pair if stand_in is None else AsyncEnginePair(pair.write, stand_in.aio)
+
+    def stand_in(self) -> StandIn | None:
+        """The engines standing in for this cluster's read side now, if any."""
+        if not stand_ins.generation:
+            return None  # none was ever set in this process
+        endpoint = self._once("endpoint", lambda: self.settings.endpoint("write"), keep=True)
+        return stand_ins.for_endpoint(endpoint)
 
     @property
     def monitor_engine(self) -> AsyncEngine:
@@ -200,39 +216,6 @@ class Database:
     def is_built(self, name: str) -> bool:
         return name in self._built
 
-    @contextmanager
-    def reading_from(self, engine: Engine, async_engine: AsyncEngine) -> Iterator[None]:
-        """Read sessions made inside the block use these read engines (the routing,
-        the tokens and the primary stay as they are); sessions made before keep theirs.
-
-        For :mod:`fastapi_rwdb.testing`'s stale replica, whose read side is a snapshot
-        of the primary. The caller disposes of the engines it passed.
-        """
-        sync, aio = self.engines, self.async_engines
-        ours = EnginePair(sync.write, engine), AsyncEnginePair(aio.write, async_engine)
-        with self._lock:
-            names = ("engines", "async_engines", "makers", "async_makers")
-            saved = {name: self._built.get(name) for name in names}
-            self._built["engines"], self._built["async_engines"] = ours
-            self._built.pop("makers", None)
-            self._built.pop("async_makers", None)
-        try:
-            yield
-        finally:
-            with self._lock:
-                restore = self._built.get("engines") is ours[0]
-                if restore:
-                    for name, value in saved.items():
-                        if value is None:
-                            self._built.pop(name, None)
-                        else:
-                            self._built[name] = value
-            if not restore:
-                # Disposed inside the block (an app's lifespan ended there): so are the
-                # read engines set aside, as dispose() would have done.
-                sync.read.dispose()
-                aio.read.sync_engine.dispose(close=False)
-
     # -- sessionmakers ------------------------------------------------------------
 
     def _classes(self) -> tuple[type[Session], type[AsyncSession]]:
@@ -241,9 +224,8 @@ class Database:
 
     def _binds(self, replica: Engine, primary: Engine, is_async: bool) -> ReadBinds:
         s = self.settings
-        return ReadBinds(
-            replica, primary, s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency
-        )
+        args = (s.pin_mode, s.pin_wait_ms, is_async, self.health, s.consistency, s.read_timeout)
+        return ReadBinds(replica, primary, *args)
 
     def _sync_makers(self) -> Makers[Session]:
         """The psycopg sessionmakers; building them builds no asyncpg engine."""
@@ -255,7 +237,7 @@ class Database:
             info = write_maker_info(self.settings.pin_mode)
             return sync_makers(base, pair.write, binds, write_info=info)
 
-        return self._once("makers", build)
+        return self._once_per_stand_in("makers", build)
 
     def _async_makers(self) -> Makers[AsyncSession]:
         """The asyncpg sessionmakers; building them builds no psycopg engine."""
@@ -269,7 +251,19 @@ class Database:
                 base, async_class, pair.write, pair.read, primary, binds, write_info=info
             )
 
-        return self._once("async_makers", build)
+        return self._once_per_stand_in("async_makers", build)
+
+    def _once_per_stand_in(self, name: str, build: Callable[[], _T]) -> _T:
+        """:meth:`_once`, built again when a stand-in for the read side comes or goes."""
+        generation = stand_ins.generation
+        found: tuple[int, _T] | None = self._built.get(name)
+        if found is not None and found[0] == generation:
+            return found[1]
+        with self._lock:
+            found = self._built.get(name)
+            if found is None or found[0] != generation:
+                found = self._built[name] = (generation, build())
+            return found[1]
 
     # -- sessions -----------------------------------------------------------------
 
@@ -284,6 +278,7 @@ class Database:
         after: str | None = None,
         wait: float | None = None,
         fresh: bool = False,
+        timeout: float | None = None,
     ) -> Session:
         """A read-only session on a replica, or on the primary when ``primary``.
 
@@ -294,11 +289,13 @@ class Database:
         ``fresh``: the reads see every write committed anywhere before the
         session's first read: the primary's current WAL position is taken then,
         and a replica serves only once it has replayed it (waiting up to ``wait``
-        seconds, ``RWDB_PIN_WAIT_MS`` by default), else the primary.
+        seconds, ``RWDB_PIN_WAIT_MS`` by default), else the primary. ``timeout``:
+        each replica statement's deadline, instead of ``RWDB_READ_TIMEOUT``.
         """
         primary = primary or self._fresh_on_primary(fresh)
         makers = self._sync_makers()
         session = (makers.primary_read if primary else makers.read)()
+        give_timeout(session.info, timeout)
         self._prepare_read(session.info, primary, after, wait, fresh)
         return session
 
@@ -312,11 +309,13 @@ class Database:
         after: str | None = None,
         wait: float | None = None,
         fresh: bool = False,
+        timeout: float | None = None,
     ) -> AsyncSession:
         """The asyncpg twin of :meth:`read_session`."""
         primary = primary or self._fresh_on_primary(fresh)
         makers = self._async_makers()
         session = (makers.primary_read if primary else makers.read)()
+        give_timeout(session.info, timeout)
         self._prepare_read(session.info, primary, after, wait, fresh)
         return session
 
@@ -336,7 +335,7 @@ class Database:
             # No routing to do: say so once, as the routed sessions do at their first read.
             metrics.record_route("primary", "primary-read")
         elif after is not None:
-            token = self.signer.load(after, max_age=self.settings.pin_seconds, check_expiry=False)
+            token = self.signing_keys.verify(after, self.settings.pin_seconds, check_expiry=False)
             read_after(info, token, 1.0 if wait is None else wait, self)
         elif fresh:
             read_fresh(info, wait, self)

@@ -44,3 +44,26 @@ class ReplicaConflictError(RWDBError):
     points in time; the request fails, and :func:`fastapi_rwdb.setup` turns this into
     a 503 with ``Retry-After``. Raised from the driver error, kept as ``__cause__``.
     """
+
+
+class ReplicaTimeoutError(DatabaseUnavailableError):
+    """A read got no answer from its replica within its deadline (``RWDB_READ_TIMEOUT``,
+    or the route's ``timeout=``), after the transaction had already read something.
+
+    The path to that replica is frozen (a stopped PgBouncer, a host stalled on I/O):
+    a busy server would have answered within the deadline, with its own statement
+    timeout (SQLSTATE ``57014``). The connection was discarded. A transaction's first
+    statement runs again elsewhere instead; here something had been read, so running
+    it elsewhere could mix two points in time: the request fails, answered with a 503
+    and ``Retry-After``.
+    """
+
+
+class WriteOutcomeUnknownError(DatabaseUnavailableError):
+    """A write-side statement or COMMIT got no answer within ``RWDB_WRITE_TIMEOUT``:
+    the write may or may not have happened.
+
+    The connection was discarded and nothing is run again (the server may have
+    committed it). Answered with a 503 and ``Retry-After`` whose text says so; a
+    client that retries should send an idempotency key (docs/reliability.md, "Deadlines").
+    """

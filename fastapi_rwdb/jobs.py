@@ -50,19 +50,28 @@ def write_unit(database: Database) -> Iterator[Session]:
 
 @contextmanager
 def get_read_db_context(
-    *, primary: bool = False, after: str | None = None, wait: float = 1.0
+    *,
+    primary: bool = False,
+    after: str | None = None,
+    wait: float = 1.0,
+    timeout: float | None = None,
 ) -> Iterator[Session]:
     """Read-only session on a replica (``primary=True``: on the primary); always closes.
 
     ``after``: a token from :func:`current_token`; the session reads only where
     its write has been replayed, waiting up to ``wait`` seconds for a replica.
+    ``timeout``: each replica statement's deadline in seconds, instead of
+    ``RWDB_READ_TIMEOUT`` (a job's long report: more; 0: none).
     """
-    with get_database().read_session(primary=primary, after=after, wait=wait) as session:
-        yield session
+    database = get_database()
+    with database.read_session(primary=primary, after=after, wait=wait, timeout=timeout) as s:
+        yield s
 
 
 @contextmanager
-def get_fresh_read_db_context(*, wait: float | None = None) -> Iterator[Session]:
+def get_fresh_read_db_context(
+    *, wait: float | None = None, timeout: float | None = None
+) -> Iterator[Session]:
     """Read-only session that sees every write committed anywhere before its first read.
 
     It takes the primary's current WAL position (one short round trip on the
@@ -70,15 +79,16 @@ def get_fresh_read_db_context(*, wait: float | None = None) -> Iterator[Session]
     to ``wait`` seconds (``RWDB_PIN_WAIT_MS`` by default) for one, else from the
     primary. For reports after a batch job, admin screens, tests.
     """
-    with get_database().read_session(fresh=True, wait=wait) as session:
+    with get_database().read_session(fresh=True, wait=wait, timeout=timeout) as session:
         yield session
 
 
 @asynccontextmanager
 async def get_async_fresh_read_db_context(
-    *, wait: float | None = None
+    *, wait: float | None = None, timeout: float | None = None
 ) -> AsyncIterator[AsyncSession]:
-    async with get_database().async_read_session(fresh=True, wait=wait) as session:
+    database = get_database()
+    async with database.async_read_session(fresh=True, wait=wait, timeout=timeout) as session:
         yield session
 
 
@@ -103,10 +113,16 @@ async def async_write_unit(database: Database) -> AsyncIterator[AsyncSession]:
 
 @asynccontextmanager
 async def get_async_read_db_context(
-    *, primary: bool = False, after: str | None = None, wait: float = 1.0
+    *,
+    primary: bool = False,
+    after: str | None = None,
+    wait: float = 1.0,
+    timeout: float | None = None,
 ) -> AsyncIterator[AsyncSession]:
     database = get_database()
-    async with database.async_read_session(primary=primary, after=after, wait=wait) as session:
+    async with database.async_read_session(
+        primary=primary, after=after, wait=wait, timeout=timeout
+    ) as session:
         yield session
 
 

@@ -36,7 +36,7 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     database = configure(settings)  # loads and checks the settings
     metrics.install(get_database)
     database._serves(app)
-    database.signer  # noqa: B018 - derives the key now, and warns if it is guessable
+    database.signing_keys  # noqa: B018 - RWDB_SECRET_KEY now; the stored key at start-up
     app.add_middleware(ReadYourWritesMiddleware, database=database)
     if database.settings.debug_routes:
         app.include_router(debug_router(database))
@@ -48,11 +48,14 @@ def setup(app: FastAPI, settings: RWDBSettings | Database | None = None) -> Data
     @asynccontextmanager
     async def rwdb_lifespan(app_: Any) -> AsyncIterator[Any]:
         database.lifespan_ok = True
+        if database.settings.pin_mode != "off":
+            database.signing_keys.load_in_background()  # see engine/keystore.py
         watcher = _start_lag_watch(database)
         try:
             async with inner(app_) as state:
                 yield state
         finally:
+            database.signing_keys.stop()
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

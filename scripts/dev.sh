@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Developer entry point: `bash scripts/dev.sh test` or `bash scripts/dev.sh demo`.
+# Developer entry point: `bash scripts/dev.sh test`, `bash scripts/dev.sh demo` or `bash scripts/dev.sh docs`.
 # Installs what it needs (a venv in .venv, the local stack), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ ensure_venv() {
         echo "==> creating .venv"
         "$PY" -m venv .venv
     fi
-    if ! .venv/bin/python -c 'import fastapi_rwdb, pytest, sqlmodel, uvicorn' 2>/dev/null \
+    if ! .venv/bin/python -c 'import fastapi_rwdb, pytest, sqlmodel, uvicorn, celery, arq, alembic, mkdocs' 2>/dev/null \
         || [ pyproject.toml -nt .venv/.installed ]; then
         echo "==> installing fastapi-rwdb and its dev tools into .venv"
         .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
@@ -158,9 +158,16 @@ case "$cmd" in
         echo "    stop the database stack afterwards with: bash scripts/stack.sh down"
         exec .venv/bin/uvicorn example_app.main:app --host 127.0.0.1 --port "$port"
         ;;
+    docs)
+        # The documentation site (mkdocs.yml) into site/; --strict: a broken link or
+        # anchor, or a settings field without a docstring, fails the build.
+        ensure_venv
+        echo "==> mkdocs build --strict"
+        NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict "$@"
+        ;;
     *)
         echo "usage: bash scripts/dev.sh test [pytest args] | test-lowest [pytest args] |" \
-            "test-matrix [pytest args] | package | demo" >&2
+            "test-matrix [pytest args] | package | demo | docs" >&2
         exit 2
         ;;
 esac

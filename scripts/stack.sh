@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Local PostgreSQL HA test stack for fastapi_rwdb, without Docker:
 #   etcd (1 node) -> 3 x Patroni + PostgreSQL 15 (1 primary, 2 streaming replicas)
-#   -> one PgBouncer per node -> HAProxy (write port = primary, read port = replicas).
+#   -> one PgBouncer per node -> HAProxy (write port = primary, read port = replicas);
+#   and one Redis, for the job-queue recipes (Celery, arq) of docs/recipes.md.
 # Everything listens on 127.0.0.1. Run `scripts/stack.sh help` for the sub-commands.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ STACK_DIR=${STACK_DIR%/}
 WRITE_PORT=${RWDB_STACK_WRITE_PORT:-5432}
 READ_PORT=${RWDB_STACK_READ_PORT:-5433}
 STATS_PORT=${RWDB_STACK_STATS_PORT:-7000}
+REDIS_PORT=${RWDB_STACK_REDIS_PORT:-6380} # not 6379: a Redis of the machine's own may be there
 UP_TIMEOUT=${RWDB_STACK_TIMEOUT:-120}
 ETCD_CLIENT_PORT=2379
 ETCD_PEER_PORT=2380
@@ -124,6 +126,7 @@ etcd_pid() { pid_from "$STACK_DIR/etcd/etcd.pid"; }
 patroni_pid() { pid_from "$(node_dir "$1")/patroni.pid"; }
 bouncer_pid() { pid_from "$(node_dir "$1")/pgbouncer.pid"; }
 haproxy_pid() { pid_from "$STACK_DIR/haproxy/haproxy.pid"; }
+redis_pid() { pid_from "$STACK_DIR/redis/redis.pid"; }
 postmaster_pid() {
     local f pid
     f="$(node_dir "$1")/data/postmaster.pid"
@@ -152,7 +155,11 @@ launch() {
     local pidfile=$1 logfile=$2; shift 2
     touch "$logfile" && own "$logfile"
     printf '\n==== %s start: %s\n' "$(date '+%F %T')" "$*" >>"$logfile"
-    setsid "$BASH" -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
+    # The daemon keeps no descriptor but its output: one inherited from the caller
+    # (say the lock of `flock /var/tmp/rwdb-tests.lock stack.sh up`) would be held as
+    # long as the daemon runs, and every later flock on it would wait forever.
+    setsid "$BASH" -c 'for fd in /proc/$$/fd/*; do fd=${fd##*/}; ((fd > 2)) && eval "exec $fd>&-"; done 2>/dev/null
+        ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
         "${USER_CMD_PREFIX[@]}" "$@" </dev/null >>"$logfile" 2>&1 9>&- &
     local pid=$! waited=0
     echo "$pid" >"$pidfile"
@@ -230,6 +237,7 @@ missing_packages() {
     [[ -x $PG_BIN/psql || -x /usr/bin/psql ]] || pkgs+=(postgresql-client-15)
     command -v pgbouncer >/dev/null || pkgs+=(pgbouncer)
     command -v haproxy >/dev/null || pkgs+=(haproxy)
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs+=(redis-server)
     command -v etcd >/dev/null || pkgs+=(etcd-server)
     command -v etcdctl >/dev/null || pkgs+=(etcd-client)
     command -v curl >/dev/null || pkgs+=(curl)
@@ -267,9 +275,10 @@ cmd_install() {
             die "apt-get install failed (full log: /tmp/rwdb-stack-apt.log)"
         fi
         # services of packages we just installed: stop and disable them
-        for svc in etcd haproxy pgbouncer postgresql; do
+        for svc in etcd haproxy pgbouncer postgresql redis-server; do
             case "$svc:$pkgs" in
                 etcd:*etcd-server* | haproxy:*haproxy* | pgbouncer:*pgbouncer* | postgresql:*postgresql-15*) ;;
+                redis-server:*redis-server*) ;;
                 *) continue ;;
             esac
             if [[ -d /run/systemd/system ]]; then
@@ -301,7 +310,7 @@ cmd_install() {
         }
         touch "$VENV/.rwdb-stack-ok"
     fi
-    say "installed: $("$PG_BIN/postgres" --version), $("$VENV/bin/patroni" --version), $(pgbouncer --version | head -n1), $(haproxy -v | head -n1 | cut -d' ' -f1-3), etcd $(etcd --version | awk 'NR==1 {print $3}')"
+    say "installed: $("$PG_BIN/postgres" --version), $("$VENV/bin/patroni" --version), $(pgbouncer --version | head -n1), $(haproxy -v | head -n1 | cut -d' ' -f1-3), etcd $(etcd --version | awk 'NR==1 {print $3}'), $(redis-server --version | cut -d' ' -f1-3)"
 }
 
 ensure_installed() {
@@ -338,8 +347,8 @@ prepare() {
     chmod 755 "$STACK_DIR"
     user_cmd test -w "$STACK_DIR" || die "$STACK_DIR is not writable by $RUN_USER (choose another RWDB_STACK_DIR)"
     touch "$STACK_DIR/.rwdb-stack" && own "$STACK_DIR/.rwdb-stack"
-    mkdir -p "$STACK_DIR/etcd" "$STACK_DIR/haproxy"
-    own "$STACK_DIR/etcd" "$STACK_DIR/haproxy"
+    mkdir -p "$STACK_DIR/etcd" "$STACK_DIR/haproxy" "$STACK_DIR/redis"
+    own "$STACK_DIR/etcd" "$STACK_DIR/haproxy" "$STACK_DIR/redis"
 
     render post_bootstrap.sh "$STACK_DIR/post_bootstrap.sh" "PSQL=$(psql_bin)"
     chmod 755 "$STACK_DIR/post_bootstrap.sh" && own "$STACK_DIR/post_bootstrap.sh"
@@ -369,6 +378,9 @@ prepare() {
         "BIND_ADDR=127.0.0.1" "WRITE_PORT=$WRITE_PORT" "READ_PORT=$READ_PORT" "STATS_PORT=$STATS_PORT" \
         "NODE1_HOST=127.0.0.1" "NODE2_HOST=127.0.0.1" "NODE3_HOST=127.0.0.1"
     own "$STACK_DIR/haproxy/haproxy.cfg"
+    render redis.conf "$STACK_DIR/redis/redis.conf" \
+        "BIND_ADDR=127.0.0.1" "PORT=$REDIS_PORT" "DATA_DIR=$STACK_DIR/redis"
+    own "$STACK_DIR/redis/redis.conf"
 }
 
 # ------------------------------------------------------------------------------ starting
@@ -431,6 +443,21 @@ start_haproxy() {
     launch "$d/haproxy.pid" "$d/haproxy.log" haproxy -f "$d/haproxy.cfg"
 }
 
+redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
+
+start_redis() {
+    redis_pid >/dev/null && return 0
+    local d="$STACK_DIR/redis"
+    say "starting Redis on 127.0.0.1:$REDIS_PORT"
+    launch "$d/redis.pid" "$d/redis.log" redis-server "$d/redis.conf"
+    local deadline=$(($(date +%s) + 30))
+    until redis_ping; do
+        redis_pid >/dev/null || { tail_logs "$d/redis.log"; die "Redis exited during start-up"; }
+        (($(date +%s) < deadline)) || { tail_logs "$d/redis.log"; die "Redis not answering PING after 30s"; }
+        sleep 0.1
+    done
+}
+
 has_data() { [[ -f "$(node_dir "$1")/data/PG_VERSION" ]]; }
 
 rest_get_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:$(rest_port "$1")$2" 2>/dev/null || true; }
@@ -473,6 +500,11 @@ check_ready() {
         bouncer_pid "$n" >/dev/null || READY_MISSING+=("PgBouncer $n is not running")
     done
     haproxy_pid >/dev/null || READY_MISSING+=("HAProxy is not running")
+    if ! redis_pid >/dev/null; then
+        READY_MISSING+=("Redis is not running")
+    elif ! redis_ping; then
+        READY_MISSING+=("Redis 127.0.0.1:$REDIS_PORT does not answer PING")
+    fi
     if m=$(members 2>/dev/null); then
         leaders=$(awk '$2 == "leader" && $3 == "running"' <<<"$m" | wc -l)
         streaming=$(awk '$2 != "leader" && $3 == "streaming"' <<<"$m" | wc -l)
@@ -505,6 +537,7 @@ all_logs() {
         echo "$d/patroni.log" "$d/log/postgresql.log" "$d/pgbouncer.log"
     done
     echo "$STACK_DIR/haproxy/haproxy.log"
+    echo "$STACK_DIR/redis/redis.log"
 }
 
 wait_ready() {
@@ -583,6 +616,7 @@ cmd_up() {
         check_port_free "$READ_PORT" "HAProxy read"
         check_port_free "$STATS_PORT" "HAProxy stats"
     }
+    redis_pid >/dev/null || check_port_free "$REDIS_PORT" "Redis"
 
     local fresh=1
     for n in "${NODES[@]}"; do has_data "$n" && fresh=0; done
@@ -596,6 +630,7 @@ cmd_up() {
     fi
     for n in "${NODES[@]}"; do start_bouncer "$n"; done
     start_haproxy
+    start_redis
 
     local first=node1 running=0
     for n in "${NODES[@]}"; do patroni_pid "$n" >/dev/null && running=1; done
@@ -667,6 +702,7 @@ cmd_down() {
     [[ -n $leader && -d $STACK_DIR ]] && { echo "$leader" >"$STACK_DIR/last_leader"; own "$STACK_DIR/last_leader"; }
 
     p=$(haproxy_pid) && stop_pids 10 "$p"
+    p=$(redis_pid) && stop_pids 10 "$p"
     local bpids=()
     for n in "${NODES[@]}"; do p=$(bouncer_pid "$n") && bpids+=("$p"); done
     stop_pids 10 "${bpids[@]}"
@@ -685,7 +721,7 @@ cmd_down() {
     for f in /proc/[0-9]*; do
         pid=${f#/proc/}
         { comm=$(<"$f/comm"); } 2>/dev/null || continue
-        case $comm in etcd | patroni | pgbouncer | haproxy | postgres | pg_basebackup | pg_rewind) ;; *) continue ;; esac
+        case $comm in etcd | patroni | pgbouncer | haproxy | redis-server | postgres | pg_basebackup | pg_rewind) ;; *) continue ;; esac
         [[ $(stat -c %U "$f" 2>/dev/null) == "$RUN_USER" ]] || continue
         is_ours "$pid" && stray+=("$pid")
     done
@@ -697,7 +733,7 @@ cmd_down() {
     if ((wipe)); then
         say "wiping data in $STACK_DIR"
         for n in "${NODES[@]}"; do rm -rf "${STACK_DIR:?}/$n"; done
-        rm -rf "${STACK_DIR:?}/etcd" "${STACK_DIR:?}/haproxy" "${STACK_DIR:?}/post_bootstrap.sh" \
+        rm -rf "${STACK_DIR:?}/etcd" "${STACK_DIR:?}/haproxy" "${STACK_DIR:?}/redis" "${STACK_DIR:?}/post_bootstrap.sh" \
             "${STACK_DIR:?}/last_leader" "${STACK_DIR:?}/.rwdb-stack"
         rmdir "$STACK_DIR" 2>/dev/null || true
     fi
@@ -747,6 +783,11 @@ cmd_status() {
         printf '  read  127.0.0.1:%s -> %-20s [servers UP: %s]\n' "$READ_PORT" "$(behind "$READ_PORT")" "$(haproxy_up_servers rwdb_read)"
     else
         echo "haproxy: DOWN"
+    fi
+    if p=$(redis_pid); then
+        echo "redis:   up (pid $p) 127.0.0.1:$REDIS_PORT$(redis_ping && echo ', answers PING' || echo ', NOT answering')"
+    else
+        echo "redis:   DOWN"
     fi
     if check_ready; then echo "ready: yes"; else
         echo "ready: no"
@@ -1034,7 +1075,8 @@ usage: $0 COMMAND [ARGS]
 
 Local PostgreSQL HA stack (no Docker), data and logs in $STACK_DIR:
 etcd 127.0.0.1:2379; Patroni node1..3 (PostgreSQL 15432-15434, REST 18008-18010);
-PgBouncer per node 16432-16434; HAProxy write $WRITE_PORT / read $READ_PORT / stats $STATS_PORT.
+PgBouncer per node 16432-16434; HAProxy write $WRITE_PORT / read $READ_PORT / stats $STATS_PORT;
+Redis $REDIS_PORT (the job-queue recipes' broker).
 
   install               install Debian packages + Patroni venv (idempotent)
   up                    install if needed, start everything, wait until ready; creates the
@@ -1054,7 +1096,8 @@ PgBouncer per node 16432-16434; HAProxy write $WRITE_PORT / read $READ_PORT / st
   logs [N]              last N lines of every log
 
 Environment: RWDB_STACK_DIR (default /var/tmp/rwdb-stack), RWDB_STACK_WRITE_PORT (5432),
-RWDB_STACK_READ_PORT (5433), RWDB_STACK_STATS_PORT (7000), RWDB_STACK_TIMEOUT (120 s for up),
+RWDB_STACK_READ_PORT (5433), RWDB_STACK_STATS_PORT (7000), RWDB_STACK_REDIS_PORT (6380),
+RWDB_STACK_TIMEOUT (120 s for up),
 RWDB_STACK_USER (OS user when run as root, default rwdb), RWDB_STACK_VENV (Patroni venv).
 EOF
 }

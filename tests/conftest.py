@@ -49,7 +49,13 @@ def _restore_default_database() -> Iterator[None]:
         yield
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The soak takes minutes of the stack: only a run that asks for it (`-m soak`) gets it.
+    if "soak" not in (config.getoption("markexpr") or ""):
+        soaks = [item for item in items if item.get_closest_marker("soak")]
+        if soaks:
+            config.hook.pytest_deselected(items=soaks)
+            items[:] = [item for item in items if not item.get_closest_marker("soak")]
     for item in items:
         if item.get_closest_marker("stack"):
             item.fixturenames.insert(0, "stack")  # type: ignore[attr-defined]

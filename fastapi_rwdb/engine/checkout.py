@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 
 from ..errors import DatabaseUnavailableError
 from ..routing.lsn import parse_lsn
@@ -42,6 +42,7 @@ from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
     POSITION_SQL,
+    NoAnswerError,
     begin_reading_position,
     end_unused_transaction,
     fetch_outside_transaction,
@@ -60,6 +61,7 @@ _FRESH = "rwdb_fresh"  # opened just now: not pinged
 _RETURNED_AT = "rwdb_returned_at"  # time.monotonic() when last returned to the pool
 _LAST_POSITION = "rwdb_last_position"  # (position, time.monotonic()) the ping last read
 _REPORTED = "rwdb_reported_position"  # a position reported instead of the server's
+_PING_TIMED_OUT = "rwdb_ping_timed_out"  # record_info: the last ping got no answer in time
 
 
 @dataclass(slots=True)
@@ -68,16 +70,22 @@ class _Asked:
 
     begin: bool  # open the session's transaction in the same message (psycopg)
     needed: int | None  # the position the read needs (for the remembered shortcut)
+    then: bytes  # sent with the BEGIN, when the ping opens the transaction
     answered: bool = False
     position: int | None = None
     remembered: bool = False  # the answer is the position remembered from moments ago
+
+
+class ConnectionLostError(DatabaseUnavailableError):
+    """A connection checked out, then lost while its position was read: unlike a
+    connection that could not be opened at all, another may do."""
 
 
 _asked: ContextVar[_Asked | None] = ContextVar("rwdb_position_asked", default=None)
 
 
 def connect_at_position(
-    engine: Engine, *, begin: bool = False, needed: int | None = None
+    engine: Engine, *, begin: bool = False, needed: int | None = None, then: bytes = b""
 ) -> tuple[Connection, int | None, bool]:
     """A connection of ``engine``, its server's WAL position, and whether that position
     was remembered from moments ago rather than asked now.
@@ -85,11 +93,13 @@ def connect_at_position(
     Read by the checkout's ping in its one round trip; a connection opened just now
     (not pinged) or one that reports another position is asked here. ``begin``: the
     caller's statements will run on this connection, so on psycopg the ping may open
-    their transaction too. ``needed``: the position the read needs (see module doc).
-    A connection that cannot answer is discarded and
-    :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` raised.
+    their transaction too, with ``then`` in the same message (the read deadline's
+    ``SET LOCAL``). ``needed``: the position the read needs (see module doc).
+    A connection that cannot answer is discarded and :class:`ConnectionLostError`
+    raised; one that cannot be opened raises
+    :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` (from the connect retry).
     """
-    asked = _Asked(begin, needed)
+    asked = _Asked(begin, needed, then)
     reset = _asked.set(asked)
     try:
         conn = engine.connect()
@@ -104,12 +114,18 @@ def connect_at_position(
         # connection that cannot answer this serves nobody.
         conn.invalidate()
         conn.close()
-        raise DatabaseUnavailableError(
+        raise ConnectionLostError(
             "a database connection was lost while checking its WAL position"
         ) from exc
     except BaseException:
         conn.close()
         raise
+
+
+def ping_timed_out(record: Any) -> bool:
+    """Whether the connection ``record`` is reopening for was discarded because its
+    checkout ping got no answer in time (asked once, by the connect hook)."""
+    return bool(record.record_info.pop(_PING_TIMED_OUT, False))
 
 
 def position_of(conn: Connection) -> int | None:
@@ -149,12 +165,18 @@ def _known_behind(info: dict[str, Any], needed: int | None) -> int | None:
     return position
 
 
-def install_ping(engine: Engine, settings: RWDBSettings, *, is_async: bool) -> None:
+def install_ping(
+    engine: Engine, settings: RWDBSettings, *, is_async: bool, side: str = "write"
+) -> None:
     """Replace SQLAlchemy's pre-ping on ``engine`` with this module's checkout ping."""
     # Without the session hook that retries a statement on a dead connection
     # (orm.reconnect), every checkout pings.
     skip_window = settings.ping_skip_ms / 1000 if EXECUTE_INTERNAL else 0.0
     timeout = settings.connect_timeout
+    limit = settings.read_timeout if side == "read" else settings.write_timeout
+    if limit > 0:
+        # A checkout is part of the read or write it serves: that deadline bounds it too.
+        timeout = min(timeout, limit)
 
     @event.listens_for(engine, "connect")
     def _fresh(dbapi_connection: Any, record: Any) -> None:
@@ -185,9 +207,18 @@ def install_ping(engine: Engine, settings: RWDBSettings, *, is_async: bool) -> N
             return
         try:
             if asked is not None and asked.begin and not is_async:
-                value = begin_reading_position(dbapi_connection, info, timeout)
+                value = begin_reading_position(dbapi_connection, info, timeout, asked.then)
             else:
                 value = ping_query(dbapi_connection, asked is not None, timeout)
+        except (NoAnswerError, TimeoutError) as exc:
+            # No answer within the deadline: this connection's path is frozen (a
+            # stopped PgBouncer, a stalled server), perhaps only this one's: another
+            # replica's connections stay. This one is discarded (its answer may
+            # come later), never handed out. The pool then opens a new one for this
+            # checkout, which the connect hook refuses at once (ping_timed_out): a
+            # connect on a frozen path would cost the whole connect timeout again.
+            record.record_info[_PING_TIMED_OUT] = True
+            raise DisconnectionError(f"ping timed out: {brief(exc)}") from exc
         except Exception as exc:
             # After a failover every pooled connection is likely dead: discard
             # them all; the pool opens a new one for this checkout.

@@ -3,8 +3,9 @@
 Attached once per engine by the factories (:mod:`.factory`): connect retry with
 backoff (and the read side's breaker told about it), the checkout ping
 (:mod:`.checkout`), read-only connections on the read side, SQLSTATE 25006 told
-apart (a read session's write, or a demoted primary), and the write tracking's
-COMMIT routed to where SQLAlchemy commits (:mod:`.commit`).
+apart (a read session's write, or a demoted primary), the write tracking's
+COMMIT routed to where SQLAlchemy commits (:mod:`.commit`), and asyncpg sockets'
+keepalives (:mod:`.sockets`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 
-from ..errors import DatabaseUnavailableError, ReadOnlySessionError
+from ..errors import DatabaseUnavailableError, ReadOnlySessionError, ReplicaTimeoutError
 from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
-from . import commit
-from .checkout import install_ping
+from . import commit, deadline
+from .checkout import install_ping, ping_timed_out
+from .connect_errors import classify_connect_error
+from .sockets import set_socket_options
 from .sqlalchemy_internals import await_, before_connection_options, set_readonly
-from .sqlstates import READ_ONLY_SQLSTATE, brief, is_transient_connect_error, sqlstate_of
+from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
 from .wire import end_unused_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -35,6 +38,33 @@ ROLE_OPTION = "rwdb_role"
 #: What psycopg's ``Connection`` options change on the server's transaction: an
 #: open transaction must end before SQLAlchemy sets one.
 _CHARACTERISTICS = frozenset({"isolation_level", "postgresql_readonly", "postgresql_deferrable"})
+
+
+def _gave_up(
+    side: Side, endpoint: str, attempts: int, exc: BaseException, verdict: str
+) -> DatabaseUnavailableError:
+    """The outage a failed connect becomes. Where, and what the driver said, go to the
+    log only: the exception's text may reach an anonymous client in a 503."""
+    if verdict == "misconfigured":
+        logger.error(
+            "fastapi_rwdb: the %s side at %s refused the login (%s); check POSTGRES_USER, "
+            "POSTGRES_PASSWORD and POSTGRES_DB (or RWDB_%s_URL)",
+            side,
+            endpoint,
+            brief(exc),
+            side.upper(),
+        )
+        return DatabaseUnavailableError(f"the {side} side of the database refused the login")
+    logger.warning(
+        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
+        side,
+        endpoint,
+        attempts,
+        brief(exc),
+    )
+    return DatabaseUnavailableError(
+        f"cannot connect to the {side} side of the database after {attempts} attempts"
+    )
 
 
 def instrument(
@@ -54,28 +84,27 @@ def instrument(
     @event.listens_for(engine, "do_connect")
     def _connect_with_retry(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
         delay = backoff
+        if ping_timed_out(conn_rec):
+            # The checkout this connect serves found its pooled connection's path frozen:
+            # the read runs elsewhere now rather than wait out a connect timeout there.
+            error = ReplicaTimeoutError if side == "read" else DatabaseUnavailableError
+            raise error(
+                f"a pooled connection of the {side} side did not answer its checkout ping "
+                "in time; no new one is opened on the same path for this checkout"
+            )
+        limit = settings.read_timeout if side == "read" else settings.write_timeout
+        deadline.bound_connect(cparams, limit, is_async=is_async, side=side)
         for attempt in range(retries + 1):
             try:
                 connection = dialect.connect(*cargs, **cparams)
             except Exception as exc:
-                if not is_transient_connect_error(exc):
-                    raise
-                if attempt == retries:
+                verdict = classify_connect_error(exc)
+                if verdict is None:
+                    raise  # not a connection failure: a bug, shown as one
+                if verdict == "misconfigured" or attempt == retries:
                     if health is not None:
                         health.connect_failed()
-                    # Where, and what the driver said, go to the log only: the
-                    # exception's text may reach an anonymous client in a 503.
-                    logger.warning(
-                        "fastapi_rwdb: cannot connect to the %s side at %s after %d attempts (%s)",
-                        side,
-                        endpoint,
-                        retries + 1,
-                        brief(exc),
-                    )
-                    raise DatabaseUnavailableError(
-                        f"cannot connect to the {side} side of the database after "
-                        f"{retries + 1} attempts"
-                    ) from exc
+                    raise _gave_up(side, endpoint, attempt + 1, exc, verdict) from exc
                 logger.warning(
                     "cannot open a %s connection to %s (%s); retry %d of %d in %.2fs",
                     side,
@@ -97,7 +126,9 @@ def instrument(
         raise AssertionError("unreachable")  # pragma: no cover
 
     if ping:
-        install_ping(engine, settings, is_async=is_async)
+        install_ping(engine, settings, is_async=is_async, side=side)
+    if side == "write" and settings.write_timeout > 0:
+        deadline.watch(engine, is_async=is_async, side=side, every=settings.write_timeout)
 
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
@@ -115,7 +146,14 @@ def instrument(
 
         before_connection_options(engine, _characteristics)
 
+    if is_async:
+        # libpq sets psycopg's from its connection parameters (factory.connect_args).
+        @event.listens_for(engine, "connect")
+        def _tcp_options(dbapi_connection: Any, conn_rec: Any) -> None:
+            set_socket_options(dbapi_connection.driver_connection, settings)
+
     if side == "read":
+        deadline.watch(engine, is_async=is_async, side=side)
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:

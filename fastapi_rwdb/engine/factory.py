@@ -22,6 +22,7 @@ from ..routing.replicas import ReadSideHealth
 from ..settings import Driver, RWDBSettings, Side, parse_url
 from .events import ROLE_OPTION, instrument
 from .pool import AsyncIdleClosingQueuePool, IdleClosingQueuePool
+from .sockets import libpq_params
 
 __all__ = [
     "AsyncEnginePair",
@@ -42,12 +43,14 @@ def connect_args(driver: Driver, settings: RWDBSettings) -> dict[str, Any]:
     Unless ``RWDB_PREPARED_STATEMENTS`` is on, every server-side statement
     cache is off: PgBouncer in transaction mode gives each transaction any
     server connection, and a statement prepared on one is missing (or
-    duplicated) on the next.
+    duplicated) on the next. On psycopg they also carry the TCP keepalives and
+    ``tcp_user_timeout`` (asyncpg takes none: :mod:`.events` sets them on its socket).
     """
     if driver == "psycopg":
         args: dict[str, Any] = {
             "connect_timeout": max(1, round(settings.connect_timeout)),
             "application_name": settings.application_name,
+            **libpq_params(settings),
         }
         if not settings.prepared_statements:
             args["prepare_threshold"] = None

@@ -11,7 +11,7 @@ may come back, as HikariCP does with its ``idleTimeout``: a connection above
 ``pool_size`` is closed on its return only once the pool has not needed that
 many connections at a time for ``idle_timeout`` seconds. The limit stays
 ``pool_size + max_overflow``, so the budget against PgBouncer's
-``max_client_conn`` is unchanged (README: "Sizing the pools").
+``max_client_conn`` is unchanged (docs/configuration.md, "Sizing the pools").
 
 Connections are handed out in turn (FIFO, as SQLAlchemy's pool does), not most
 recently used first: through HAProxy each pooled read connection stays on one

@@ -19,6 +19,9 @@ READ_ONLY_SQLSTATE = "25006"
 #: The server (or the proxy in front of it) is shutting down, restarting, or out of
 #: connection slots for a moment: worth another try.
 SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
+#: The server cancelled a statement at its ``statement_timeout``: a busy server, not a
+#: frozen one (a read's deadline, engine/deadline.py).
+STATEMENT_TIMEOUT = "57014"
 #: A replica cancelled a query to go on replaying WAL (snapshot, lock or buffer-pin
 #: conflict with recovery).
 REPLAY_CONFLICT = frozenset({"40001", "40P01"})
@@ -36,24 +39,6 @@ def sqlstate_of(exc: BaseException) -> str | None:
 def is_connection_failure(code: str | None) -> bool:
     """Class 08 (connection exception) or a server going away."""
     return code is not None and (code.startswith("08") or code in SERVER_GOING_AWAY)
-
-
-def is_transient_connect_error(exc: BaseException) -> bool:
-    """Whether opening a connection may succeed if tried again shortly.
-
-    asyncpg reports a refused or reset socket as a bare ``OSError``; psycopg
-    wraps it in ``OperationalError`` without a SQLSTATE. Authentication
-    failures and unknown databases are not transient and fail at once.
-    """
-    if isinstance(exc, OSError):
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return is_connection_failure(code)
-    if type(exc).__name__ == "OperationalError":
-        text = str(exc).lower()
-        return not any(word in text for word in ("authentication", "does not exist", "role "))
-    return False
 
 
 def brief(exc: BaseException) -> str:

@@ -38,7 +38,8 @@ def ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | N
         return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
     if isinstance(raw, psycopg.Connection):
         # An empty query, as SQLAlchemy's own ping: the server has nothing to parse.
-        _execute_autocommit(raw, ";")
+        # Sent on the low-level handle, as psycopg's own execute() has no deadline.
+        _answer(_simple_query(raw.pgconn, b";", timeout))
     else:  # asyncpg (which cannot take an empty query): the simple protocol, one round trip
         await_(raw.execute("SELECT 1", timeout=timeout))
     return None
@@ -50,7 +51,7 @@ _SNAPSHOT_AT_FIRST = "rwdb_snapshot_at_first"
 
 
 def begin_reading_position(
-    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float
+    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float, then: bytes = b""
 ) -> int | None:
     """The server's WAL position, read in the message that opens the transaction
     the session's statements will run in.
@@ -68,17 +69,22 @@ def begin_reading_position(
     was read, so it holds everything up to it. Under REPEATABLE READ the snapshot
     would be the position query's own, possibly older than the position it
     reads: such a connection gets the position outside any transaction instead.
+    ``then``: a statement of the transaction sent in the same message (the read
+    deadline's ``SET LOCAL``), only where the transaction is opened here.
     """
     level = raw.isolation_level
     if info.get(_SNAPSHOT_AT_FIRST) or level not in (None, psycopg.IsolationLevel.READ_COMMITTED):
-        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL))
-    results = _simple_query(
-        raw.pgconn, _begin_command(raw) + b"; " + _POSITION_AND_ISOLATION_SQL, timeout
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
+    last = _answer(
+        _simple_query(
+            raw.pgconn,
+            _begin_command(raw)
+            + (b"; " + then if then else b"")
+            + b"; "
+            + _POSITION_AND_ISOLATION_SQL,
+            timeout,
+        )
     )
-    last = results[-1] if results else None
-    if last is None or last.status != psycopg.pq.ExecStatus.TUPLES_OK:
-        message = "" if last is None else (last.error_message or b"").decode(errors="replace")
-        raise psycopg.OperationalError(message.strip() or "no answer to the position query")
     position = parse_lsn(_text(last.get_value(0, 0)))
     if last.get_value(0, 1) != b"read committed":
         # The server's default isolation level is another: ask outside any
@@ -88,6 +94,13 @@ def begin_reading_position(
         return position
     info[_BEGUN] = True
     return position
+
+
+def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> None:
+    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then`` in
+    the same message (one round trip, as psycopg's own ``BEGIN`` costs); psycopg sees
+    the transaction open and sends none. :class:`NoAnswerError` after ``timeout``."""
+    _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
 
 
 def _simple_query(pgconn: Any, sql: bytes, timeout: float | None) -> list[Any]:
@@ -113,12 +126,31 @@ def _simple_query(pgconn: Any, sql: bytes, timeout: float | None) -> list[Any]:
         _wait(pgconn.socket, select.POLLIN, deadline, timeout)
 
 
+class NoAnswerError(psycopg.OperationalError):
+    """The server sent nothing back within the deadline. The connection is left
+    mid-query and must be discarded, never used again: its answer may come later."""
+
+
 def _wait(fd: int, events: int, deadline: float | None, timeout: float | None) -> None:
     poller = select.poll()
     poller.register(fd, events)
     wait_ms = -1 if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
     if not poller.poll(wait_ms):
-        raise psycopg.OperationalError(f"no answer within {timeout:g} s")
+        raise NoAnswerError(f"no answer within {timeout:g} s")
+
+
+def _answer(results: list[Any]) -> Any:
+    """The last result of a simple query, or the server's error as psycopg's."""
+    last = results[-1] if results else None
+    ok = (
+        psycopg.pq.ExecStatus.TUPLES_OK,
+        psycopg.pq.ExecStatus.COMMAND_OK,
+        psycopg.pq.ExecStatus.EMPTY_QUERY,
+    )
+    if last is None or last.status not in ok:
+        message = "" if last is None else (last.error_message or b"").decode(errors="replace")
+        raise psycopg.OperationalError(message.strip() or "no answer to the query")
+    return last
 
 
 def simple_query_results(raw: psycopg.Connection[Any], sql: str) -> list[Any]:
@@ -212,6 +244,11 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
     (psycopg or asyncpg) outside any transaction: one statement, one round trip,
     no BEGIN and no ROLLBACK around it. ``sql`` must return one text column."""
     if isinstance(raw, psycopg.Connection):
+        idle = raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if timeout is not None and idle:
+            # Outside a transaction a simple query is one of its own: the deadline holds.
+            last = _answer(_simple_query(raw.pgconn, sql.encode(), timeout))
+            return _text(last.get_value(0, 0)) if last.ntuples else None
         row = _execute_autocommit(raw, sql).fetchone()
         return None if row is None else row[0]
     return _fetch_by_copy(raw, sql, timeout)

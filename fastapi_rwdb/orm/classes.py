@@ -23,7 +23,7 @@ from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL
 from ..errors import ReadOnlySessionError
 from ..settings import SessionKind
 from . import reconnect, writes
-from .reads import RoutedReads
+from .reads import RoutedReads, deadline_on_replica
 from .replay import ReplayConflictRetry
 
 
@@ -56,6 +56,7 @@ def read_class(base: type[Session]) -> type[Session]:
         mixins = (*retry, RoutedReads, base)
         cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)
+        event.listen(cls, "after_begin", deadline_on_replica)
         reconnect.watch(cls)
         _classes[key] = cls
     return _classes[key]

@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ..engine.checkout import connect_at_position, position_of
+from ..engine.checkout import ConnectionLostError, connect_at_position, position_of
+from ..engine.deadline import begin_within, set_local
 from ..engine.sqlalchemy_internals import await_
 from ..errors import DatabaseUnavailableError
 from ..observe import metrics
@@ -35,7 +36,7 @@ from ..routing.rules import (
     next_replica_step,
 )
 from ..routing.tokens import Token
-from .session_info import ReadBinds, binds_of, give_state, own_state, wait_ms_of
+from .session_info import ReadBinds, binds_of, give_state, own_state, timeout_of, wait_ms_of
 
 #: Session.info keys of this module.
 _CHOICE = "rwdb_read_choice"  # (state version, bind) of the last routing
@@ -68,6 +69,29 @@ class RoutedReads(Session):
             conn.invalidate()
         super().invalidate()
         _release(self)
+
+
+def deadline_on_replica(session: Session, transaction: Any, connection: Connection) -> None:
+    """``after_begin``: a transaction on the read port gets the read deadline (see
+    :mod:`fastapi_rwdb.engine.deadline`); the primary's reads are not the read side's."""
+    binds = binds_of(session)
+    if binds is None or transaction.parent is not None:
+        return
+    if connection.engine.pool is binds.replica.pool:
+        begin_within(connection, timeout_of(session, binds))
+
+
+def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
+    """Whether the session's current routing chose the read port (its engine, or one
+    of its connections), as the last :meth:`RoutedReads.get_bind` answered: asked
+    after a failure, so it never routes again."""
+    cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
+    if cached is None:
+        return False
+    bind = cached[1]
+    return bind is binds.replica or (
+        isinstance(bind, Connection) and bind.engine.pool is binds.replica.pool
+    )
 
 
 def _release(session: Session) -> None:
@@ -110,9 +134,9 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
         bind = binds.replica
     else:
         found = _replica_at(session, binds, route)
-        if found is None:
-            target, reason = "primary", route.if_behind
-            if state is not None:
+        if isinstance(found, Primary):
+            target, reason = "primary", found.reason
+            if state is not None and found.reason == route.if_behind:
                 state.replica_behind = True
             bind = binds.primary
             if follow:
@@ -160,13 +184,15 @@ def _fresh_state(session: Session, binds: ReadBinds, marker: RequestState) -> Re
 
 def _replica_at(
     session: Session, binds: ReadBinds, route: Route
-) -> tuple[Connection, str, int | None] | None:
+) -> tuple[Connection, str, int | None] | Primary:
     """Carries out :func:`~fastapi_rwdb.routing.rules.next_replica_step` until it takes a
     replica connection (returned, owned by the session, with the reason and position)
-    or says the primary (``None``)."""
+    or says the primary (that step returned, with its reason)."""
     seen: list[Seen] = []
     held: list[Connection | None] = []  # by index of seen; None once lost
     wait = wait_ms_of(session, binds) / 1000
+    timeout = timeout_of(session, binds)
+    then = set_local(timeout).encode() if timeout > 0 else b""
     waited: float | None = None
     started = 0.0
     chosen: Connection | None = None
@@ -179,7 +205,7 @@ def _replica_at(
                 assert chosen is not None
                 return _own(session, chosen), step.reason, seen[step.index].position
             if isinstance(step, Primary):
-                return None
+                return step
             if isinstance(step, Poll):
                 if waited is None:
                     started = time.monotonic()
@@ -196,10 +222,14 @@ def _replica_at(
                 continue
             try:
                 conn, position, remembered = connect_at_position(
-                    binds.replica, begin=step.begin, needed=route.min_lsn
+                    binds.replica, begin=step.begin, needed=route.min_lsn, then=then
                 )
-            except DatabaseUnavailableError:
+            except ConnectionLostError:
                 seen.append(Seen(lost=True))  # that connection is gone (and discarded)
+                held.append(None)
+                continue
+            except DatabaseUnavailableError:
+                seen.append(Seen(lost=True, unreachable=True))  # none could be opened
                 held.append(None)
                 continue
             seen.append(Seen(position, remembered=remembered))

@@ -39,6 +39,7 @@ logger = logging.getLogger("fastapi_rwdb")
 
 _CONNECTIONS = "rwdb_transaction_connections"  # Session.info: connections of this transaction
 _COMMITTING = "rwdb_committing"
+_RETRYING = "rwdb_retrying"  # Session.info: the one retry of a first statement is running
 
 
 class LostConnectionRetry(Session):
@@ -54,7 +55,11 @@ class LostConnectionRetry(Session):
                 raise
         _log_retry()
         self.rollback()
-        return super()._execute_internal(statement, *args, **kw)
+        self.info[_RETRYING] = True
+        try:
+            return super()._execute_internal(statement, *args, **kw)
+        finally:
+            self.info.pop(_RETRYING, None)
 
     def flush(self, objects: Any = None) -> None:
         pending = _only_pending(self)
@@ -114,6 +119,12 @@ def transaction_connections(session: Session) -> list[Connection]:
 def is_first_statement(session: Session) -> bool:
     """Whether nothing has run yet in the session's transaction (or there is none)."""
     return not session.info.get(_CONNECTIONS)
+
+
+def will_retry(session: Session, exc: DBAPIError) -> bool:
+    """Whether :class:`LostConnectionRetry` will run the failed first statement again on
+    a new connection (it does once: not when this is already its retry)."""
+    return not session.info.get(_RETRYING) and _retryable(session, exc)
 
 
 def is_autobegun(session: Session) -> bool:

@@ -21,9 +21,20 @@ outage: the same read would succeed elsewhere.
   :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
   with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.web.unavailable`).
 
-A replica connection lost under the first statement (HAProxy closes the
-sessions of a node that leaves the read port; a pooled connection the checkout
-ping skipped) is retried by :mod:`.reconnect`, for every session.
+Unreachable replicas: the read port refused, did not answer, or its proxy could
+not reach a server (the connect retry gave up, or the first statement met class
+08 / a server going away).
+
+* A transaction's first statement is a read-only one that has seen nothing: it
+  runs again on the primary, in the same request (``X-RWDB-Read: primary;
+  reason=replica-unreachable``), and the read side's breaker hears of it, so
+  that later requests skip the attempt once it opens. Only the first statement:
+  later ones fail as an outage (503), as above.
+* A pooled connection lost under the first statement (HAProxy closes the
+  sessions of a node that leaves the read port; a connection the checkout ping
+  skipped) is first run again on a new connection of the read port by
+  :mod:`.reconnect`, for every session; only if that new connection cannot be
+  opened does the read go to the primary.
 
 The retry needs the statement itself, so it hooks where every ORM and Core
 statement of a session passes: SQLAlchemy's private
@@ -45,16 +56,19 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ..engine.sqlstates import REPLAY_CONFLICT, sqlstate_of
+from ..engine.sqlstates import REPLAY_CONFLICT, is_connection_failure, sqlstate_of
 from ..engine.wire import POSITION_SQL
-from ..errors import ReplicaConflictError
+from ..errors import DatabaseUnavailableError, ReplicaConflictError, ReplicaTimeoutError
 from ..observe import metrics
 from ..routing.lsn import parse_lsn
 from ..routing.request import RequestState, request_state
-from .reconnect import is_autobegun, is_first_statement, transaction_connections
+from .reads import routed_to_replica
+from .reconnect import is_autobegun, is_first_statement, transaction_connections, will_retry
 from .session_info import ReadBinds, binds_of, own_state
 
 REASON = "replay-conflict"
+UNREACHABLE = "replica-unreachable"
+TIMED_OUT = "replica-timeout"
 
 _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
 
@@ -73,20 +87,21 @@ class ReplayConflictRetry(Session):
         first = is_first_statement(self)  # no connection yet: nothing read
         try:
             return super()._execute_internal(statement, *args, **kw)
+        except DatabaseUnavailableError as exc:
+            # The read port could not be opened (the connect retry gave up and told the
+            # breaker), or its replica did not answer within the read deadline (the
+            # connection is discarded): a first statement has seen nothing, the primary
+            # has it all.
+            if not (first and is_autobegun(self) and routed_to_replica(self, binds)):
+                raise
+            reason = TIMED_OUT if isinstance(exc, ReplicaTimeoutError) else UNREACHABLE
         except DBAPIError as exc:
-            if sqlstate_of(exc) not in REPLAY_CONFLICT or not _on_replica(self, binds.replica):
-                raise  # a lost connection included: LostConnectionRetry retries it
-            if not (first and is_autobegun(self)):
-                raise ReplicaConflictError(
-                    "a replica cancelled this read to replay the primary's changes (SQLSTATE "
-                    f"{sqlstate_of(exc)}, conflict with recovery) after the transaction had "
-                    "already read; retry the request"
-                ) from exc
-            self.rollback()  # expires loaded objects, as any rollback does
-            _move_to_primary(self)
-            result = super()._execute_internal(statement, *args, **kw)
-            _note_primary_position(self, binds)
-            return result
+            reason = _replica_failure(self, binds, exc, first)
+        self.rollback()  # expires loaded objects, as any rollback does
+        _move_to_primary(self, reason)
+        result = super()._execute_internal(statement, *args, **kw)
+        _note_primary_position(self, binds)
+        return result
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         binds = binds_of(self)
@@ -97,6 +112,30 @@ class ReplayConflictRetry(Session):
     def close(self) -> None:
         super().close()
         self.info.pop(_ON_PRIMARY, None)
+
+
+def _replica_failure(session: Session, binds: ReadBinds, exc: DBAPIError, first: bool) -> str:
+    """Why a failed replica read may run again on the primary; raises when it may not."""
+    code = sqlstate_of(exc)
+    if code in REPLAY_CONFLICT and _on_replica(session, binds.replica):
+        if not (first and is_autobegun(session)):
+            raise ReplicaConflictError(
+                "a replica cancelled this read to replay the primary's changes (SQLSTATE "
+                f"{code}, conflict with recovery) after the transaction had already read; "
+                "retry the request"
+            ) from exc
+        return REASON
+    unreachable = is_connection_failure(code) or exc.connection_invalidated
+    # A BEGIN that failed (the read deadline's one-message BEGIN runs in after_begin)
+    # left no connection in the transaction: the routing's choice says where it was.
+    on_replica = _on_replica(session, binds.replica) or routed_to_replica(session, binds)
+    if not (unreachable and first and is_autobegun(session) and on_replica):
+        raise exc
+    if will_retry(session, exc):
+        raise exc  # LostConnectionRetry runs it again on a new replica connection first
+    if binds.health is not None:
+        binds.health.connect_failed()  # the proxy took the connection, no server behind
+    return UNREACHABLE
 
 
 def _on_replica(session: Session, replica: Engine) -> bool:
@@ -120,10 +159,10 @@ def _note_primary_position(session: Session, binds: ReadBinds) -> None:
         state.note_seen(lsn)
 
 
-def _move_to_primary(session: Session) -> None:
+def _move_to_primary(session: Session, reason: str) -> None:
     session.info[_ON_PRIMARY] = True
-    metrics.record_route("primary", REASON)
+    metrics.record_route("primary", reason)
     state = request_state.get()
     if state is not None:
         state.read_target = "primary"
-        state.read_reason = REASON
+        state.read_reason = reason

@@ -27,6 +27,7 @@ logger = logging.getLogger("fastapi_rwdb")
 _BINDS = "rwdb_read_binds"
 _STATE = "rwdb_state"  # a RequestState of the session's own (a job's token, a fresh read)
 _WAIT_MS = "rwdb_wait_ms"  # overrides RWDB_PIN_WAIT_MS for one session
+_TIMEOUT = "rwdb_read_timeout"  # overrides RWDB_READ_TIMEOUT for one session
 _PIN_MODE = "rwdb_pin_mode"  # on write sessions: RWDB_PIN_MODE, for the commit tracking
 _OWN_UNIT = "rwdb_own_unit"  # a write session that is a unit of work of its own
 
@@ -42,6 +43,7 @@ class ReadBinds:
     is_async: bool
     health: ReadSideHealth | None = None
     consistency: Consistency = "read-your-writes"
+    timeout: float = 0.0  # RWDB_READ_TIMEOUT: each replica statement's deadline (0: none)
 
     @property
     def follows_reads(self) -> bool:
@@ -97,6 +99,13 @@ def read_fresh(info: dict[Any, Any], wait: float | None, database: ServingDataba
     give_state(info, RequestState(fresh=True, database=database), wait_ms)
 
 
+def give_timeout(info: dict[Any, Any], timeout: float | None) -> None:
+    """The read session's replica statements get ``timeout`` seconds each instead of
+    ``RWDB_READ_TIMEOUT`` (``None``: the setting; 0: no deadline)."""
+    if timeout is not None:
+        info[_TIMEOUT] = max(0.0, timeout)
+
+
 def mark_own_unit(info: dict[Any, Any]) -> None:
     """The write session is a unit of work of its own (``get_write_db_context()``), as
     a job's is: its commits after a response has started are expected, not lost."""
@@ -119,6 +128,11 @@ def own_state(session: Session) -> RequestState | None:
 def wait_ms_of(session: Session, binds: ReadBinds) -> int:
     wait: int = session.info.get(_WAIT_MS, binds.wait_ms)
     return wait
+
+
+def timeout_of(session: Session, binds: ReadBinds) -> float:
+    timeout: float = session.info.get(_TIMEOUT, binds.timeout)
+    return timeout
 
 
 def pin_mode_of(session: Session) -> PinMode:

@@ -20,6 +20,9 @@ from .tokens import Token
 logger = logging.getLogger("fastapi_rwdb")
 
 _LATE_WARNING_EVERY = 60.0  # seconds, per route
+# Keyed by route template, or by the raw path when no route matched (one key per URL):
+# bounded, as a long-running process may see any number of distinct paths.
+_LATE_WARNED_KEPT = 256
 _late_warned: dict[str, float] = {}
 
 
@@ -73,6 +76,8 @@ def _warn_late_commit(scope: Any) -> None:
     now = time.monotonic()
     if now - _late_warned.get(where, -_LATE_WARNING_EVERY) < _LATE_WARNING_EVERY:
         return
+    if len(_late_warned) >= _LATE_WARNED_KEPT:
+        _late_warned.clear()
     _late_warned[where] = now
     logger.warning(
         "fastapi_rwdb: %s committed a write after its response had started (in a streaming "

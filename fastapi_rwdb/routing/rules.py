@@ -115,6 +115,7 @@ class Seen:
 
     position: int | None = None  # the WAL position its server has replayed
     lost: bool = False  # it failed while checked out or asked: discarded
+    unreachable: bool = False  # none could be opened (the connect retry gave up): lost too
     remembered: bool = False  # its position from moments ago, known without a round trip
 
 
@@ -166,9 +167,11 @@ def next_replica_step(
     # One pass over what was seen (this runs on every read that needs a position).
     held = tries = 0
     best = -1  # the most advanced connection held
+    unreachable = False  # a connect gave up
     for i, one in enumerate(seen):
         if one.lost:
             tries += 1
+            unreachable = unreachable or one.unreachable
             continue
         # 1. A connection whose server has replayed far enough serves.
         if _far_enough(one.position, route.min_lsn):
@@ -177,16 +180,21 @@ def next_replica_step(
         tries += not one.remembered
         if best < 0 or (one.position or -1) > (seen[best].position or -1):
             best = i
-    # 2. Before any waiting: another connection, perhaps to another replica, while tries
+    # 2. The read port could not be opened at all (its connect retry gave up): another
+    #    try would pay the same again; the primary serves this read, and the breaker,
+    #    told by the connect retry, spares later ones the attempt.
+    if unreachable:
+        return Primary("replica-unreachable")
+    # 3. Before any waiting: another connection, perhaps to another replica, while tries
     #    are left. One known to be behind from moments ago cost no round trip, so it
     #    used no try (a paused replica's connections must not use up a read's tries).
     #    Once some are held, only an idle one is taken: the check never waits for the pool.
     if waited is None and tries < TRIES and not (held and idle == 0):
         return TryAnother(begin=tries == 0)
-    # 3. Give the most advanced of them a little time to catch up.
+    # 4. Give the most advanced of them a little time to catch up.
     if held and wait > 0 and (waited or 0.0) < wait:
         return Poll(best)
-    # 4. None has it in time: the primary, which is certain to.
+    # 5. None has it in time: the primary, which is certain to.
     return Primary(route.if_behind)
 
 

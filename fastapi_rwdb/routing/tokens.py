@@ -18,18 +18,12 @@ lookup and the expiry check.
 from __future__ import annotations
 
 import binascii
-import functools
 import hashlib
 import hmac
-import logging
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from ..settings import RWDBSettings
-
-logger = logging.getLogger("fastapi_rwdb")
 
 VERSION = "2"
 MAX_LENGTH = 128  # a real token is about 50 characters
@@ -135,7 +129,9 @@ class TokenSigner:
 
 
 def derive_key(user: str, database: str, password: str) -> bytes:
-    """A token key every process of a deployment computes alike with no setting.
+    """A token key every process of a deployment computes alike with no setting,
+    the last resort when the key kept in the database cannot be had
+    (:mod:`fastapi_rwdb.engine.keystore`).
 
     Made from what they all share already: the database credentials. The hosts
     are left out, as pods may reach the same database through different
@@ -150,32 +146,20 @@ def derive_key(user: str, database: str, password: str) -> bytes:
     return hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
 
 
-def signing_keys(settings: RWDBSettings) -> list[bytes]:
-    """The signing key first, then the keys that still verify.
-
-    With no ``RWDB_SECRET_KEY`` every process derives the same key from the
-    database credentials, so tokens keep working across workers and pods with
-    no setting; see :func:`derive_key`.
-    """
-    fallbacks = [key.encode() for key in settings.fallback_keys()]
-    if settings.secret_key is not None:
-        return [settings.secret_key.get_secret_value().encode(), *fallbacks]
-    url = settings.url("write", "psycopg")
-    password = url.password or ""
-    if settings.pin_mode != "off" and not password:
-        logger.warning(
-            "fastapi_rwdb: RWDB_SECRET_KEY is not set and the database password is empty "
-            "(trust authentication?), so the read-your-writes token key, derived from the "
-            "user and database names, can be guessed. A forged token cannot read or change "
-            "any data, nor touch other clients: it only sends its bearer's own reads to the "
-            "primary. Set RWDB_SECRET_KEY to the same long random string on every process "
-            "to rule that out."
-        )
-    derived = _derived_key(url.username or "", url.database or "", str(password))
-    return [derived, *fallbacks]
-
-
-@functools.lru_cache(maxsize=8)
-def _derived_key(user: str, database: str, password: str) -> bytes:
-    # Cached: the derivation is slow on purpose, and tests build many Databases.
-    return derive_key(user, database, password)
+def load_unverified(
+    raw: str | None, max_age: float, now: float | None = None, *, check_expiry: bool = True
+) -> Token | None:
+    """A token taken at its word, for the moments when the key is not known yet
+    (see :mod:`fastapi_rwdb.engine.keystore` for why that is safe): the format and
+    the bounds on the expiry are checked, the signature cannot be."""
+    if not raw or len(raw) > MAX_LENGTH:
+        return None
+    body, _, signature = raw.rpartition(".")
+    parts = _BODY.fullmatch(body)
+    if parts is None or len(signature) != 22:
+        return None
+    token = Token(lsn=int(parts[1], 16), expires=int(parts[2]))
+    now = time.time() if now is None else now
+    if token.expires > now + max_age + 1 or (check_expiry and token.expires <= now):
+        return None
+    return token

@@ -84,6 +84,40 @@ async def get_async_db() -> AsyncIterator[AsyncSession]:
         yield session
 
 
+def read_db(*, timeout: float) -> Callable[[], Iterator[Session]]:
+    """:func:`get_read_db` whose replica statements each get ``timeout`` seconds instead
+    of ``RWDB_READ_TIMEOUT`` (0: no deadline): ``Depends(read_db(timeout=60))`` on a
+    route that runs reports. The same function for the same ``timeout``."""
+    if timeout not in _SYNC_BY_TIMEOUT:
+
+        def get_read_db_within() -> Iterator[Session]:
+            with get_database().read_session(timeout=timeout) as session:
+                yield session
+
+        _SYNC_BY_TIMEOUT[timeout] = get_read_db_within
+        SESSION_DEPENDENCIES[get_read_db_within] = ("read", None)
+    return _SYNC_BY_TIMEOUT[timeout]
+
+
+def async_read_db(*, timeout: float) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """The asyncpg twin of :func:`read_db`."""
+    if timeout not in _ASYNC_BY_TIMEOUT:
+
+        async def get_async_read_db_within() -> AsyncIterator[AsyncSession]:
+            async with get_database().async_read_session(timeout=timeout) as session:
+                yield session
+
+        _ASYNC_BY_TIMEOUT[timeout] = get_async_read_db_within
+        SESSION_DEPENDENCIES[get_async_read_db_within] = ("read", None)
+    return _ASYNC_BY_TIMEOUT[timeout]
+
+
+#: read_db()'s and async_read_db()'s dependencies, by timeout: FastAPI caches a
+#: dependency per callable, so one timeout must give one function.
+_SYNC_BY_TIMEOUT: dict[float, Callable[[], Iterator[Session]]] = {}
+_ASYNC_BY_TIMEOUT: dict[float, Callable[[], AsyncIterator[AsyncSession]]] = {}
+
+
 WriteSession = Annotated[Session, Depends(get_write_db)]
 ReadSession = Annotated[Session, Depends(get_read_db)]
 DBSession = Annotated[Session, Depends(get_db)]

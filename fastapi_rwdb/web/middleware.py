@@ -19,7 +19,7 @@ from ..current import get_database
 from ..database import Database
 from ..observe import metrics
 from ..routing.request import RequestState, request_state
-from ..routing.tokens import Token
+from ..routing.tokens import Token, TokenSigner, load_unverified
 from ..settings import RWDBSettings
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -44,7 +44,7 @@ class ReadYourWritesMiddleware:
         s = database.settings
         self._cookie = s.cookie_name.encode()
         self._header = s.token_header.lower().encode()
-        self._signer = database.signer
+        self._keys = database.signing_keys
         self._health = database.health
         self._issue = s.pin_mode != "off"
         self._window = s.pin_mode == "window"
@@ -71,7 +71,7 @@ class ReadYourWritesMiddleware:
             header = self._header
             for name, _ in headers:
                 if name == header or name == b"cookie":  # else no token: no call
-                    token = self._incoming(headers)
+                    token = self._incoming(headers, await self._signer(issuing=False))
                     break
         state = RequestState(token=token, database=database, scope=scope)
         reset = request_state.set(state)
@@ -88,7 +88,9 @@ class ReadYourWritesMiddleware:
                     or state.seen_lsn is not None
                     or routing_header
                 ):
-                    extra = self._outgoing(state)
+                    extra = self._outgoing(
+                        state, await self._signer(issuing=state.commit_lsn is not None)
+                    )
                     if extra:
                         message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
@@ -115,7 +117,21 @@ class ReadYourWritesMiddleware:
         finally:
             request_state.reset(reset)
 
-    def _incoming(self, headers: list[tuple[bytes, bytes]]) -> Token | None:
+    async def _signer(self, *, issuing: bool) -> TokenSigner | None:
+        """The signer once the key is known. While it is not, an attempt to fetch it is
+        started (at most one a second); only a response that must carry a new token
+        waits for it (bounded, and the write just reached the primary), then ``None``:
+        see :mod:`fastapi_rwdb.engine.keystore` for what happens then."""
+        signer = self._keys.current()
+        if signer is None:
+            if issuing:
+                return await self._keys.load_async()
+            self._keys.load_in_background()
+        return signer
+
+    def _incoming(
+        self, headers: list[tuple[bytes, bytes]], signer: TokenSigner | None
+    ) -> Token | None:
         """The newest valid token among every header and cookie that may carry one.
 
         A client can hold an old token in one place and a newer one in another
@@ -138,18 +154,21 @@ class ReadYourWritesMiddleware:
                 if not raw:
                     continue
                 text = raw.decode("latin-1")
-                token = self._signer.load(text, max_age=self._pin_seconds)
+                if signer is None:
+                    token = load_unverified(text, self._pin_seconds)
+                else:
+                    token = signer.load(text, max_age=self._pin_seconds)
                 if token is None:
                     rejected = text
                 elif best is None or (token.lsn, token.expires) > (best.lsn, best.expires):
                     best = token
         if rejected is not None:
-            self._reject(rejected)
+            self._reject(rejected, signer)
         return best
 
-    def _reject(self, raw: str) -> None:
+    def _reject(self, raw: str, signer: TokenSigner | None) -> None:
         metrics.record_token("rejected")
-        if self._signer.load(raw, max_age=self._pin_seconds, check_expiry=False) is not None:
+        if signer is None or signer.load(raw, self._pin_seconds, check_expiry=False) is not None:
             return  # merely expired: routine for API clients that keep a header
         now = time.monotonic()
         if now - self._rejected_logged_at < _REJECTED_LOG_EVERY:
@@ -163,7 +182,9 @@ class ReadYourWritesMiddleware:
             "while rotating). Logged at most once a minute."
         )
 
-    def _outgoing(self, state: RequestState) -> list[tuple[bytes, bytes]]:
+    def _outgoing(
+        self, state: RequestState, signer: TokenSigner | None
+    ) -> list[tuple[bytes, bytes]]:
         extra: list[tuple[bytes, bytes]] = []
         if self._issue:
             incoming = state.token
@@ -176,9 +197,9 @@ class ReadYourWritesMiddleware:
                 # A new position to protect; never one older than the client's.
                 if incoming is not None and incoming.lsn > lsn:
                     lsn = incoming.lsn
-                value = self._signer.dump(
-                    Token(lsn=lsn, expires=int(time.time() + self._pin_seconds))
-                )
+                if signer is None:  # a write is never left without its token
+                    signer = self._keys.derived_signer("the database could not be reached")
+                value = signer.dump(Token(lsn=lsn, expires=int(time.time() + self._pin_seconds)))
                 extra.append(
                     (b"set-cookie", (self._set_cookie % (value, self._pin_seconds)).encode())
                 )
@@ -189,6 +210,7 @@ class ReadYourWritesMiddleware:
                 and not self._window
                 and not self._session
                 and self._health.all_replayed(incoming.lsn)
+                and self._database.stand_in() is None  # a stale replica never catches up
             ):
                 # Every replica has the client's last write: back to plain replica reads.
                 extra += self._cleared

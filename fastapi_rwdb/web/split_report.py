@@ -331,6 +331,14 @@ _PRIMARY_BECAUSE = {
         "the read side refused several connections in a row, and is tried again after "
         "RWDB_READ_RETRY_SECONDS"
     ),
+    "replica-timeout": (
+        "the replica gave no answer within the read deadline (RWDB_READ_TIMEOUT or the "
+        "route's timeout=): its connection was discarded and the read ran on the primary"
+    ),
+    "replica-unreachable": (
+        "no connection to the read side could be opened for this read; the breaker "
+        "sends later reads to the primary if it keeps failing"
+    ),
     "replica-lag": "every replica is further behind than RWDB_MAX_REPLICA_LAG",
     "replica-behind": "a replica was found behind your last write earlier in this request",
     "wrote-in-request": "this request committed a write",

@@ -20,8 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..current import get_database
+from ..engine.connect_errors import classify_connect_error
 from ..engine.sqlstates import (
     READ_ONLY_SQLSTATE,
+    STATEMENT_TIMEOUT,
     describe_error,
     is_connection_failure,
     sqlstate_of,
@@ -51,6 +53,17 @@ def unavailable_reason(exc: BaseException) -> str | None:
             return "the database connection was lost (failover or restart)"
         if is_connection_failure(code):
             return f"the database server is unavailable (SQLSTATE {code})"
+        if code == STATEMENT_TIMEOUT:
+            # A busy replica ended a read at its deadline's statement_timeout
+            # (engine/deadline.py), or the application's own statement_timeout fired.
+            return "the query ran longer than its deadline (statement timeout)"
+        # The connect table (engine/connect_errors.py): a driver's timeout or refusal
+        # without a SQLSTATE, a refused login, from an engine without the package's retry.
+        verdict = classify_connect_error(exc)
+        if verdict == "misconfigured":
+            return "the database refused the login"
+        if verdict is not None:
+            return "the database server is unavailable"
     return None
 
 

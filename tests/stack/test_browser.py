@@ -239,7 +239,7 @@ def test_the_same_from_another_origin_through_cors(
     server: str, page_origin: str, browser: Browser
 ) -> None:
     """The page on one origin, the API on another: fetch() with credentials, the
-    README's CORSMiddleware arguments, and the browser's cookie jar do the rest."""
+    quick start's CORSMiddleware arguments, and the browser's cookie jar do the rest."""
     add_and_list(browser, f"{page_origin}?api={server}")
     origin = browser.run("return location.origin")
     assert origin == page_origin.rsplit("/", 1)[0] and not server.startswith(origin)

@@ -192,7 +192,10 @@ async def test_in_session_consistency_a_read_moved_to_the_primary_counts_as_read
     response, deleted_at = await vacuumed_at(session_client, f"{flavour}/scan")
     assert response.status_code == 200, response.text
     assert response.headers["x-rwdb-read"] == "primary; reason=replay-conflict"
-    token = Database(RWDBSettings()).signer.load(response.headers["x-rwdb-pin"], max_age=3600)
+    # On the event loop the key is fetched asynchronously (the signer property would not block).
+    signer = await Database(RWDBSettings()).signing_keys.load_async()
+    assert signer is not None
+    token = signer.load(response.headers["x-rwdb-pin"], max_age=3600)
     assert token is not None and token.lsn >= deleted_at
 
 

@@ -1,4 +1,4 @@
-"""The README's CORS configuration, run as written, against the real stack.
+"""The CORS configuration of docs/quick-start.md, run as written, against the real stack.
 
 A browser page on another origin must be able to send its preflight, write,
 keep the cookie and read the token header of the response.
@@ -21,17 +21,17 @@ from ..helpers import add_writes, served_client
 
 pytestmark = pytest.mark.stack
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+QUICK_START = Path(__file__).resolve().parents[2] / "docs" / "quick-start.md"
 ORIGIN = "https://app.example.com"
 
 
-def readme_cors_app() -> FastAPI:
-    """The app the README's CORS section builds, with two routes added."""
-    section = README.read_text().split("### Browser apps on another origin (CORS)", 1)[1]
+def documented_cors_app() -> FastAPI:
+    """The app the quick start's CORS section builds, with two routes added."""
+    section = QUICK_START.read_text().split("## Browser apps on another origin (CORS)", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None, "the README's CORS section has no code block"
+    assert code is not None, "the quick start's CORS section has no code block"
     namespace: dict[str, Any] = {}
-    exec(code[1], namespace)  # noqa: S102 - our own README
+    exec(code[1], namespace)  # noqa: S102 - our own documentation
     app: FastAPI = namespace["app"]
 
     add_writes(app)
@@ -50,7 +50,7 @@ def exposed(response: httpx.Response) -> set[str]:
 
 
 async def test_a_cross_origin_page_can_write_keep_the_cookie_and_read_the_token() -> None:
-    app = readme_cors_app()
+    app = documented_cors_app()
     async with served_client(app, "https://api.example.com") as c:
         preflight = await c.options(
             "/notes",
@@ -85,7 +85,7 @@ async def test_a_cross_origin_page_can_write_keep_the_cookie_and_read_the_token(
 
 
 async def test_an_origin_not_listed_gets_no_cors_headers() -> None:
-    app = readme_cors_app()
+    app = documented_cors_app()
     async with served_client(app, "https://api.example.com") as c:
         preflight = await c.options(
             "/notes",

@@ -13,17 +13,21 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 
 import fastapi_rwdb
 from fastapi_rwdb import (
+    AsyncFreshReadSession,
     AsyncReadSession,
     AsyncWriteSession,
     Database,
     DatabaseUnavailableError,
+    FreshReadSession,
     ReadSession,
     RWDBSettings,
     WriteSession,
 )
+from fastapi_rwdb.web.unavailable import unavailable_reason
 
 from ..helpers import served_client, stack
 
@@ -45,6 +49,14 @@ def make_app(**overrides: object) -> FastAPI:
 
     @app.get("/async/read")
     async def read_async(db: AsyncReadSession) -> dict[str, bool]:
+        return {"replica": (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()}
+
+    @app.get("/fresh")
+    def fresh(db: FreshReadSession) -> dict[str, bool]:
+        return {"replica": db.execute(text("SELECT pg_is_in_recovery()")).scalar_one()}
+
+    @app.get("/async/fresh")
+    async def fresh_async(db: AsyncFreshReadSession) -> dict[str, bool]:
         return {"replica": (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()}
 
     @app.post("/write")
@@ -71,24 +83,54 @@ def serve(app: FastAPI) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     return served_client(app, "http://t", raise_app_exceptions=False)
 
 
-@pytest.mark.parametrize("path", ["/read", "/async/read"])
-async def test_refused_read_port_gives_503_then_reads_fall_back_to_the_primary(
+@pytest.mark.parametrize("path", ["/read", "/async/read", "/fresh", "/async/fresh"])
+async def test_a_refused_read_port_is_answered_by_the_primary_then_the_breaker_skips_it(
     path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Issue 20, item 11: a read whose replica connection cannot be opened is a
+    read-only first statement: the primary answers it in the same request (before,
+    the first RWDB_READ_FALLBACK_AFTER reads were 503s). ``/fresh`` takes the path
+    that checks a position on each replica connection (routing.rules.next_replica_step)."""
     app = make_app(read_port=CLOSED_PORT, read_fallback_after=2, read_retry_seconds=1)
+    health = fastapi_rwdb.get_database().health
     async with serve(app) as client:
-        first = [await client.get(path) for _ in range(2)]
-        assert [r.status_code for r in first] == [503, 503]
-        assert first[0].headers["retry-after"] == "1"
-        assert "cannot connect to the read side" in first[0].json()["detail"]
-        fallback = await client.get(path)
-        assert fallback.status_code == 200 and fallback.json() == {"replica": False}
-        assert fallback.headers["x-rwdb-read"] == "primary; reason=replica-down"
+        # (A fresh read routes by a state of its own: no X-RWDB-Read header.)
+        header = "/fresh" not in path
+
+        async def read(reason: str) -> None:
+            response = await client.get(path)
+            assert response.status_code == 200, response.text
+            assert response.json() == {"replica": False}
+            if header:
+                assert response.headers["x-rwdb-read"] == f"primary; reason={reason}"
+
+        for _ in range(2):
+            await read("replica-unreachable")
+        assert health.read_side_down
+        await read("replica-down")  # the breaker is open: no attempt at all
         time.sleep(1.1)
-        # Half-open: one read tries the read side again, fails, and re-opens the breaker.
-        assert (await client.get(path)).status_code == 503
-        assert (await client.get(path)).headers["x-rwdb-read"].endswith("replica-down")
+        # Half-open: one read tries the read side again, fails, is answered by the
+        # primary all the same, and re-opens the breaker.
+        assert not health.read_side_down
+        await read("replica-unreachable")
+        assert health.read_side_down
+        await read("replica-down")
     assert PASSWORD not in caplog.text
+
+
+def test_a_replica_lost_after_the_first_statement_is_an_outage_not_a_move() -> None:
+    """Only a transaction's first statement moves: after it the transaction has read
+    on that replica, and the primary could contradict it. The replica's server
+    connection is ended under the second statement: the error is an outage (503)."""
+    db = Database(RWDBSettings(**FAST_RETRY))  # type: ignore[arg-type]
+    try:
+        with db.read_session() as s:
+            assert s.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is True
+            with pytest.raises(DBAPIError) as info:
+                s.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        assert unavailable_reason(info.value) is not None, info.value
+    finally:
+        db.dispose_sync()
 
 
 @pytest.mark.parametrize("path", ["/write", "/async/write"])
@@ -140,10 +182,13 @@ def test_unreachable_host_raises_after_bounded_retries(caplog: pytest.LogCapture
 def test_wrong_password_fails_at_once_without_retries(caplog: pytest.LogCaptureFixture) -> None:
     wrong = "definitely-wrong-pw"
     db = Database(RWDBSettings(password=wrong, connect_retries=3))
-    with pytest.raises(Exception) as info, db.read_session() as s:
+    with pytest.raises(DatabaseUnavailableError) as info, db.read_session() as s:
         s.execute(text("SELECT 1"))
-    assert not isinstance(info.value, DatabaseUnavailableError)
+    # An outage all the same (a 503, never a 500), without the retries: the log says
+    # which settings to check.
+    assert "refused the login" in str(info.value)
     assert "retry" not in caplog.text
+    assert "check POSTGRES_USER, POSTGRES_PASSWORD" in caplog.text
     assert wrong not in str(info.value) + caplog.text
     db.dispose_sync()
 

@@ -19,6 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fastapi_rwdb.routing.tokens import TokenSigner, derive_key
+
+from .test_token_key import stored_key
+
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +139,20 @@ def test_uvicorn_workers_honour_each_others_tokens(
             stale.append(read.status_code)
     assert crossed == WRITES, f"only {crossed} reads reached the other worker"
     assert stale == [], f"{len(stale)} of {crossed} own reads on the other worker were stale"
+
+
+def test_with_no_setting_both_sign_with_the_key_kept_in_the_database(
+    two_processes: tuple[str, str],
+) -> None:
+    """No password oracle: the tokens of both processes verify under the key stored in
+    ``rwdb_token_key`` and under no key derived from the database password."""
+    e = os.environ
+    derived = TokenSigner(derive_key(e["POSTGRES_USER"], e["POSTGRES_DB"], e["POSTGRES_PASSWORD"]))
+    answers = [httpx.post(f"{base}/items", timeout=10) for base in two_processes]
+    tokens = [answer.headers["x-rwdb-pin"] for answer in answers]
+    key = stored_key()
+    assert key is not None
+    stored = TokenSigner(key.encode())
+    for token in tokens:
+        assert stored.load(token, max_age=60) is not None
+        assert derived.load(token, max_age=60) is None

@@ -286,7 +286,7 @@ async def test_the_stale_block_on_the_full_stack(
 def test_the_readme_example_with_a_test_client(
     plain_default: Database, rwdb: RWDBKit, rwdb_routes: RoutingRecorder
 ) -> None:
-    """As the README shows it: TestClient, the process-wide Database, seed then list."""
+    """As docs/testing.md shows it: TestClient, the process-wide Database, seed then list."""
     from fastapi.testclient import TestClient
 
     client = TestClient(make_app(plain_default))

@@ -190,6 +190,16 @@ def test_a_lost_connection_uses_a_try_and_is_never_taken() -> None:
     assert step(NEED, [Seen(lost=True)], idle=0) == TryAnother(begin=False)
 
 
+def test_a_read_port_that_cannot_be_opened_sends_the_read_to_the_primary_at_once() -> None:
+    """Issue 20, item 11: the connect retry already spent its attempts; another try
+    would pay them again, and waiting for a held one would not help this read."""
+    gone = Seen(lost=True, unreachable=True)
+    assert step(NEED, [gone]) == Primary("replica-unreachable")
+    assert step(LAG, [Seen(900), gone], wait=0.5) == Primary("replica-unreachable")
+    # one already found far enough still serves
+    assert step(NEED, [Seen(1000), gone]) == Take(0, "caught-up")
+
+
 def test_no_idle_connection_ends_the_tries_once_one_is_held() -> None:
     assert step(NEED, [Seen(900)], idle=0) == Primary("replica-behind")
     assert step(NEED, [], idle=0) == TryAnother(begin=True)  # the first may wait for the pool

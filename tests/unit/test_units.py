@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import fastapi_rwdb
 from fastapi_rwdb import Database, DatabaseUnavailableError, RWDBSettings
-from fastapi_rwdb.engine.sqlstates import is_transient_connect_error, sqlstate_of
+from fastapi_rwdb.engine.connect_errors import is_transient_connect_error
+from fastapi_rwdb.engine.sqlstates import sqlstate_of
 from fastapi_rwdb.routing import replicas as health
 from fastapi_rwdb.routing.lsn import parse_lsn
 from fastapi_rwdb.routing.replicas import ReadSideHealth, watch_replicas

@@ -1,0 +1,289 @@
+"""The read deadline: a read-side statement answered in time, or abandoned.
+
+A replica path can freeze without closing anything (a stopped PgBouncer, a host
+stalled on I/O): the kernel still takes the bytes, nothing answers, and a read
+would wait for as long as the freeze lasts. Each statement of a read-side
+transaction given a deadline (:func:`begin_within`) is watched: with no answer
+in time, its socket is shut down under the driver (psycopg) or the connection
+terminated (asyncpg), so the driver's wait ends at once with a lost connection,
+which SQLAlchemy discards (that connection only: the pool's others may reach
+another replica). No cancel request is sent: a frozen PgBouncer would never
+process it. The statement's error becomes
+:class:`~fastapi_rwdb.errors.ReplicaTimeoutError`; the read session
+(:mod:`fastapi_rwdb.orm.replay`) runs a first statement again on the primary.
+
+Frozen or only busy? The same transaction carries a server-side
+``statement_timeout`` a little shorter than the deadline (:func:`server_timeout_ms`),
+sent in the message that opens it (no round trip of its own): a server that is
+working answers SQLSTATE 57014 before the client gives up, and that read fails
+where it is, never moved to the primary; only a server that does not answer at
+all reaches the client's deadline.
+
+The shutdown of a socket another thread waits on is the one trick here:
+``shutdown(2)`` ends the wait of a thread blocked on that socket without closing
+its descriptor (which the driver still owns), so nothing can reuse the number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import psycopg
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError
+
+from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
+from .wire import NoAnswerError, begin_with
+
+# Connection info keys, private to this module (cleared when the connection goes back).
+_DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
+_ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
+
+
+def server_timeout_ms(deadline: float) -> int:
+    """The server's ``statement_timeout`` for a client deadline of ``deadline`` seconds:
+    short enough that a busy server's 57014 reaches the client before the deadline
+    (a fifth of it, at most a second, is left for the answer's way back)."""
+    return max(1, round((deadline - min(1.0, deadline * 0.2)) * 1000))
+
+
+def set_local(deadline: float) -> str:
+    """The statement that gives one transaction its server-side timeout."""
+    return f"SET LOCAL statement_timeout = {server_timeout_ms(deadline)}"
+
+
+class DeadlineConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose next ``BEGIN`` may carry the transaction's
+    ``statement_timeout`` in the same message (SQLAlchemy's adapter sends the
+    ``BEGIN`` through :meth:`execute`, in the simple protocol, which takes several
+    statements in one message)."""
+
+    rwdb_pending: str | None = None
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        pending = self.rwdb_pending
+        if pending is not None and not args and query.lstrip().upper().startswith("BEGIN"):
+            self.rwdb_pending = None
+            query = f"{query.rstrip().rstrip(';')}; {pending};"
+        result: str = await super().execute(query, *args, timeout=timeout)
+        return result
+
+
+def begin_within(connection: Connection, deadline: float) -> None:
+    """Every statement of ``connection``'s transaction, which has just begun and run
+    nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
+    shorter. On psycopg the ``BEGIN`` is sent here with it (psycopg then sends none); if
+    the checkout ping already opened the transaction it sent the timeout too
+    (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
+    if deadline <= 0:
+        return
+    connection.info[_DEADLINE] = deadline
+    raw = connection.connection.driver_connection
+    if isinstance(raw, DeadlineConnection):
+        raw.rwdb_pending = set_local(deadline)
+    elif isinstance(raw, psycopg.Connection):
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return
+        try:
+            begin_with(raw, set_local(deadline).encode(), deadline)
+        except NoAnswerError as exc:
+            connection.invalidate(exc)
+            raise _timed_out(deadline) from exc
+        except psycopg.Error as exc:
+            # Sent below SQLAlchemy, so it did not see the failure: say it as it would
+            # have (a lost connection, discarded), for the first statement's retry.
+            connection.invalidate(exc)
+            raise DBAPIError.instance(
+                "BEGIN", None, exc, psycopg.Error, connection_invalidated=True
+            ) from exc
+
+
+def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str) -> None:
+    """A connect is part of the read or write it serves: that side's deadline bounds each
+    attempt (psycopg counts whole seconds, and waits at least 2). On asyncpg a read
+    connection's ``BEGIN`` can also carry the transaction's statement timeout."""
+    if is_async and side == "read":
+        cparams.setdefault("connection_class", DeadlineConnection)
+    if deadline <= 0:
+        return
+    if is_async:
+        cparams["timeout"] = min(float(cparams.get("timeout", deadline)), deadline)
+    else:
+        limit = max(2, math.ceil(deadline))
+        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout", limit)), limit)
+
+
+def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> None:
+    """Watch the statements of ``engine``'s transactions given a deadline; ``every``: the
+    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``)."""
+    timed_out = _timed_out if side == "read" else _write_timed_out
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _arm(conn: Connection, cursor: Any, statement: Any, *args: Any) -> None:
+        _disarm(conn)
+        deadline = conn.info.get(_DEADLINE) or every
+        if not deadline:
+            return
+        raw: Any = conn.connection.driver_connection
+        if is_async:
+            conn.info[_ARMED] = _AsyncWatch(raw, deadline)
+        else:
+            conn.info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _disarm(conn: Connection, *args: Any) -> None:
+        armed = conn.info.pop(_ARMED, None)
+        if armed is not None and armed.disarm():
+            # It fired as the answer came: the socket is shut; nothing may use it again.
+            conn.invalidate()
+
+    @event.listens_for(engine, "handle_error")
+    def _abandoned(ctx: ExceptionContext) -> BaseException | None:
+        conn = ctx.connection
+        if conn is None:
+            return None
+        armed = conn.info.pop(_ARMED, None)
+        if armed is None or not armed.disarm():
+            return None
+        ctx.is_disconnect = True  # discard this connection...
+        ctx.invalidate_pool_on_disconnect = False  # ... and only this one
+        error = timed_out(conn.info.get(_DEADLINE) or every)
+        error.__cause__ = ctx.original_exception
+        return error
+
+    if every:
+        # The COMMIT too (SQLAlchemy's commit event comes before the driver's): one
+        # abandoned there is the write whose outcome nobody knows. Disarmed when the
+        # connection next begins, executes or goes back.
+        @event.listens_for(engine, "commit")
+        def _arm_commit(conn: Connection) -> None:
+            _arm(conn, None, None)
+
+        @event.listens_for(engine, "begin")
+        def _begun(conn: Connection) -> None:
+            _disarm(conn)
+
+    @event.listens_for(engine, "checkin")
+    def _forget(dbapi_connection: Any, record: Any) -> None:
+        record.info.pop(_DEADLINE, None)
+        armed = record.info.pop(_ARMED, None)
+        if armed is not None:
+            armed.disarm()
+
+
+def _write_timed_out(deadline: float) -> DatabaseUnavailableError:
+    return WriteOutcomeUnknownError(
+        f"the primary did not answer within RWDB_WRITE_TIMEOUT ({deadline:g} s): the "
+        "write may or may not have happened; it was not run again"
+    )
+
+
+def _timed_out(deadline: float) -> DatabaseUnavailableError:
+    return ReplicaTimeoutError(
+        f"a replica did not answer a read within its deadline ({deadline:g} s; "
+        "RWDB_READ_TIMEOUT or the route's timeout=): its path looks frozen"
+    )
+
+
+class _AsyncWatch:
+    """One statement's deadline on asyncpg: the event loop terminates the connection."""
+
+    __slots__ = ("_fired", "_handle")
+
+    def __init__(self, raw: Any, deadline: float) -> None:
+        self._fired = False
+
+        def fire() -> None:
+            self._fired = True
+            raw.terminate()
+
+        self._handle = asyncio.get_running_loop().call_later(deadline, fire)
+
+    def disarm(self) -> bool:
+        """Stop watching; whether the deadline had passed."""
+        self._handle.cancel()
+        return self._fired
+
+
+class _Watch:
+    __slots__ = ("cancelled", "fd", "fired")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.cancelled = False
+        self.fired = False
+
+    def disarm(self) -> bool:
+        with _WATCHDOG.lock:
+            self.cancelled = True
+            return self.fired
+
+
+class _Watchdog:
+    """One thread for every psycopg statement's deadline (a timer thread each would
+    cost a thread start per statement)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._count = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int, deadline: float) -> _Watch:
+        watch = _Watch(fd)
+        with self.lock:
+            heapq.heappush(self._heap, (time.monotonic() + deadline, next(self._count), watch))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="rwdb-read-deadline", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][2] is watch:
+                self._wake.notify()
+        return watch
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                while self._heap and self._heap[0][2].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                due, _, watch = self._heap[0]
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                watch.fired = True
+                _shut(watch.fd)
+
+
+def _shut(fd: int) -> None:
+    """End every wait on socket ``fd`` (see the module's doc): on a duplicate of the
+    descriptor, so that the driver's own stays open until the driver closes it."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return  # already closed: nothing waits on it
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
+
+
+_WATCHDOG = _Watchdog()

@@ -1,0 +1,231 @@
+"""Grey failures (issue 20): a replica's PgBouncer that stops answering without
+closing anything (SIGSTOP: its kernel still completes TCP handshakes and takes
+bytes), as a stopped proxy or a host stalled on I/O looks to a client.
+
+Run under the machine-wide lock like every stack test; each freeze is undone
+whatever the test does (see :mod:`.faults`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from fastapi_rwdb import (
+    Database,
+    ReplicaTimeoutError,
+    RWDBSettings,
+    WriteOutcomeUnknownError,
+    make_engine,
+)
+from fastapi_rwdb.engine.sqlstates import sqlstate_of
+
+from ..helpers import dsn, replica_nodes
+from .faults import bouncer_url, frozen_bouncer
+
+pytestmark = pytest.mark.stack
+
+
+def bouncer_settings(node: str, **overrides: object) -> RWDBSettings:
+    url = bouncer_url(node)
+    return RWDBSettings(write_url=url, read_url=url, **overrides)  # type: ignore[arg-type]
+
+
+FREEZE = 8.0  # seconds: well beyond every deadline below
+
+
+def test_the_checkout_ping_has_a_deadline_and_never_hands_out_what_timed_out() -> None:
+    """Issue 20, item 4. A pooled connection whose PgBouncer froze: its checkout ping
+    gives up after RWDB_CONNECT_TIMEOUT, the connection is discarded (never handed
+    out), and the checkout opens no new one on the same frozen path: an outage
+    (ReplicaTimeoutError) within the ping's deadline, well within the freeze.
+    (Before: psycopg's ping waited for an answer until the freeze ended.)"""
+    node = replica_nodes()[0]
+    settings = bouncer_settings(node, connect_timeout=1, connect_retries=0, ping_skip_ms=0)
+    engine = make_engine(settings.url("read", "psycopg"), settings, side="read")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is True
+            pooled = conn.connection.dbapi_connection
+        assert pooled is not None and not pooled.closed
+        with frozen_bouncer(node, at_most=FREEZE + 5):
+            started = time.monotonic()
+            with pytest.raises(ReplicaTimeoutError), engine.connect():
+                pass
+            took = time.monotonic() - started
+            assert pooled.closed, "the connection whose ping timed out was kept"
+            time.sleep(max(0.0, FREEZE - (time.monotonic() - started)))
+        # the ping's deadline (1 s), with room for a slow machine; no connect after it
+        assert took < 2.0, f"the checkout took {took:.1f} s"
+        with engine.connect() as conn:  # the path is back: a new connection serves
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+            assert conn.connection.dbapi_connection is not pooled
+    finally:
+        engine.dispose()
+
+
+# -- item 1: the read deadline -------------------------------------------------------
+
+DEADLINE = 1.0  # seconds: the routes' timeout= below
+
+
+def replica_database(node: str) -> Database:
+    """Reads on ``node``'s own PgBouncer (so the frozen path is certain), writes and
+    primary reads through HAProxy's write port."""
+    settings = RWDBSettings(read_url=bouncer_url(node), connect_retries=0, read_timeout=DEADLINE)  # type: ignore[arg-type]
+    return Database(settings)
+
+
+def on_primary(session: Session) -> bool:
+    return session.execute(text("SELECT pg_is_in_recovery()")).scalar_one() is False
+
+
+def test_a_first_read_with_no_answer_runs_again_on_the_primary_within_the_deadline() -> None:
+    """psycopg. The replica's PgBouncer freezes with a pooled connection warm: the
+    read's first statement is abandoned at the deadline and runs on the primary, in
+    well under the deadline plus 1 s; a read that had already read something fails
+    with ReplicaTimeoutError (a 503) just as fast; the pool keeps no connection that
+    timed out."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    try:
+        with database.read_session(timeout=DEADLINE) as s, database.read_session() as t:
+            assert not on_primary(s) and not on_primary(t)  # warm: two pooled connections
+        with database.read_session(timeout=DEADLINE) as later:
+            assert not on_primary(later)  # a transaction that has read on the replica
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                with database.read_session(timeout=DEADLINE) as s:
+                    assert on_primary(s), "the abandoned first read did not go to the primary"
+                first = time.monotonic() - started
+                started = time.monotonic()
+                with pytest.raises(ReplicaTimeoutError):
+                    later.execute(text("SELECT 1")).scalar_one()
+                second = time.monotonic() - started
+        assert DEADLINE * 0.9 < first < DEADLINE + 1.0, f"first statement: {first:.2f} s"
+        assert DEADLINE * 0.9 < second < DEADLINE + 1.0, f"later statement: {second:.2f} s"
+        with database.read_session(timeout=DEADLINE) as s:  # the path is back
+            assert not on_primary(s)
+    finally:
+        database.dispose_sync()
+
+
+async def test_async_a_first_read_with_no_answer_runs_again_on_the_primary() -> None:
+    """The asyncpg twin: abandoned at the deadline (the connection terminated, no
+    cancel request), run on the primary; a later statement: ReplicaTimeoutError."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+
+    async def primary(session: AsyncSession) -> bool:
+        result = await session.execute(text("SELECT pg_is_in_recovery()"))
+        return result.scalar_one() is False
+
+    try:
+        async with database.async_read_session() as s, database.async_read_session() as t:
+            assert not await primary(s) and not await primary(t)  # warm: two connections
+        async with database.async_read_session(timeout=DEADLINE) as later:
+            assert not await primary(later)
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                async with database.async_read_session(timeout=DEADLINE) as s:
+                    assert await primary(s), "the abandoned first read did not go to the primary"
+                first = time.monotonic() - started
+                started = time.monotonic()
+                with pytest.raises(ReplicaTimeoutError):
+                    await later.execute(text("SELECT 1"))
+                second = time.monotonic() - started
+        assert DEADLINE * 0.9 < first < DEADLINE + 1.0, f"first statement: {first:.2f} s"
+        assert DEADLINE * 0.9 < second < DEADLINE + 1.0, f"later statement: {second:.2f} s"
+        async with database.async_read_session(timeout=DEADLINE) as s:
+            assert not await primary(s)
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_busy_replica_answers_57014_in_time_and_the_read_stays_there(driver: str) -> None:
+    """A read slower than its deadline on a healthy replica: the server's statement
+    timeout (a little under the deadline) ends it with 57014 before the client gives
+    up, so it is not taken for a frozen path and not moved to the primary; with a
+    deadline that allows it (a report's route), the same read is served by the replica."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    slow = text("SELECT pg_sleep(:s), pg_is_in_recovery()")
+    try:
+        started = time.monotonic()
+        with pytest.raises(DBAPIError) as caught:
+            if driver == "psycopg":
+                with database.read_session(timeout=DEADLINE) as s:
+                    s.execute(slow, {"s": 2 * DEADLINE}).one()
+            else:
+                async with database.async_read_session(timeout=DEADLINE) as a:
+                    (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        took = time.monotonic() - started
+        assert sqlstate_of(caught.value) == "57014"
+        assert took < DEADLINE, f"the server's timeout came after the deadline: {took:.2f} s"
+        if driver == "psycopg":
+            with database.read_session(timeout=4 * DEADLINE) as s:
+                row = s.execute(slow, {"s": 2 * DEADLINE}).one()
+        else:
+            async with database.async_read_session(timeout=4 * DEADLINE) as a:
+                row = (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        assert row[1] is True, "a slow read allowed by its deadline left the replica"
+    finally:
+        await database.dispose()
+
+
+# -- item 6: the write side, honestly -------------------------------------------------
+
+WRITE_DEADLINE = 1.0
+
+
+def _rows(name: str) -> int:
+    with psycopg.connect(dsn(), prepare_threshold=None, connect_timeout=5) as conn:
+        row = conn.execute("SELECT count(*) FROM rwdb_grey_writes WHERE name = %s", (name,))
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+
+def test_a_frozen_primary_path_answers_writes_within_the_write_timeout() -> None:
+    """The primary's PgBouncer frozen (HAProxy's write port still sends to it): a write
+    statement, and a COMMIT, each raise WriteOutcomeUnknownError (a 503 that says the
+    write may or may not have happened) within RWDB_WRITE_TIMEOUT + 1 s; neither is
+    run again (each name is found at most once afterwards)."""
+    database = Database(RWDBSettings(write_timeout=WRITE_DEADLINE, connect_retries=0))
+    with psycopg.connect(dsn(), autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS rwdb_grey_writes (name text)")
+        port = conn.execute("SELECT inet_server_port()").fetchone()[0]  # type: ignore[index]
+    node = f"node{int(port) - 15431}"  # stack.sh: node1..3 listen on 15432..15434
+    insert = text("INSERT INTO rwdb_grey_writes VALUES (:n)")
+    statement, committed = f"s-{uuid.uuid4()}", f"c-{uuid.uuid4()}"
+    try:
+        with database.write_session() as a, database.write_session() as b:  # two warm
+            a.execute(text("SELECT 1"))
+            b.execute(text("SELECT 1"))
+            a.commit()
+            b.commit()
+        with database.write_session() as pending:
+            pending.execute(insert, {"n": committed})  # written, not yet committed
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                with pytest.raises(WriteOutcomeUnknownError), database.write_session() as s:
+                    s.execute(insert, {"n": statement})
+                    s.commit()
+                took_statement = time.monotonic() - started
+                started = time.monotonic()
+                with pytest.raises(WriteOutcomeUnknownError) as caught:
+                    pending.commit()
+                took_commit = time.monotonic() - started
+        assert "may or may not have happened" in str(caught.value)
+        for took in (took_statement, took_commit):
+            assert took < WRITE_DEADLINE + 1.0, f"a write was answered after {took:.2f} s"
+        time.sleep(1.0)  # whatever the thawed PgBouncer still had is done
+        assert _rows(statement) <= 1 and _rows(committed) <= 1, "a write ran twice"
+    finally:
+        database.dispose_sync()
