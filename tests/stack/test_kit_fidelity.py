@@ -65,6 +65,7 @@ def run_suite(
         text=True,
         timeout=300,
     )
+    assert junit.exists(), f"the inner pytest wrote no report:\n{done.stdout}\n{done.stderr}"
     cases = ET.parse(junit).getroot().iter("testcase")  # noqa: S314 - our own run's file
     outcomes: dict[str, str] = {}
     ran = 0
