@@ -383,8 +383,13 @@ async def test_scenario_under_load(scenario: str) -> None:
     if scenario == "both replicas stopped":
         # Issue 20, item 11: the primary is up, so no read is refused, a token's
         # client included: a read the replicas cannot serve is served by the primary.
+        # The one exception: a replica stopped under a transaction that had already
+        # read there (its server connection terminated between two statements); that
+        # read is not moved (docs/reliability.md), so it is a 503, rare by nature.
         for name in sorted(groups):
-            assert groups[name]["503"] == 0, f"{name}: {groups[name]}"
+            failures = [r.detail for r in tally.group(name) if r.status != 200]
+            assert all("connection was lost" in d for d in failures), failures
+            assert len(failures) <= max(1, groups[name]["reads"] // 200), groups[name]
     if scenario not in PRIMARY_OUTAGES:
         return
     # Reads that need no primary never stop: replicas serve them. The one failure the
