@@ -79,6 +79,24 @@ def _new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _after_failed_read(exc: DBAPIError) -> None:
+    """A missing table is created next; a role that may not read it never will."""
+    code = sqlstate_of(exc)
+    if code == "42501":
+        raise KeyStoreUnusable(brief(exc)) from None
+    if code != "42P01":
+        raise exc
+
+
+def _after_failed_create(exc: DBAPIError) -> None:
+    """Another process won the race: read again; anything else that cannot change: give up."""
+    code = sqlstate_of(exc)
+    if code in _CANNOT_CREATE:
+        raise KeyStoreUnusable(brief(exc)) from None
+    if code not in _RACE:
+        raise exc
+
+
 def _fetch_sync(conn: Connection) -> str:
     for _ in range(3):
         try:
@@ -87,10 +105,7 @@ def _fetch_sync(conn: Connection) -> str:
             if found is not None:
                 return str(found)
         except DBAPIError as exc:
-            if sqlstate_of(exc) not in ("42P01", "42501"):
-                raise
-            if sqlstate_of(exc) == "42501":
-                raise KeyStoreUnusable(brief(exc)) from None
+            _after_failed_read(exc)
         try:
             with conn.begin():
                 conn.execute(_CREATE)
@@ -99,11 +114,7 @@ def _fetch_sync(conn: Connection) -> str:
             if found is not None:
                 return str(found)
         except DBAPIError as exc:
-            code = sqlstate_of(exc)
-            if code in _CANNOT_CREATE:
-                raise KeyStoreUnusable(brief(exc)) from None
-            if code not in _RACE:
-                raise
+            _after_failed_create(exc)
     raise KeyStoreUnusable("the key row could not be read back")
 
 
@@ -115,10 +126,7 @@ async def _fetch_async(conn: AsyncConnection) -> str:
             if found is not None:
                 return str(found)
         except DBAPIError as exc:
-            if sqlstate_of(exc) not in ("42P01", "42501"):
-                raise
-            if sqlstate_of(exc) == "42501":
-                raise KeyStoreUnusable(brief(exc)) from None
+            _after_failed_read(exc)
         try:
             async with conn.begin():
                 await conn.execute(_CREATE)
@@ -127,11 +135,7 @@ async def _fetch_async(conn: AsyncConnection) -> str:
             if found is not None:
                 return str(found)
         except DBAPIError as exc:
-            code = sqlstate_of(exc)
-            if code in _CANNOT_CREATE:
-                raise KeyStoreUnusable(brief(exc)) from None
-            if code not in _RACE:
-                raise
+            _after_failed_create(exc)
     raise KeyStoreUnusable("the key row could not be read back")
 
 
