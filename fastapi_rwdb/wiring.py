@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -89,13 +90,24 @@ async def lifespan(*apps: Starlette) -> AsyncIterator[None]:
         yield
 
 
+#: The running watch of each Database: one at a time. Two lifespans of one app can
+#: overlap on two event loops (a test's TestClient runs its own in a thread), and a
+#: Database's async engine must not be used from two loops at once: asyncpg's
+#: connections belong to the loop that opened them (seen as a segfault).
+_watches: weakref.WeakKeyDictionary[Database, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+
+
 def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:
     """The primary's view of its replicas, for the lag limit and for dropping tokens
-    early; neither needs it in the other pinning modes."""
+    early; neither needs it in the other pinning modes. None while another lifespan's
+    watch of the same Database still runs: that one keeps the view for the process."""
     settings = database.settings
     if settings.max_replica_lag is None and settings.pin_mode != "lsn":
         return None
-    return asyncio.create_task(
+    running = _watches.get(database)
+    if running is not None and not running.done() and not running.get_loop().is_closed():
+        return None
+    _watches[database] = task = asyncio.create_task(
         watch_replicas(
             database.health,
             lambda: database.monitor_engine,
@@ -103,3 +115,4 @@ def _start_lag_watch(database: Database) -> asyncio.Task[None] | None:
         ),
         name="fastapi_rwdb replica watch",
     )
+    return task
