@@ -108,19 +108,40 @@ def begin_within(connection: Connection, deadline: float) -> None:
             ) from exc
 
 
-def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str) -> None:
-    """A connect is part of the read or write it serves: that side's deadline bounds each
-    attempt (psycopg counts whole seconds, and waits at least 2). On asyncpg a read
-    connection's ``BEGIN`` can also carry the transaction's statement timeout."""
-    if is_async and side == "read":
-        cparams.setdefault("connection_class", DeadlineConnection)
-    if deadline <= 0:
-        return
-    if is_async:
-        cparams["timeout"] = min(float(cparams.get("timeout", deadline)), deadline)
-    else:
-        limit = max(2, math.ceil(deadline))
-        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout", limit)), limit)
+class ConnectBudget:
+    """Every attempt of one connect shares its side's deadline: a connect is part of the
+    read or write it serves. Each attempt gets half of what is left, so that a frozen
+    path (HAProxy's round robin sends the next attempt elsewhere) leaves time for one
+    more; none is shorter than the driver can bound (psycopg counts whole seconds and
+    waits at least 2). On asyncpg a read connection's ``BEGIN`` can also carry the
+    transaction's statement timeout."""
+
+    def __init__(self, cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str):
+        if is_async and side == "read":
+            cparams.setdefault("connection_class", DeadlineConnection)
+        self._key = "timeout" if is_async else "connect_timeout"
+        self._configured = cparams.get(self._key)
+        self._shortest = 0.2 if is_async else 2.0
+        self._ends = time.monotonic() + deadline if deadline > 0 else None
+        self._first = True
+
+    def next_attempt(self, cparams: dict[str, Any], *, after: float = 0.0) -> bool:
+        """Bound the next attempt, to start ``after`` seconds from now, in ``cparams``;
+        False when it would not fit before the deadline."""
+        if self._ends is None:
+            return True
+        left = self._ends - time.monotonic() - after
+        if left < self._shortest and not self._first:
+            return False
+        share = max(self._shortest, left / 2 if left >= 2 * self._shortest else left)
+        if self._configured is not None:
+            share = min(float(self._configured), share)
+        if self._key == "timeout":
+            cparams[self._key] = share
+        else:
+            cparams[self._key] = max(2, math.floor(share))
+        self._first = False
+        return True
 
 
 def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> None:

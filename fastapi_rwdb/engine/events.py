@@ -93,7 +93,8 @@ def instrument(
                 "in time; no new one is opened on the same path for this checkout"
             )
         limit = settings.read_timeout if side == "read" else settings.write_timeout
-        deadline.bound_connect(cparams, limit, is_async=is_async, side=side)
+        budget = deadline.ConnectBudget(cparams, limit, is_async=is_async, side=side)
+        budget.next_attempt(cparams)
         for attempt in range(retries + 1):
             try:
                 connection = dialect.connect(*cargs, **cparams)
@@ -101,7 +102,8 @@ def instrument(
                 verdict = classify_connect_error(exc)
                 if verdict is None:
                     raise  # not a connection failure: a bug, shown as one
-                if verdict == "misconfigured" or attempt == retries:
+                last = attempt == retries or not budget.next_attempt(cparams, after=delay)
+                if verdict == "misconfigured" or last:
                     if health is not None:
                         health.connect_failed()
                     raise _gave_up(side, endpoint, attempt + 1, exc, verdict) from exc

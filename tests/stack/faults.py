@@ -15,6 +15,8 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,18 +33,75 @@ def frozen_bouncer(node: str, *, at_most: float = 60.0) -> Iterator[int]:
     """``node``'s PgBouncer stopped for the block (yields its pid), continued after it,
     and in any case after ``at_most`` seconds."""
     pid = bouncer_pid(node)
+    with stopped([pid], at_most=at_most):
+        yield pid
+
+
+def postgres_pids(node: str) -> list[int]:
+    """``node``'s postmaster and every process it started (backends, WAL receiver, ...)."""
+    postmaster = int((STACK_DIR / node / "data" / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+@contextlib.contextmanager
+def stalled_postgres(node: str, *, at_most: float = 60.0) -> Iterator[list[int]]:
+    """``node``'s whole PostgreSQL stopped for the block, as a host stalled on I/O looks:
+    connections stay open, nothing answers, a new connection is never served."""
+    pids = postgres_pids(node)
+    with stopped(pids, at_most=at_most):
+        yield pids
+
+
+@contextlib.contextmanager
+def slowed_bouncer(
+    node: str, *, stop: float = 0.05, run: float = 0.05, at_most: float = 60.0
+) -> Iterator[int]:
+    """``node``'s PgBouncer stopped ``stop`` s out of every ``stop + run`` s for the block:
+    it answers everything, slowly."""
+    pid = bouncer_pid(node)
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(stop)
+            os.kill(pid, signal.SIGCONT)
+            done.wait(run)
+
+    with stopped([pid], at_most=at_most):  # the dead-man switch, for the cycle's pauses
+        os.kill(pid, signal.SIGCONT)
+        worker = threading.Thread(target=cycle, daemon=True)
+        worker.start()
+        try:
+            yield pid
+        finally:
+            done.set()
+            worker.join()
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int], *, at_most: float) -> Iterator[None]:
+    """``pids`` stopped (SIGSTOP) for the block and continued after it, and in any case
+    after ``at_most`` seconds, by a detached ``sh`` that outlives a killed test run."""
+    listed = " ".join(map(str, pids))
     switch = subprocess.Popen(
-        ["/bin/sh", "-c", f"sleep {at_most:.1f}; kill -CONT {pid}"],
+        ["/bin/sh", "-c", f"sleep {at_most:.1f}; kill -CONT {listed}"],
         start_new_session=True,  # outlives a killed test run
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        os.kill(pid, signal.SIGSTOP)
-        yield pid
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         switch.kill()
         switch.wait()
 

@@ -10,8 +10,8 @@ import pytest
 
 from fastapi_rwdb.engine.deadline import (
     _WATCHDOG,
+    ConnectBudget,
     DeadlineConnection,
-    bound_connect,
     server_timeout_ms,
     set_local,
 )
@@ -27,14 +27,33 @@ def test_the_server_gives_up_a_little_before_the_client(deadline: float, ms: int
 
 def test_a_read_connect_is_bounded_by_the_deadline() -> None:
     sync = {"connect_timeout": 5}
-    bound_connect(sync, 1.0, is_async=False, side="read")
+    ConnectBudget(sync, 1.0, is_async=False, side="read").next_attempt(sync)
     assert sync == {"connect_timeout": 2}  # psycopg: whole seconds, at least 2
     aio: dict[str, object] = {"timeout": 5.0}
-    bound_connect(aio, 1.5, is_async=True, side="read")
-    assert aio == {"timeout": 1.5, "connection_class": DeadlineConnection}
+    ConnectBudget(aio, 1.5, is_async=True, side="read").next_attempt(aio)
+    assert aio["connection_class"] is DeadlineConnection
+    assert aio["timeout"] == pytest.approx(0.75, abs=0.01)  # half: room for one more attempt
     off = {"connect_timeout": 5}
-    bound_connect(off, 0, is_async=False, side="read")
+    ConnectBudget(off, 0, is_async=False, side="read").next_attempt(off)
     assert off == {"connect_timeout": 5}
+
+
+def test_all_attempts_of_a_connect_share_the_deadline() -> None:
+    """A frozen first attempt leaves room for one more (HAProxy sends it elsewhere); no
+    attempt is begun that could end after the deadline."""
+    sync: dict[str, object] = {"connect_timeout": 30}
+    budget = ConnectBudget(sync, 5.0, is_async=False, side="read")
+    assert budget.next_attempt(sync) and sync["connect_timeout"] == 2  # half of 5, whole
+    assert budget.next_attempt(sync, after=0.2) and sync["connect_timeout"] == 2  # 4.8 left
+    assert not budget.next_attempt(sync, after=3.0)  # 1.8 left: psycopg cannot wait less than 2
+    aio: dict[str, object] = {}
+    budget = ConnectBudget(aio, 5.0, is_async=True, side="write")
+    assert budget.next_attempt(aio) and aio["timeout"] == pytest.approx(2.5, abs=0.01)
+    assert budget.next_attempt(aio, after=2.4) and aio["timeout"] == pytest.approx(1.3, abs=0.01)
+    assert not budget.next_attempt(aio, after=4.9)
+    unbounded: dict[str, object] = {"connect_timeout": 5}
+    budget = ConnectBudget(unbounded, 0, is_async=False, side="read")
+    assert all(budget.next_attempt(unbounded, after=60) for _ in range(5))
 
 
 def test_the_watchdog_ends_a_wait_on_a_silent_socket_at_the_deadline() -> None:

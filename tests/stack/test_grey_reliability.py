@@ -1,0 +1,103 @@
+"""The reliability suite, grey faults: a path that stops answering without closing
+anything, a stalled server, a slow one, more clients than the read pool holds.
+
+Each scenario is measured on fastapi_rwdb with its documented settings and, in
+the same run, on the hand-written pattern (benchmarks/grey.py); the package's
+targets are asserted, and the hand-written pattern is the control that proves the
+fault bit (its reads wait the whole freeze). Figures go to
+``benchmarks/out/grey.json`` and docs/reliability.md's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+
+from benchmarks import grey
+from benchmarks.common import environment, load, replica_nodes, save
+from fastapi_rwdb import RWDBSettings
+
+from .faults import frozen_bouncer, slowed_bouncer, stalled_postgres
+
+pytestmark = [pytest.mark.stack, pytest.mark.reliability]
+
+HOLD = 18.0  # seconds each fault lasts (issue 20's measurement)
+DEFAULTS = RWDBSettings(secret_key="x" * 32)  # type: ignore[call-arg]
+READ_POOL = (DEFAULTS.pool_size + DEFAULTS.max_overflow) * DEFAULTS.read_pool_multiplier
+
+
+def _primary() -> str:
+    return next(n for n in ("node1", "node2", "node3") if n not in replica_nodes())
+
+
+Fault = Callable[[], AbstractContextManager[Any]]
+READ_SCENARIOS: dict[str, tuple[Fault, int]] = {
+    "replica PgBouncer frozen": (lambda: frozen_bouncer(replica_nodes()[0], at_most=60), 6),
+    "replica PostgreSQL stalled": (lambda: stalled_postgres(replica_nodes()[0], at_most=60), 6),
+    "replica slow (PgBouncer stopped half the time)": (
+        lambda: slowed_bouncer(replica_nodes()[0], at_most=60),
+        6,
+    ),
+    f"replica PgBouncer frozen, {3 * READ_POOL} clients a route (3x the read pool)": (
+        lambda: frozen_bouncer(replica_nodes()[0], at_most=60),
+        3 * READ_POOL,
+    ),
+}
+
+
+def _record(scenario: str, result: dict[str, Any]) -> None:
+    saved = load("grey") or {}
+    saved.setdefault("scenarios", {})[scenario] = result
+    saved["environment"] = environment()
+    save("grey", saved)
+
+
+@pytest.mark.parametrize("scenario", list(READ_SCENARIOS))
+def test_reads_under_a_grey_fault(scenario: str) -> None:
+    fault, clients = READ_SCENARIOS[scenario]
+    result = grey.run_scenario(fault, clients=clients, hold=HOLD)
+    for per_route in result.values():
+        for r in per_route.values():
+            r.pop("acknowledged")
+    _record(scenario, result)
+
+    limit = DEFAULTS.read_timeout + 1.0
+    for route, r in result[grey.APPS[0]].items():
+        assert r["started"] > 0, (route, r)
+        assert r["failed"] == 0, (route, r)
+        assert r["longest_s"] <= limit, (route, r)
+        assert r["throughput_vs_before"] >= 0.8, (route, r)
+        if "slow" in scenario:
+            assert r["moved_to_primary"] == 0, (route, r)  # slow is not sick
+    if "slow" not in scenario:
+        # The control: the fault bit. The hand-written pattern's reads that met the
+        # frozen path waited for it to end.
+        longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
+        assert longest >= HOLD * 0.7, result[grey.APPS[1]]
+
+
+def test_writes_while_the_primary_pgbouncer_is_frozen() -> None:
+    primary = _primary()
+    result = grey.run_scenario(lambda: frozen_bouncer(primary, at_most=60), writes=True, hold=HOLD)
+    acknowledged = [
+        key
+        for per_route in result.values()
+        for r in per_route.values()
+        for key in r["acknowledged"]
+    ]
+    for per_route in result.values():
+        for r in per_route.values():
+            r.pop("acknowledged")
+    _record("primary PgBouncer frozen (writes)", result)
+
+    twice, lost = grey.written_twice_or_lost(acknowledged)
+    assert twice == [] and lost == [], (twice, lost)
+    for route, r in result[grey.APPS[0]].items():
+        # Every write answered within the write deadline: 503 (outcome unknown) or done.
+        assert r["longest_s"] <= DEFAULTS.write_timeout + 1.0, (route, r)
+        assert set(r["statuses"]) <= {503}, (route, r)
+    longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
+    assert longest >= HOLD * 0.7, result[grey.APPS[1]]  # the control: the fault bit
