@@ -12,8 +12,6 @@ asserts the package's targets and writes ``benchmarks/out/grey.json``; ``python
 -m benchmarks.grey`` prints that file as the table of docs/reliability.md.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import os
@@ -182,7 +180,7 @@ async def _client(
 
 async def _load(
     bases: dict[str, str], routes: tuple[str, ...], clients: int, fault: Callable[[], Any],
-    *, before: float, hold: float, after: float, ids: list[int],
+    *, warm: float, before: float, hold: float, after: float, ids: list[int],
 ) -> Run:  # fmt: skip
     run = Run()
     stop = asyncio.Event()
@@ -196,7 +194,7 @@ async def _load(
                     asyncio.create_task(_client(http, base, route, log, stop, ids))
                     for _ in range(clients)
                 ]
-        await asyncio.sleep(1.0)  # warm: pools filled
+        await asyncio.sleep(warm)  # pools filled, the connect storm over
         t0 = time.monotonic()
         await asyncio.sleep(before)
         cm: AbstractContextManager[Any] = fault()
@@ -237,7 +235,7 @@ def summarise(run: Run) -> dict[str, dict[str, Any]]:
 
 def run_scenario(
     fault: Callable[[], Any], *, writes: bool = False, clients: int = 6, hold: float = 18.0,
-    before: float = 5.0, after: float = 3.0,
+    before: float = 5.0, after: float = 3.0, warm: float = 2.0,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Both apps served, ``clients`` per app and route, ``fault()`` held ``hold`` s."""
     ids = prepare_table(SEED_ROWS) if not writes else [0]
@@ -248,7 +246,7 @@ def run_scenario(
     with served("package_app", probe) as ours, served("handwritten_app", probe) as theirs:
         run = asyncio.run(
             _load({APPS[0]: ours, APPS[1]: theirs}, routes, clients, fault,
-                  before=before, hold=hold, after=after, ids=ids)
+                  warm=warm, before=before, hold=hold, after=after, ids=ids)
         )  # fmt: skip
     return summarise(run)
 

@@ -110,10 +110,12 @@ def begin_within(connection: Connection, deadline: float) -> None:
 
 class ConnectBudget:
     """Every attempt of one connect shares its side's deadline: a connect is part of the
-    read or write it serves. Each attempt gets half of what is left, so that a frozen
-    path (HAProxy's round robin sends the next attempt elsewhere) leaves time for one
-    more; none is shorter than the driver can bound (psycopg counts whole seconds and
-    waits at least 2). On asyncpg a read connection's ``BEGIN`` can also carry the
+    read or write it serves. An attempt gets what is left but the time of one more short
+    attempt: a frozen path (HAProxy's round robin sends the next attempt elsewhere)
+    leaves room for a retry, and a connect that is only slow (many opened at once: a
+    hundred take seconds through PgBouncer's SCRAM) still has most of the deadline.
+    None is shorter than the driver can bound (psycopg counts whole seconds and waits at
+    least 2). On asyncpg a read connection's ``BEGIN`` can also carry the
     transaction's statement timeout."""
 
     def __init__(self, cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str):
@@ -121,7 +123,7 @@ class ConnectBudget:
             cparams.setdefault("connection_class", DeadlineConnection)
         self._key = "timeout" if is_async else "connect_timeout"
         self._configured = cparams.get(self._key)
-        self._shortest = 0.2 if is_async else 2.0
+        self._shortest = 1.0 if is_async else 2.0
         self._ends = time.monotonic() + deadline if deadline > 0 else None
         self._first = True
 
@@ -133,13 +135,14 @@ class ConnectBudget:
         left = self._ends - time.monotonic() - after
         if left < self._shortest and not self._first:
             return False
-        share = max(self._shortest, left / 2 if left >= 2 * self._shortest else left)
+        retry = self._shortest * 1.25  # one more short attempt, after its pause
+        share = max(self._shortest, left - retry if left >= self._shortest + retry else left)
         if self._configured is not None:
             share = min(float(self._configured), share)
         if self._key == "timeout":
             cparams[self._key] = share
         else:
-            cparams[self._key] = max(2, math.floor(share))
+            cparams[self._key] = max(2, math.floor(share + 0.05))  # not 2 for 2.9999
         self._first = False
         return True
 

