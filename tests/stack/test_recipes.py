@@ -240,14 +240,6 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory, order_tables: None) 
         stop(process)
 
 
-@pytest.mark.xfail(
-    reason="a package bug this test found, not fixed here: a sync read with after= in a "
-    "fresh process (the worker) while the replicas lag more than `wait` fails with "
-    "psycopg ConnectionTimeout after RWDB_CONNECT_TIMEOUT instead of reading on the primary "
-    "(reproduced without Celery; the async path of the arq test passes)",
-    raises=AssertionError,
-    strict=False,
-)
 async def test_celery_job_reads_its_requests_write(
     celery_worker: Any, lagging_replicas: None
 ) -> None:
