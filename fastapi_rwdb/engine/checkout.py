@@ -44,6 +44,7 @@ from .sqlstates import brief
 from .wire import (
     POSITION_SQL,
     NoAnswerError,
+    abandon,
     begin_reading_position,
     end_unused_transaction,
     fetch_outside_transaction,
@@ -226,6 +227,7 @@ def install_ping(
             # connect on a frozen path would cost the whole connect timeout again.
             record.record_info[_PING_TIMED_OUT] = True
             servers.timed_out(info)  # and its replica is passed over for a while
+            abandon(dbapi_connection)  # discarded at once, not after a graceful close
             raise DisconnectionError(f"ping timed out: {brief(exc)}") from exc
         except Exception as exc:
             # After a failover every pooled connection is likely dead: discard

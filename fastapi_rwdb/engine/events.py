@@ -33,7 +33,7 @@ from .connect_errors import classify_connect_error
 from .sockets import set_socket_options
 from .sqlalchemy_internals import await_, before_connection_options, set_readonly
 from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
-from .wire import end_unused_transaction
+from .wire import abandon, end_unused_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -76,15 +76,15 @@ def _gave_up(
 def _admitted(connection: Any, record: Any, bench: ReplicaBench, limit: float) -> bool:
     """Whether a new read connection may serve: its replica is learnt (one round trip)
     and not benched. One that may not, or whose question went unanswered, is closed."""
-    # asyncpg's close() waits for the server's goodbye, which a frozen path never sends.
-    close = getattr(connection, "terminate", connection.close)
     try:
         if servers.admit(connection, record, bench, limit):
             return True
     except BaseException:
-        close()
+        abandon(connection)
+        connection.close()
         raise
-    close()
+    abandon(connection)
+    connection.close()
     return False
 
 

@@ -26,7 +26,8 @@ background, no timer thread, nothing private of the queue is touched.
 
 A read pool also passes over connections whose replica is benched
 (:mod:`fastapi_rwdb.routing.bench`): taken from the queue, such a connection is
-closed and the next one taken, with no round trip.
+closed and the next one taken, with no round trip; so is a record left without a
+connection while a replica is benched (:func:`fastapi_rwdb.engine.servers.passed_over`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePoo
 
 from ..settings import RWDBSettings
 from . import servers
+from .wire import abandon
 
 
 class _IdleClosing(QueuePool):
@@ -81,11 +83,13 @@ class _IdleClosing(QueuePool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = super()._do_get()
-        # A connection whose replica is benched is dropped and the next idle one taken
-        # (a dictionary lookup each); with none idle, the checkout replaces it by a new
-        # connection, which the connect passes over benched replicas for (engine.events).
-        while servers.benched(record.info) and self.checkedin():
-            record.invalidate()  # terminated: a frozen server never answers a goodbye
+        # A connection whose replica is benched (or an empty record while one is) is
+        # dropped and the next idle one taken (a dictionary lookup each); with none
+        # idle, the checkout replaces it by a new connection, which the connect passes
+        # over benched replicas for (engine.events).
+        while self.checkedin() and servers.passed_over(record):
+            abandon(record.dbapi_connection)  # a frozen server never answers a goodbye
+            record.invalidate()
             record.close()
             self._dec_overflow()
             record = super()._do_get()

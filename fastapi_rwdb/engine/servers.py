@@ -66,8 +66,21 @@ def admit(connection: Any, record: Any, bench: ReplicaBench, timeout: float) -> 
     raw = getattr(connection, "driver_connection", connection)
     name = fetch_outside_transaction(raw, IDENTITY_SQL, timeout or None) or "unknown"
     bench.saw(name)
-    record.info[_SERVER] = _Server(name, bench)
+    # info goes with this connection; record_info outlives it (see passed_over).
+    record.info[_SERVER] = record.record_info[_SERVER] = _Server(name, bench)
     return not bench.is_benched(name)
+
+
+def passed_over(record: Any) -> bool:
+    """Whether the pool drops pooled ``record`` rather than hand it out, when another
+    idle one can serve: its connection reaches a benched replica, or it has none (its
+    last was discarded) while a replica is benched. Opening one then could reach the
+    frozen replica, and a connect through HAProxy that gets no answer costs its whole
+    timeout; the pool opens new connections again when the load needs them."""
+    if record.dbapi_connection is not None:
+        return benched(record.info)
+    server: _Server | None = record.record_info.get(_SERVER)
+    return server is not None and server.bench.any_benched()
 
 
 def benched(info: dict[str, Any]) -> bool:

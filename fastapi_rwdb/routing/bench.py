@@ -79,6 +79,13 @@ class ReplicaBench:
         until = self._until.get(replica)
         return until is not None and self.clock() < until
 
+    def any_benched(self) -> bool:
+        """Whether some replica is benched now."""
+        if not self._until:
+            return False
+        now = self.clock()
+        return any(until > now for until in list(self._until.values()))
+
     def seconds_left(self) -> dict[str, float]:
         """Every replica benched now, and how many seconds it stays benched."""
         now = self.clock()
