@@ -18,7 +18,14 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from fastapi_rwdb import Database, RWDBSettings, get_database, using
+from fastapi_rwdb import (
+    AsyncReadSession,
+    Database,
+    ReadSession,
+    RWDBSettings,
+    get_database,
+    using,
+)
 from fastapi_rwdb.engine.sqlstates import sqlstate_of
 from fastapi_rwdb.observe import metrics
 
@@ -127,6 +134,7 @@ async def test_a_frozen_replica_costs_one_read_its_deadline_then_is_passed_over(
             assert places["primary"] <= 1, f"reads moved to the primary: {places}"
             assert not database.health.bench.is_benched(node), "still benched after the time"
             assert after[node] >= 1, f"the replica never served again: {after}"
+            print(f"{driver}: slow {slow}, longest {longest:.2f} s, {dict(places)}; after {after}")
     finally:
         await database.dispose()
 
@@ -193,5 +201,57 @@ async def test_a_busy_replica_is_not_benched(driver: str) -> None:
                 row = (await a.execute(slow, {"s": 2 * DEADLINE})).one()
         assert row[1] != "primary", "a heavy read its deadline allows left the replicas"
         assert database.health.bench.seconds_left() == {}
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_new_connections_that_reach_a_benched_replica_are_replaced(driver: str) -> None:
+    """No freeze: one replica benched as a read deadline would have. Every new connection
+    the pool opens is asked once which replica it reached; one that reached the benched
+    replica is closed and the connect made again, so HAProxy's round robin sends it to
+    the other: every read is served by the healthy replica, none by the primary."""
+    node = replica_nodes()[0]
+    database = bench_database(bench=30.0)
+    database.health.bench.bench(node)
+    try:
+        warmed = warm_sync(database) if driver == "psycopg" else await warm_async(database)
+        assert node not in warmed, f"a new connection to the benched {node} served: {warmed}"
+        assert warmed["primary"] == 0, f"reads left the replicas: {warmed}"
+        assert database.health.bench.states()[node] is True
+    finally:
+        await database.dispose()
+
+
+async def test_every_replica_benched_a_first_read_goes_to_the_primary_with_the_reason() -> None:
+    """Both replicas benched: the connect gives up after servers.LANDINGS connections
+    that each reached a benched replica, and the first read runs on the primary in the
+    same request (``X-RWDB-Read: primary; reason=replica-benched``): a 200, never a
+    hang or a 500. Both drivers."""
+    database = Database(
+        RWDBSettings(read_timeout=DEADLINE, routing_header=True, secret_key="k" * 32)  # type: ignore[call-arg]
+    )
+    for node in replica_nodes():
+        database.health.bench.bench(node)
+    app = rwdb_app(database)
+
+    @app.get("/where")
+    def where(db: ReadSession) -> str:
+        return str(db.execute(WHERE).scalar_one())
+
+    @app.get("/async/where")
+    async def where_async(db: AsyncReadSession) -> str:
+        return str((await db.execute(WHERE)).scalar_one())
+
+    try:
+        async with serve(app), client(app, timeout=20) as c:
+            for path in ("/where", "/async/where"):
+                started = time.monotonic()
+                response = await c.get(path)
+                took = time.monotonic() - started
+                assert response.status_code == 200, (path, response.text)
+                assert response.json() == "primary", path
+                assert response.headers["X-RWDB-Read"] == "primary; reason=replica-benched"
+                assert took < DEADLINE + 1.0, f"{path}: {took:.2f} s"
     finally:
         await database.dispose()
