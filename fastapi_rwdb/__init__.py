@@ -17,6 +17,7 @@ from .engine.factory import (
 from .errors import (
     DatabaseUnavailableError,
     ReadOnlySessionError,
+    ReplicaBenchedError,
     ReplicaConflictError,
     ReplicaTimeoutError,
     RWDBError,
@@ -76,6 +77,7 @@ __all__ = [
     "RWDBSettings",
     "ReadOnlySessionError",
     "ReadSession",
+    "ReplicaBenchedError",
     "ReplicaConflictError",
     "ReplicaTimeoutError",
     "SettingsError",

@@ -36,6 +36,7 @@ from .observe import metrics
 from .orm.classes import session_classes
 from .orm.makers import Makers, async_makers, sync_makers
 from .orm.session_info import ReadBinds, give_timeout, read_after, read_fresh, write_maker_info
+from .routing.bench import ReplicaBench
 from .routing.replicas import ReadSideHealth
 from .routing.tokens import Token, TokenSigner
 from .settings import RWDBSettings
@@ -122,6 +123,7 @@ class Database:
                 s.max_replica_lag,
                 s.replicas,
                 s.lag_check_interval,
+                bench=ReplicaBench(s.replica_bench_seconds),
             ),
             keep=True,
         )

@@ -67,3 +67,12 @@ class WriteOutcomeUnknownError(DatabaseUnavailableError):
     committed it). Answered with a 503 and ``Retry-After`` whose text says so; a
     client that retries should send an idempotency key (docs/reliability.md, "Deadlines").
     """
+
+
+class ReplicaBenchedError(DatabaseUnavailableError):
+    """Every connection the read port gave for this read reached a benched replica (one
+    that gave no answer within the read deadline moments ago: ``RWDB_REPLICA_BENCH_SECONDS``).
+
+    A transaction's first statement then runs on the primary
+    (``X-RWDB-Read: primary; reason=replica-benched``); anything else is a 503.
+    """

@@ -8,15 +8,15 @@ that an error can name it.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 from .errors import SettingsError
+from .settings_values import describe_errors, parse_url, split_keys
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -37,8 +37,6 @@ SECRET_VARIABLES = frozenset(
         "RWDB_DEBUG_TOKEN",
     }
 )
-
-_POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class RWDBSettings(BaseSettings):
@@ -242,6 +240,12 @@ class RWDBSettings(BaseSettings):
     """Seconds of replay lag above which a replica serves no reads (checked per connection); unset:
     no lag check.
     """
+    replica_bench_seconds: float = Field(
+        30.0, ge=0, le=3600, validation_alias="RWDB_REPLICA_BENCH_SECONDS"
+    )
+    """Seconds a replica that gave no answer within the read deadline is passed over
+    (its pooled connections discarded, new ones that reach it closed); 0: never. See
+    [the bench](reliability.md#the-bench-a-replica-that-froze-is-passed-over)."""
     lag_check_interval: float = Field(1.0, ge=0.05, validation_alias="RWDB_LAG_CHECK_INTERVAL")
     """Seconds between two looks at the primary's `pg_stat_replication` (one query on the write
     side).
@@ -263,7 +267,7 @@ class RWDBSettings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise SettingsError(_describe(exc)) from None
+            raise SettingsError(describe_errors(exc)) from None
 
     @field_validator("write_url", "read_url")
     @classmethod
@@ -342,58 +346,3 @@ class RWDBSettings(BaseSettings):
                 "read will go to the same server as the writes (check POSTGRES_READ_PORT)"
             )
         return found
-
-
-def parse_url(raw: str) -> URL:
-    """Parse a PostgreSQL URL; the error never quotes it (it may hold a password)."""
-    try:
-        url = make_url(raw)
-    except Exception:
-        # The exception text would quote the URL, password included.
-        raise ValueError("is not a valid database URL") from None
-    if url.get_backend_name() not in _POSTGRES_SCHEMES:
-        raise ValueError(
-            f"must be a PostgreSQL URL (postgresql://...), not {url.get_backend_name()}://"
-        )
-    if not url.host:
-        raise ValueError("has no host")
-    if "@" in url.host:
-        # An '@' in the password, not percent-encoded: the URL splits at the first
-        # one, and the rest of the password becomes part of the host (and would be
-        # shown wherever the host is). Nothing of the URL is quoted here.
-        raise ValueError(
-            "has an '@' that is not percent-encoded in its user name or password; "
-            "write it as %40 (percent-encode any reserved character: "
-            "urllib.parse.quote(password, safe=''))"
-        )
-    if url.port is not None and not 1 <= url.port <= 65535:
-        raise ValueError("has a port outside 1-65535")
-    return url
-
-
-def split_keys(raw: str) -> list[str]:
-    """Keys given as ``a,b`` or as a JSON list (for keys that contain a comma);
-    each must be as long as ``RWDB_SECRET_KEY`` has to be. Never quotes a key."""
-    text = raw.strip()
-    if text.startswith("["):
-        try:
-            keys = json.loads(text)
-        except ValueError:
-            raise ValueError("is not a valid JSON list of strings") from None
-        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-            raise ValueError("is not a valid JSON list of strings")
-    else:
-        keys = [key.strip() for key in text.split(",") if key.strip()]
-    for number, key in enumerate(keys, 1):
-        if len(key) < 16:
-            raise ValueError(f"key {number} must be at least 16 characters")
-    return keys
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        name = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{name}: {message}" if name else message)
-    return "invalid fastapi_rwdb settings:\n  " + "\n  ".join(lines)

@@ -38,11 +38,13 @@ from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from ..errors import DatabaseUnavailableError
 from ..routing.lsn import parse_lsn
 from ..settings import RWDBSettings
+from . import servers
 from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
     POSITION_SQL,
     NoAnswerError,
+    abandon,
     begin_reading_position,
     end_unused_transaction,
     fetch_outside_transaction,
@@ -193,6 +195,12 @@ def install_ping(
     def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         info = record.info
         forget_unused_transaction(info)
+        if servers.benched(info):
+            # Its replica gave no answer in time moments ago: not handed out. The pool
+            # opens a new connection for this checkout, which the connect passes over
+            # a benched replica for (engine.events).
+            info.pop(_FRESH, None)
+            raise DisconnectionError("its replica is benched")
         if info.pop(_FRESH, False):
             return
         asked = _asked.get()
@@ -218,6 +226,8 @@ def install_ping(
             # checkout, which the connect hook refuses at once (ping_timed_out): a
             # connect on a frozen path would cost the whole connect timeout again.
             record.record_info[_PING_TIMED_OUT] = True
+            servers.timed_out(info)  # and its replica is passed over for a while
+            abandon(dbapi_connection)  # discarded at once, not after a graceful close
             raise DisconnectionError(f"ping timed out: {brief(exc)}") from exc
         except Exception as exc:
             # After a failover every pooled connection is likely dead: discard

@@ -43,6 +43,7 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
+from . import servers
 from .wire import NoAnswerError, begin_with
 
 # Connection info keys, private to this module (cleared when the connection goes back).
@@ -97,6 +98,7 @@ def begin_within(connection: Connection, deadline: float) -> None:
         try:
             begin_with(raw, set_local(deadline).encode(), deadline)
         except NoAnswerError as exc:
+            servers.timed_out(connection.info)
             connection.invalidate(exc)
             raise _timed_out(deadline) from exc
         except psycopg.Error as exc:
@@ -179,6 +181,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         armed = conn.info.pop(_ARMED, None)
         if armed is None or not armed.disarm():
             return None
+        servers.timed_out(conn.info)  # its replica is passed over for a while
         ctx.is_disconnect = True  # discard this connection...
         ctx.invalidate_pool_on_disconnect = False  # ... and only this one
         error = timed_out(conn.info.get(_DEADLINE) or every)

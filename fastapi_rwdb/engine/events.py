@@ -18,16 +18,22 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 
-from ..errors import DatabaseUnavailableError, ReadOnlySessionError, ReplicaTimeoutError
+from ..errors import (
+    DatabaseUnavailableError,
+    ReadOnlySessionError,
+    ReplicaBenchedError,
+    ReplicaTimeoutError,
+)
+from ..routing.bench import ReplicaBench
 from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
-from . import commit, deadline
+from . import commit, deadline, servers
 from .checkout import install_ping, ping_timed_out
 from .connect_errors import classify_connect_error
 from .sockets import set_socket_options
 from .sqlalchemy_internals import await_, before_connection_options, set_readonly
 from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
-from .wire import end_unused_transaction
+from .wire import abandon, end_unused_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -67,6 +73,21 @@ def _gave_up(
     )
 
 
+def _admitted(connection: Any, record: Any, bench: ReplicaBench, limit: float) -> bool:
+    """Whether a new read connection may serve: its replica is learnt (one round trip)
+    and not benched. One that may not, or whose question went unanswered, is closed."""
+    try:
+        if servers.admit(connection, record, bench, limit):
+            return True
+    except BaseException:
+        abandon(connection)
+        connection.close()
+        raise
+    abandon(connection)
+    connection.close()
+    return False
+
+
 def instrument(
     engine: Engine,
     side: Side,
@@ -80,6 +101,11 @@ def instrument(
     retries = settings.connect_retries
     backoff = settings.connect_retry_backoff
     endpoint = f"{engine.url.host}:{engine.url.port}"
+    # Which replica each read connection reached, asked once per connection, only when
+    # something can be benched (see servers).
+    bench = None
+    if side == "read" and health is not None and health.bench.enabled:
+        bench = health.bench
 
     @event.listens_for(engine, "do_connect")
     def _connect_with_retry(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
@@ -95,9 +121,20 @@ def instrument(
         limit = settings.read_timeout if side == "read" else settings.write_timeout
         budget = deadline.ConnectBudget(cparams, limit, is_async=is_async, side=side)
         budget.next_attempt(cparams)
-        for attempt in range(retries + 1):
+        attempt = landings = 0
+        while True:
             try:
                 connection = dialect.connect(*cargs, **cparams)
+                if bench is not None and not _admitted(connection, conn_rec, bench, limit):
+                    landings += 1
+                    if landings < servers.LANDINGS:
+                        continue  # a new connection: HAProxy sends it to another server
+                    raise ReplicaBenchedError(
+                        f"{landings} new read connections in a row reached a benched replica "
+                        "(one that gave no answer within the read deadline moments ago)"
+                    )
+            except ReplicaBenchedError:
+                raise
             except Exception as exc:
                 verdict = classify_connect_error(exc)
                 if verdict is None:
@@ -121,11 +158,11 @@ def instrument(
                 else:
                     time.sleep(delay)
                 delay *= 2
+                attempt += 1
             else:
                 if health is not None:
                     health.connect_succeeded()
                 return connection
-        raise AssertionError("unreachable")  # pragma: no cover
 
     if ping:
         install_ping(engine, settings, is_async=is_async, side=side)

@@ -19,7 +19,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..routing.replicas import ReadSideHealth
-from ..settings import Driver, RWDBSettings, Side, parse_url
+from ..settings import Driver, RWDBSettings, Side
+from ..settings_values import parse_url
 from .events import ROLE_OPTION, instrument
 from .pool import AsyncIdleClosingQueuePool, IdleClosingQueuePool
 from .sockets import libpq_params

@@ -23,6 +23,11 @@ remembered over two windows of ``idle_timeout`` seconds (the current one and the
 last), so a peak is remembered for at least ``idle_timeout`` seconds and at most
 twice that. Everything is decided on checkout and return: nothing runs in the
 background, no timer thread, nothing private of the queue is touched.
+
+A read pool also passes over connections whose replica is benched
+(:mod:`fastapi_rwdb.routing.bench`): taken from the queue, such a connection is
+closed and the next one taken, with no round trip; so is a record left without a
+connection while a replica is benched (:func:`fastapi_rwdb.engine.servers.passed_over`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 
 from ..settings import RWDBSettings
+from . import servers
+from .wire import abandon
 
 
 class _IdleClosing(QueuePool):
@@ -76,6 +83,16 @@ class _IdleClosing(QueuePool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         record = super()._do_get()
+        # A connection whose replica is benched (or an empty record while one is) is
+        # dropped and the next idle one taken (a dictionary lookup each); with none
+        # idle, the checkout replaces it by a new connection, which the connect passes
+        # over benched replicas for (engine.events).
+        while self.checkedin() and servers.passed_over(record):
+            abandon(record.dbapi_connection)  # a frozen server never answers a goodbye
+            record.invalidate()
+            record.close()
+            self._dec_overflow()
+            record = super()._do_get()
         out = self.checkedout()
         with self._peak_lock:
             self._roll(time.monotonic())

@@ -280,3 +280,15 @@ def _fetch_by_copy(raw: Any, sql: str, timeout: float | None) -> str | None:
     await_(raw.copy_from_query(sql, output=collect, timeout=timeout))
     line = b"".join(chunks).split(b"\n", 1)[0].decode()
     return None if line in ("", "\\N") else line
+
+
+def abandon(dbapi_connection: Any) -> None:
+    """End a connection whose server may never answer, without waiting for it.
+
+    Discarding an asyncpg connection, SQLAlchemy's adapter first tries a graceful
+    close and waits up to 2 s for the server's goodbye, which a frozen path never
+    sends: the driver's own connection is terminated here first, so that close
+    returns at once. psycopg's close sends its goodbye and waits for nothing."""
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if raw is not None and not isinstance(raw, psycopg.Connection):
+        raw.terminate()

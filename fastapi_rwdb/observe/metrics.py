@@ -22,6 +22,10 @@ The gauges below are registered by :func:`install`, which ``setup()`` calls:
 ``rwdb_replica_lag_bytes``, ``rwdb_replica_lag_seconds`` ``{replica}``
     Each replica the primary streams to (``pg_stat_replication``), from the
     app's last background look; left out while there is none.
+``rwdb_replica_benched{replica}``
+    1 while a replica is benched (it gave no answer within the read deadline and is
+    passed over for ``RWDB_REPLICA_BENCH_SECONDS``), else 0; every replica a read
+    connection of this process has reached, named as the bench names it.
 
 Nothing is served over HTTP: mount ``prometheus_client.make_asgi_app()``
 wherever the application wants its metrics.
@@ -66,12 +70,14 @@ if ENABLED:
 
         def collect(self) -> Iterable[Any]:
             families = _pool_families()
-            size, checked_out, overflow, lag_bytes, lag_seconds = families
+            size, checked_out, overflow, lag_bytes, lag_seconds, benched = families
             database = self._database()
             built = ("engines", "async_engines", "primary_read", "async_primary_read")
             if not any(database.is_built(name) for name in built):
                 return families  # and never load settings from here
             health = database.health
+            for name, on_bench in health.bench.states().items():
+                benched.add_metric([name], 1 if on_bench else 0)
             if health.fresh():
                 for replica in health.replicas:
                     if replica.lag_bytes is not None:
@@ -106,6 +112,11 @@ if ENABLED:
             GaugeMetricFamily(
                 "rwdb_replica_lag_seconds",
                 "How long ago the primary had WAL a replica has not replayed yet",
+                labels=["replica"],
+            ),
+            GaugeMetricFamily(
+                "rwdb_replica_benched",
+                "1 while a replica that gave no answer in time is passed over, else 0",
                 labels=["replica"],
             ),
         ]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from ..engine.checkout import ConnectionLostError, connect_at_position, position_of
 from ..engine.deadline import begin_within, set_local
 from ..engine.sqlalchemy_internals import await_
-from ..errors import DatabaseUnavailableError
+from ..errors import DatabaseUnavailableError, ReplicaBenchedError
 from ..observe import metrics
 from ..routing.lsn import MAX_LSN
 from ..routing.request import RequestState, request_state
@@ -226,6 +226,10 @@ def _replica_at(
                 )
             except ConnectionLostError:
                 seen.append(Seen(lost=True))  # that connection is gone (and discarded)
+                held.append(None)
+                continue
+            except ReplicaBenchedError:
+                seen.append(Seen(lost=True, unreachable=True, benched=True))
                 held.append(None)
                 continue
             except DatabaseUnavailableError:

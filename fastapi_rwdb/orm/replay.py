@@ -28,7 +28,10 @@ not reach a server (the connect retry gave up, or the first statement met class
 * A transaction's first statement is a read-only one that has seen nothing: it
   runs again on the primary, in the same request (``X-RWDB-Read: primary;
   reason=replica-unreachable``), and the read side's breaker hears of it, so
-  that later requests skip the attempt once it opens. Only the first statement:
+  that later requests skip the attempt once it opens. The same when its replica
+  gave no answer within the read deadline (``reason=replica-timeout``), or every
+  new connection reached a benched replica (``reason=replica-benched``, see
+  :mod:`fastapi_rwdb.routing.bench`). Only the first statement:
   later ones fail as an outage (503), as above.
 * A pooled connection lost under the first statement (HAProxy closes the
   sessions of a node that leaves the read port; a connection the checkout ping
@@ -58,7 +61,12 @@ from sqlalchemy.orm import Session
 
 from ..engine.sqlstates import REPLAY_CONFLICT, is_connection_failure, sqlstate_of
 from ..engine.wire import POSITION_SQL
-from ..errors import DatabaseUnavailableError, ReplicaConflictError, ReplicaTimeoutError
+from ..errors import (
+    DatabaseUnavailableError,
+    ReplicaBenchedError,
+    ReplicaConflictError,
+    ReplicaTimeoutError,
+)
 from ..observe import metrics
 from ..routing.lsn import parse_lsn
 from ..routing.request import RequestState, request_state
@@ -69,6 +77,13 @@ from .session_info import ReadBinds, binds_of, own_state
 REASON = "replay-conflict"
 UNREACHABLE = "replica-unreachable"
 TIMED_OUT = "replica-timeout"
+BENCHED = "replica-benched"
+
+#: Why a first read left the read side, by what the read side raised.
+_REASONS: dict[type[DatabaseUnavailableError], str] = {
+    ReplicaTimeoutError: TIMED_OUT,
+    ReplicaBenchedError: BENCHED,
+}
 
 _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
 
@@ -94,7 +109,7 @@ class ReplayConflictRetry(Session):
             # has it all.
             if not (first and is_autobegun(self) and routed_to_replica(self, binds)):
                 raise
-            reason = TIMED_OUT if isinstance(exc, ReplicaTimeoutError) else UNREACHABLE
+            reason = _REASONS.get(type(exc), UNREACHABLE)
         except DBAPIError as exc:
             reason = _replica_failure(self, binds, exc, first)
         self.rollback()  # expires loaded objects, as any rollback does

@@ -1,6 +1,6 @@
 """How usable the read side is right now, kept apart from any one request.
 
-Two signals feed :func:`fastapi_rwdb.routing.choose_read_route`:
+Three signals feed :func:`fastapi_rwdb.routing.choose_read_route`:
 
 * a circuit breaker on opening read connections: after ``read_fallback_after``
   failed connects in a row, reads go to the primary; after
@@ -11,7 +11,9 @@ Two signals feed :func:`fastapi_rwdb.routing.choose_read_route`:
   be dropped early), and, with the primary's recent WAL positions kept beside
   it, turns ``RWDB_MAX_REPLICA_LAG`` seconds into a WAL position that the
   replica behind a connection must have replayed: the lag limit is checked per
-  connection with the position its checkout ping already reads.
+  connection with the position its checkout ping already reads;
+* the bench (:mod:`.bench`): replicas that gave no answer in time, passed over
+  for a while, per connection.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .bench import ReplicaBench
 from .lsn import parse_lsn
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -61,6 +64,7 @@ class ReadSideHealth:
     primary_lsn: int | None = None
     viewed_at: float | None = None  # monotonic time of the last view
     most_replicas_seen: int = 0
+    bench: ReplicaBench = field(default_factory=ReplicaBench)  # replicas passed over a while
     # (monotonic time, primary WAL position) of recent views, oldest first. Replaced,
     # never changed in place: request threads read it while the watcher records.
     _history: tuple[tuple[float, int], ...] = field(default=(), repr=False)

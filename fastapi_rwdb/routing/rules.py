@@ -117,6 +117,7 @@ class Seen:
     lost: bool = False  # it failed while checked out or asked: discarded
     unreachable: bool = False  # none could be opened (the connect retry gave up): lost too
     remembered: bool = False  # its position from moments ago, known without a round trip
+    benched: bool = False  # unreachable as every new connection reached a benched replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,10 +169,12 @@ def next_replica_step(
     held = tries = 0
     best = -1  # the most advanced connection held
     unreachable = False  # a connect gave up
+    benched = False  # ... because every connection it opened reached a benched replica
     for i, one in enumerate(seen):
         if one.lost:
             tries += 1
             unreachable = unreachable or one.unreachable
+            benched = benched or one.benched
             continue
         # 1. A connection whose server has replayed far enough serves.
         if _far_enough(one.position, route.min_lsn):
@@ -180,11 +183,12 @@ def next_replica_step(
         tries += not one.remembered
         if best < 0 or (one.position or -1) > (seen[best].position or -1):
             best = i
-    # 2. The read port could not be opened at all (its connect retry gave up): another
-    #    try would pay the same again; the primary serves this read, and the breaker,
-    #    told by the connect retry, spares later ones the attempt.
+    # 2. The read port could not be opened at all (its connect retry gave up, or each
+    #    new connection reached a benched replica): another try would pay the same
+    #    again; the primary serves this read, and the breaker, told by the connect
+    #    retry, spares later ones the attempt.
     if unreachable:
-        return Primary("replica-unreachable")
+        return Primary("replica-benched" if benched else "replica-unreachable")
     # 3. Before any waiting: another connection, perhaps to another replica, while tries
     #    are left. One known to be behind from moments ago cost no round trip, so it
     #    used no try (a paused replica's connections must not use up a read's tries).

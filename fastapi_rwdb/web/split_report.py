@@ -147,10 +147,11 @@ async def _replicas_report(database: Database, problems: list[str]) -> dict[str,
     this check changes nothing for the caller, its token included.
     """
     health = database.health
+    benched = {name: round(left, 1) for name, left in health.bench.seconds_left().items()}
     try:
         primary_lsn, rows = await view_replicas(database.monitor_engine)
     except Exception as exc:
-        return {"error": describe_error(exc, database.settings)}
+        return {"error": describe_error(exc, database.settings), "benched": benched}
     expected = health.expected_replicas
     streaming = [row for row in rows if row[1] == "streaming"]
     if expected is not None and len(streaming) < expected:
@@ -162,6 +163,9 @@ async def _replicas_report(database: Database, problems: list[str]) -> dict[str,
         "primary_lsn": format_lsn(primary_lsn),
         "expected": expected,
         "most_seen_streaming": health.most_replicas_seen,
+        # Replicas passed over after no answer within the read deadline, and for how
+        # many more seconds (RWDB_REPLICA_BENCH_SECONDS): this process's own view.
+        "benched": benched,
         "list": [
             {
                 "name": name,
@@ -334,6 +338,10 @@ _PRIMARY_BECAUSE = {
     "replica-timeout": (
         "the replica gave no answer within the read deadline (RWDB_READ_TIMEOUT or the "
         "route's timeout=): its connection was discarded and the read ran on the primary"
+    ),
+    "replica-benched": (
+        "every new read connection reached a replica benched for giving no answer within "
+        "the read deadline (RWDB_REPLICA_BENCH_SECONDS)"
     ),
     "replica-unreachable": (
         "no connection to the read side could be opened for this read; the breaker "

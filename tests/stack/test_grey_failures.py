@@ -79,7 +79,14 @@ DEADLINE = 1.0  # seconds: the routes' timeout= below
 def replica_database(node: str) -> Database:
     """Reads on ``node``'s own PgBouncer (so the frozen path is certain), writes and
     primary reads through HAProxy's write port."""
-    settings = RWDBSettings(read_url=bouncer_url(node), connect_retries=0, read_timeout=DEADLINE)  # type: ignore[arg-type]
+    # The deadline alone: with the bench on, the replica would stay passed over after
+    # the freeze (tests/stack/test_bench.py).
+    settings = RWDBSettings(  # type: ignore[call-arg]
+        read_url=bouncer_url(node),  # type: ignore[arg-type]
+        connect_retries=0,
+        read_timeout=DEADLINE,
+        replica_bench_seconds=0,
+    )
     return Database(settings)
 
 

@@ -25,6 +25,7 @@ MODULES = sorted(
 LAYERS: dict[str, int] = {
     "errors": 0,
     "settings": 0,
+    "settings_values": 0,
     "routing": 1,
     "observe": 2,
     "engine": 3,
