@@ -235,13 +235,13 @@ def summarise(run: Run) -> dict[str, dict[str, Any]]:
 
 def run_scenario(
     fault: Callable[[], Any], *, writes: bool = False, clients: int = 6, hold: float = 18.0,
-    before: float = 5.0, after: float = 3.0, warm: float = 2.0,
+    before: float = 5.0, after: float = 3.0, warm: float = 2.0, routes: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Both apps served, ``clients`` per app and route, ``fault()`` held ``hold`` s."""
     ids = prepare_table(SEED_ROWS) if not writes else [0]
     if not writes:
         wait_replicas_have(ids)
-    routes = WRITES if writes else READS
+    routes = routes or (WRITES if writes else READS)
     probe = READS[0].format(id=ids[0])
     with served("package_app", probe) as ours, served("handwritten_app", probe) as theirs:
         run = asyncio.run(

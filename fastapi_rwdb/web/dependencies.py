@@ -16,21 +16,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from ..current import get_database
+from .thread_slots import Slot
 
 
-def get_write_db() -> Iterator[Session]:
+def get_write_db(_slot: Slot = None) -> Iterator[Session]:
     """A session on the primary, for routes that change data or must read their own writes."""
     with get_database().write_session() as session:
         yield session
 
 
-def get_read_db() -> Iterator[Session]:
+def get_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session on a replica. Flushes and DML are refused with a clear error."""
     with get_database().read_session() as session:
         yield session
 
 
-def get_fresh_read_db() -> Iterator[Session]:
+def get_fresh_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session that sees every write committed anywhere before the request's
     reads: on a replica that has replayed the primary's current position, else the primary.
     Costs one short round trip on the primary at its first read."""
@@ -38,14 +39,14 @@ def get_fresh_read_db() -> Iterator[Session]:
         yield session
 
 
-def get_primary_read_db() -> Iterator[Session]:
+def get_primary_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session on the primary: current whatever anyone wrote, and never
     on a write connection (the reads that must see the primary have a pool of their own)."""
     with get_database().read_session(primary=True) as session:
         yield session
 
 
-def get_db() -> Iterator[Session]:
+def get_db(_slot: Slot = None) -> Iterator[Session]:
     """Same as :func:`get_write_db`, for code written before the split."""
     # ``yield from`` hands the endpoint's exception (and close()) on to the inner
     # generator, so its ``with`` block sees it. (A separate function, not an alias:
@@ -84,13 +85,13 @@ async def get_async_db() -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def read_db(*, timeout: float) -> Callable[[], Iterator[Session]]:
+def read_db(*, timeout: float) -> Callable[..., Iterator[Session]]:
     """:func:`get_read_db` whose replica statements each get ``timeout`` seconds instead
     of ``RWDB_READ_TIMEOUT`` (0: no deadline): ``Depends(read_db(timeout=60))`` on a
     route that runs reports. The same function for the same ``timeout``."""
     if timeout not in _SYNC_BY_TIMEOUT:
 
-        def get_read_db_within() -> Iterator[Session]:
+        def get_read_db_within(_slot: Slot = None) -> Iterator[Session]:
             with get_database().read_session(timeout=timeout) as session:
                 yield session
 
@@ -114,7 +115,7 @@ def async_read_db(*, timeout: float) -> Callable[[], AsyncIterator[AsyncSession]
 
 #: read_db()'s and async_read_db()'s dependencies, by timeout: FastAPI caches a
 #: dependency per callable, so one timeout must give one function.
-_SYNC_BY_TIMEOUT: dict[float, Callable[[], Iterator[Session]]] = {}
+_SYNC_BY_TIMEOUT: dict[float, Callable[..., Iterator[Session]]] = {}
 _ASYNC_BY_TIMEOUT: dict[float, Callable[[], AsyncIterator[AsyncSession]]] = {}
 
 

@@ -10,6 +10,7 @@ fault bit (its reads wait the whole freeze). Figures go to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -88,6 +89,26 @@ def test_reads_under_a_grey_fault(scenario: str) -> None:
         # frozen path waited for it to end.
         longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
         assert longest >= HOLD * 0.7, result[grey.APPS[1]]
+
+
+def test_more_sync_clients_than_worker_threads_and_connections() -> None:
+    """90 clients on a sync route: more than anyio's 40 worker threads and than the 30
+    connections the read pool may open. The hand-written pattern stops: every thread
+    waits for a connection, every connection waits for a thread to validate its
+    endpoint's return value, until pool_timeout (30 s) fails the waiters. fastapi_rwdb's
+    sync sessions wait for a slot on the event loop instead (web/thread_slots.py)."""
+    clients = 3 * (DEFAULTS.pool_size + DEFAULTS.max_overflow) * DEFAULTS.read_pool_multiplier
+    result = grey.run_scenario(
+        contextlib.nullcontext, clients=clients, hold=10.0, warm=6.0, routes=grey.READS[:1]
+    )
+    for per_route in result.values():
+        for r in per_route.values():
+            r.pop("acknowledged")
+    _record(f"no fault, {clients} clients on the sync route", result)
+    ours = result[grey.APPS[0]][grey.READS[0]]
+    assert ours["failed"] == 0 and ours["started"] >= 500, ours
+    theirs = result[grey.APPS[1]][grey.READS[0]]
+    assert theirs["started"] < ours["started"] / 5, theirs  # the control: it stalled
 
 
 def test_writes_while_the_primary_pgbouncer_is_frozen() -> None:
