@@ -3,8 +3,8 @@ anything, a stalled server, a slow one, more clients than the read pool holds.
 
 Each scenario is measured on fastapi_rwdb with its documented settings and, in
 the same run, on the hand-written pattern (benchmarks/grey.py); the package's
-targets are asserted, and the hand-written pattern is the control that proves the
-fault bit (its reads wait the whole freeze). Figures go to
+targets are asserted, each run checks that the fault bit (the package's requests met it),
+and the hand-written pattern is measured beside it for comparison. Figures go to
 ``benchmarks/out/grey.json`` and docs/reliability.md's table.
 """
 
@@ -78,17 +78,18 @@ def test_reads_under_a_grey_fault(scenario: str) -> None:
             assert r["moved_to_primary"] == 0, (route, r)  # slow is not sick
     if "stalled" in scenario:
         # HAProxy's check (Patroni cannot ask its PostgreSQL) takes the node out in
-        # about 2 s and shuts its sessions: the hand-written pattern waits that long.
-        longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
-        assert longest >= 1.5, result[grey.APPS[1]]
+        # about 2 s and shuts its sessions: a read there waits that long.
+        longest = max(r["longest_s"] for per in result.values() for r in per.values())
+        assert longest >= 1.5, result
     elif "slow" in scenario:
         longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
         assert longest >= 0.1, result[grey.APPS[1]]  # the slowness bit
     else:
-        # The control: the fault bit. The hand-written pattern's reads that met the
-        # frozen path waited for it to end.
-        longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
-        assert longest >= HOLD * 0.7, result[grey.APPS[1]]
+        # The fault bit: the package's reads met the frozen path (a first read there
+        # runs again on the primary). The hand-written pattern's connections may all
+        # have reached the other replica (HAProxy alternates connections between the
+        # two apps' pools as they open): its figures are a comparison, not a control.
+        assert sum(r["moved_to_primary"] for r in result[grey.APPS[0]].values()) > 0, result
 
 
 def test_more_sync_clients_than_worker_threads_and_connections() -> None:
@@ -131,5 +132,5 @@ def test_writes_while_the_primary_pgbouncer_is_frozen() -> None:
         # Every write answered within the write deadline: 503 (outcome unknown) or done.
         assert r["longest_s"] <= DEFAULTS.write_timeout + 1.0, (route, r)
         assert set(r["statuses"]) <= {503}, (route, r)
-    longest = max(r["longest_s"] for r in result[grey.APPS[1]].values())
-    assert longest >= HOLD * 0.7, result[grey.APPS[1]]  # the control: the fault bit
+    # The fault bit: a write met the frozen path and waited for its deadline.
+    assert max(r["longest_s"] for r in result[grey.APPS[0]].values()) >= 4.0, result
