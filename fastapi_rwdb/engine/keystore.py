@@ -152,7 +152,7 @@ class SigningKeys:
         self._lock = threading.Lock()
         self._signer: TokenSigner | None = None
         self._derived_signer: TokenSigner | None = None
-        self._tried_at = -_RETRY_EVERY
+        self._failed_at = -_RETRY_EVERY  # the last attempt that failed (not one under way)
         self._loading: asyncio.Task[TokenSigner | None] | None = None
         self._warned = False
         if settings.secret_key is not None:
@@ -237,7 +237,6 @@ class SigningKeys:
         with self._lock:
             if self._signer is not None:
                 return self._signer
-            self._tried_at = time.monotonic()
             s = self._settings
             engine = create_engine(
                 s.url("write", "psycopg"),
@@ -250,6 +249,7 @@ class SigningKeys:
             except KeyStoreUnusable as exc:
                 return self._unusable(exc)
             except Exception as exc:
+                self._failed_at = time.monotonic()
                 logger.warning("fastapi_rwdb: cannot read the token key yet (%s)", brief(exc))
                 return None
             finally:
@@ -263,7 +263,7 @@ class SigningKeys:
         return await asyncio.shield(self._start())
 
     def load_in_background(self) -> None:
-        """Start an attempt unless one is under way or one was made in the last second;
+        """Start an attempt unless one is under way or one failed in the last second;
         the caller does not wait for it."""
         if self._signer is None and self.may_retry():
             self._start()
@@ -281,7 +281,6 @@ class SigningKeys:
             or loading.done()
             or loading.get_loop() is not asyncio.get_running_loop()
         ):
-            self._tried_at = time.monotonic()
             loading = self._loading = asyncio.ensure_future(self._attempt())
         return loading
 
@@ -300,14 +299,18 @@ class SigningKeys:
         except KeyStoreUnusable as exc:
             return self._unusable(exc)
         except Exception as exc:
+            self._failed_at = time.monotonic()
             logger.warning("fastapi_rwdb: cannot read the token key yet (%s)", brief(exc))
             return None
         finally:
             await engine.dispose()
 
     def may_retry(self) -> bool:
-        """Whether a request may start another attempt (at most one a second)."""
-        return time.monotonic() - self._tried_at >= _RETRY_EVERY
+        """Whether a request may start another attempt: at most one a second after one
+        failed. Not held back by one under way: a worker thread that signs while the
+        lifespan's background attempt is still running fetches the key itself rather
+        than sign with the derived key (the first write after startup did)."""
+        return time.monotonic() - self._failed_at >= _RETRY_EVERY
 
 
 def _on_event_loop() -> bool:

@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import text
 
+import fastapi_rwdb
 from fastapi_rwdb import Database, RWDBSettings
 from fastapi_rwdb.routing.tokens import Token, TokenSigner, derive_key
 
@@ -113,3 +118,40 @@ async def test_where_the_table_cannot_be_created_the_derived_key_is_used_and_sai
     database.signing_keys.load()
     assert database.signing_keys.current() is not None
     assert verifies(derived(), database.token_for(5))
+
+
+def test_a_write_right_after_startup_is_signed_with_the_stored_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lifespan starts fetching the key in the background; a sync route that signs
+    before that attempt ends fetches the key itself (it signed with the derived key,
+    and warned, when the attempt under way held it back)."""
+    caplog.set_level(logging.WARNING, logger="fastapi_rwdb")
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(RWDBSettings()))  # type: ignore[call-arg]
+
+    @app.post("/write")
+    def write(db: fastapi_rwdb.WriteSession) -> dict[str, str | None]:
+        db.execute(text("CREATE TABLE IF NOT EXISTS rwdb_key_probe (at timestamptz)"))
+        db.execute(text("INSERT INTO rwdb_key_probe VALUES (now())"))
+        db.commit()
+        return {"token": fastapi_rwdb.current_token()}
+
+    # The lifespan's background attempt waits on this lock, as on a slow primary.
+    holder = psycopg.connect(primary_url(), prepare_threshold=None)
+    holder.execute("LOCK TABLE rwdb_token_key IN ACCESS EXCLUSIVE MODE")
+    release = threading.Timer(1.0, holder.commit)
+    release.start()
+    try:
+        with TestClient(app) as client:
+            response = client.post("/write")
+    finally:
+        release.join()
+        holder.close()
+    assert response.status_code == 200, response.text
+    raw = response.json()["token"]
+    key = stored_key()
+    assert raw and key is not None
+    assert verifies(TokenSigner(key.encode()), raw)
+    assert not verifies(derived(), raw)
+    assert "password guesses" not in caplog.text
