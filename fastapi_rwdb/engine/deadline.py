@@ -43,6 +43,7 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
+from .sqlalchemy_internals import around_driver_calls
 from .wire import NoAnswerError, begin_with
 
 # Connection info keys, private to this module (cleared when the connection goes back).
@@ -125,28 +126,38 @@ def bound_connect(cparams: dict[str, Any], deadline: float, *, is_async: bool, s
 
 def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> None:
     """Watch the statements of ``engine``'s transactions given a deadline; ``every``: the
-    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``)."""
+    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``).
+
+    Armed and disarmed around the driver's call by the engine's own dialect
+    (:func:`~fastapi_rwdb.engine.sqlalchemy_internals.around_driver_calls`), not by
+    engine events, which would put every statement of the engine on SQLAlchemy's
+    event-dispatch path, deadline or not. A COMMIT abandoned at its deadline is the
+    write whose outcome nobody knows."""
     timed_out = _timed_out if side == "read" else _write_timed_out
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _arm(conn: Connection, cursor: Any, statement: Any, *args: Any) -> None:
-        _disarm(conn)
-        deadline = conn.info.get(_DEADLINE) or every
+    def arm(pooled: Any) -> bool:
+        info = pooled.info
+        left = info.pop(_ARMED, None)  # a failed call's watch nobody collected
+        if left is not None:
+            left.disarm()
+        deadline = info.get(_DEADLINE) or every
         if not deadline:
-            return
-        raw: Any = conn.connection.driver_connection
+            return False
+        raw: Any = pooled.driver_connection
         if is_async:
-            conn.info[_ARMED] = _AsyncWatch(raw, deadline)
+            info[_ARMED] = _AsyncWatch(raw, deadline)
         else:
-            conn.info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+        return True
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def _disarm(conn: Connection, *args: Any) -> None:
-        armed = conn.info.pop(_ARMED, None)
-        if armed is not None and armed.disarm():
-            # It fired as the answer came: the socket is shut; nothing may use it again.
-            conn.invalidate()
+    def disarm(pooled: Any) -> bool:
+        armed = pooled.info.pop(_ARMED, None)
+        # True: it fired as the answer came: the socket is shut; nothing may use it again.
+        return armed is not None and armed.disarm()
 
+    around_driver_calls(engine, arm, disarm, commits=bool(every))
+
+    # A DialectEvents listener: it leaves the engine's statements on the fast path.
     @event.listens_for(engine, "handle_error")
     def _abandoned(ctx: ExceptionContext) -> BaseException | None:
         conn = ctx.connection
@@ -160,18 +171,6 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         error = timed_out(conn.info.get(_DEADLINE) or every)
         error.__cause__ = ctx.original_exception
         return error
-
-    if every:
-        # The COMMIT too (SQLAlchemy's commit event comes before the driver's): one
-        # abandoned there is the write whose outcome nobody knows. Disarmed when the
-        # connection next begins, executes or goes back.
-        @event.listens_for(engine, "commit")
-        def _arm_commit(conn: Connection) -> None:
-            _arm(conn, None, None)
-
-        @event.listens_for(engine, "begin")
-        def _begun(conn: Connection) -> None:
-            _disarm(conn)
 
     @event.listens_for(engine, "checkin")
     def _forget(dbapi_connection: Any, record: Any) -> None:
