@@ -136,7 +136,10 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     timed_out = _timed_out if side == "read" else _write_timed_out
 
     def arm(pooled: Any) -> bool:
-        info = pooled.info
+        try:
+            info = pooled.info
+        except NotImplementedError:  # the dialect's first look at a new connection
+            return False
         left = info.pop(_ARMED, None)  # a failed call's watch nobody collected
         if left is not None:
             left.disarm()
@@ -151,7 +154,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         return True
 
     def disarm(pooled: Any) -> bool:
-        armed = pooled.info.pop(_ARMED, None)
+        armed = pooled.info.pop(_ARMED, None)  # (armed: pooled has info)
         # True: it fired as the answer came: the socket is shut; nothing may use it again.
         return armed is not None and armed.disarm()
 
