@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -44,11 +45,12 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from .sqlalchemy_internals import around_driver_calls
-from .wire import NoAnswerError, begin_with
+from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 
 # Connection info keys, private to this module (cleared when the connection goes back).
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
 _ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
+_WITH_FIRST = "rwdb_deadline_with_first"  # psycopg: SET LOCAL to send with BEGIN and the first
 
 
 def server_timeout_ms(deadline: float) -> int:
@@ -83,8 +85,11 @@ class DeadlineConnection(asyncpg.Connection):  # type: ignore[misc]
 def begin_within(connection: Connection, deadline: float) -> None:
     """Every statement of ``connection``'s transaction, which has just begun and run
     nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
-    shorter. On psycopg the ``BEGIN`` is sent here with it (psycopg then sends none); if
-    the checkout ping already opened the transaction it sent the timeout too
+    shorter. On psycopg the ``BEGIN`` and the timeout go with the first statement, in
+    one round trip (:func:`~fastapi_rwdb.engine.wire.begin_with_first`, when the
+    statement is handed to the driver), or, without pipeline mode, are sent here
+    (psycopg then sends no ``BEGIN``); if the checkout ping already opened the
+    transaction it sent the timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
     if deadline <= 0:
         return
@@ -94,6 +99,9 @@ def begin_within(connection: Connection, deadline: float) -> None:
         raw.rwdb_pending = set_local(deadline)
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return
+        if PIPELINED_BEGIN and not raw.autocommit:
+            connection.info[_WITH_FIRST] = set_local(deadline).encode()
             return
         try:
             begin_with(raw, set_local(deadline).encode(), deadline)
@@ -135,7 +143,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     write whose outcome nobody knows."""
     timed_out = _timed_out if side == "read" else _write_timed_out
 
-    def arm(pooled: Any) -> bool:
+    def arm(pooled: Any) -> bool | Callable[[Callable[[], None]], None]:
         try:
             info = pooled.info
         except NotImplementedError:  # the dialect's first look at a new connection
@@ -149,9 +157,12 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         raw: Any = pooled.driver_connection
         if is_async:
             info[_ARMED] = _AsyncWatch(raw, deadline)
-        else:
-            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
-        return True
+            return True
+        info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+        then = info.pop(_WITH_FIRST, None)
+        if then is None:
+            return True
+        return lambda first: begin_with_first(raw, then, first)  # watched as the statement
 
     def disarm(pooled: Any) -> bool:
         armed = pooled.info.pop(_ARMED, None)  # (armed: pooled has info)
@@ -178,6 +189,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     @event.listens_for(engine, "checkin")
     def _forget(dbapi_connection: Any, record: Any) -> None:
         record.info.pop(_DEADLINE, None)
+        record.info.pop(_WITH_FIRST, None)  # a transaction that ran no statement
         armed = record.info.pop(_ARMED, None)
         if armed is not None:
             armed.disarm()

@@ -71,6 +71,7 @@ await_: Callable[[Awaitable[_T]], _T] = getattr(_sa_util, "await_", None) or _sa
 
 __all__ = [
     "EXECUTE_INTERNAL",
+    "Armed",
     "around_driver_calls",
     "await_",
     "before_connection_options",
@@ -181,9 +182,15 @@ def _driver_calls_as_expected(dialect: Dialect) -> bool:
     return True
 
 
+#: What :func:`around_driver_calls`' ``arm`` answers: whether it armed anything, or
+#: the function that hands the statement to the driver in its stead (it is given
+#: the call to make).
+Armed = bool | Callable[[Callable[[], None]], None]
+
+
 def around_driver_calls(
     engine: Engine,
-    arm: Callable[[Any], bool],
+    arm: Callable[[Any], Armed],
     disarm: Callable[[Any], bool],
     *,
     commits: bool,
@@ -193,7 +200,9 @@ def around_driver_calls(
     returned; ``pooled`` is the pool's connection (``Connection.connection``).
 
     ``arm`` says whether it armed anything: if not, the driver is called with
-    nothing around it. ``disarm`` says whether the connection must not be used
+    nothing around it. It may instead return a function that sends the statement
+    its own way (the deadline's ``BEGIN`` sent with the first statement): it is
+    given the driver call to make. ``disarm`` says whether the connection must not be used
     again (what watched it gave up as the answer came): the ``Connection`` is
     then invalidated (a COMMIT's connection is recycled at its next checkout,
     as the dialect does not see the ``Connection``). When the driver raises,
@@ -217,10 +226,14 @@ def around_driver_calls(
                 original(cursor, statement, *rest)
                 return
             conn = context.root_connection
-            if not arm(conn.connection):
+            armed = arm(conn.connection)
+            if armed is True:
+                original(cursor, statement, *rest)
+            elif not armed:
                 original(cursor, statement, *rest)
                 return
-            original(cursor, statement, *rest)
+            else:
+                armed(lambda: original(cursor, statement, *rest))
             if disarm(conn.connection):
                 conn.invalidate()
 
@@ -245,14 +258,17 @@ def around_driver_calls(
 
 
 def _around_by_events(
-    engine: Engine, arm: Callable[[Any], bool], disarm: Callable[[Any], bool], *, commits: bool
+    engine: Engine, arm: Callable[[Any], Armed], disarm: Callable[[Any], bool], *, commits: bool
 ) -> None:  # pragma: no cover - only on a SQLAlchemy that changed the dialect methods
-    """:func:`around_driver_calls` through the engine's public events (slower)."""
+    """:func:`around_driver_calls` through the engine's public events (slower): what
+    ``arm`` would send with the statement goes just before it instead."""
 
     def before(conn: Any, *args: Any) -> None:
         if disarm(conn.connection):  # a COMMIT's watch left armed (see below)
             conn.invalidate()
-        arm(conn.connection)
+        armed = arm(conn.connection)
+        if callable(armed):
+            armed(lambda: None)
 
     def after(conn: Any, *args: Any) -> None:
         if disarm(conn.connection):
@@ -263,5 +279,5 @@ def _around_by_events(
     if commits:
         # The commit event comes before the driver's COMMIT; its watch is disarmed
         # when the connection next begins or executes (or goes back to the pool).
-        event.listen(engine, "commit", lambda conn: arm(conn.connection))
+        event.listen(engine, "commit", before)
         event.listen(engine, "begin", after)

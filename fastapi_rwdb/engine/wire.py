@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -101,6 +102,52 @@ def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> Non
     the same message (one round trip, as psycopg's own ``BEGIN`` costs); psycopg sees
     the transaction open and sends none. :class:`NoAnswerError` after ``timeout``."""
     _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
+
+
+def _pipelined_begin_supported() -> bool:
+    """psycopg's pipeline mode (libpq 14 or later), and ``autocommit`` a property over
+    the attribute :func:`begin_with_first` sets (a contract test reads it back)."""
+    prop = getattr(psycopg.Connection, "autocommit", None)
+    return psycopg.Pipeline.is_supported() and isinstance(prop, property)
+
+
+#: Whether :func:`begin_with_first` can send a ``BEGIN`` with the first statement;
+#: where not, the transaction's opening costs a round trip of its own (:func:`begin_with`).
+PIPELINED_BEGIN = _pipelined_begin_supported()
+
+
+def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[[], None]) -> None:
+    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then``,
+    and send ``first`` (the transaction's first statement, run by psycopg's own
+    cursor) in the same flush: one round trip for all three, where :func:`begin_with`
+    costs one before the statement's own.
+
+    In pipeline mode psycopg follows its own ``BEGIN`` with a Sync and waits for it,
+    so for the pipeline the connection is put in autocommit (psycopg then sends no
+    ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. After it,
+    psycopg's setter refuses to turn autocommit off inside the transaction this
+    opened, so the attribute under the property is set back (the one private psycopg
+    name used here; when it is missing, :data:`PIPELINED_BEGIN` is false). Errors are
+    psycopg's own, raised from the pipeline as the statement's, for SQLAlchemy to
+    handle as the first statement's (a lost connection is discarded, and the first
+    statement run again by the session). Used only when ``raw`` is idle and not in
+    autocommit; otherwise ``then`` goes on its own first.
+    """
+    if raw.autocommit or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, None))
+        else:
+            _answer(_simple_query(raw.pgconn, then, None))
+        first()
+        return
+    raw.autocommit = True
+    try:
+        with raw.pipeline():
+            raw.execute(_begin_command(raw))
+            raw.execute(then)
+            first()
+    finally:
+        raw._autocommit = False
 
 
 def _simple_query(pgconn: Any, sql: bytes, timeout: float | None) -> list[Any]:

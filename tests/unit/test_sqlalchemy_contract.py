@@ -186,3 +186,19 @@ def test_a_disarm_that_says_the_connection_is_spent_invalidates_it() -> None:
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
         assert conn.invalidated
+
+
+def test_psycopg_autocommit_is_the_attribute_the_pipelined_begin_sets_back() -> None:
+    """engine/wire.begin_with_first puts a psycopg connection in autocommit for the
+    pipeline that sends BEGIN with the first statement, then sets
+    ``Connection._autocommit`` back (psycopg's setter refuses inside the transaction):
+    the public property must read that attribute, and pipeline mode be there."""
+    import psycopg
+
+    from fastapi_rwdb.engine import wire
+
+    assert wire.PIPELINED_BEGIN, "psycopg pipeline mode or its autocommit property changed"
+    conn = object.__new__(psycopg.Connection)
+    for value in (True, False):
+        conn._autocommit = value
+        assert conn.autocommit is value
