@@ -51,6 +51,7 @@ from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
 _ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
 _WITH_FIRST = "rwdb_deadline_with_first"  # psycopg: SET LOCAL to send with BEGIN and the first
+_BEGINS = "rwdb_deadline_begins"  # the statement running now carries its transaction's BEGIN
 
 
 def server_timeout_ms(deadline: float) -> int:
@@ -162,9 +163,11 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         then = info.pop(_WITH_FIRST, None)
         if then is None:
             return True
+        info[_BEGINS] = True
         return lambda first: begin_with_first(raw, then, first)  # watched as the statement
 
     def disarm(pooled: Any) -> bool:
+        pooled.info.pop(_BEGINS, None)
         armed = pooled.info.pop(_ARMED, None)  # (armed: pooled has info)
         # True: it fired as the answer came: the socket is shut; nothing may use it again.
         return armed is not None and armed.disarm()
@@ -177,8 +180,13 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         conn = ctx.connection
         if conn is None:
             return None
+        begins = conn.info.pop(_BEGINS, False)
         armed = conn.info.pop(_ARMED, None)
         if armed is None or not armed.disarm():
+            if begins and ctx.is_disconnect:
+                # Lost as its BEGIN went: this connection only, as a BEGIN sent on its
+                # own (begin_within) is; the first statement runs again elsewhere.
+                ctx.invalidate_pool_on_disconnect = False
             return None
         ctx.is_disconnect = True  # discard this connection...
         ctx.invalidate_pool_on_disconnect = False  # ... and only this one

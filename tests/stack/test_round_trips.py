@@ -207,3 +207,26 @@ def test_the_first_read_statement_opens_its_transaction_with_its_deadline() -> N
             assert s.connection().connection.driver_connection is raw  # the same connection
     finally:
         database.dispose_sync()
+
+
+async def test_a_read_connection_lost_as_its_begin_goes_is_discarded_alone(
+    wire: WireCounter,
+) -> None:
+    """psycopg sends a read's BEGIN with its first statement: a connection found dead
+    there is discarded alone, as one whose BEGIN went on its own was (the pool's
+    other connections may reach another replica), and the read runs again."""
+    app = make_app(wire)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        for _ in range(3):
+            warm = await client.get(f"/read/warm-{uuid.uuid4()}")
+            assert warm.status_code == 200, warm.text
+        pool = fastapi_rwdb.get_database().engines.read.pool
+        wire.break_established()
+        response = await client.get(f"/read/{uuid.uuid4()}")
+        assert response.status_code == 200, response.text
+        assert wire.counts()["startup"] >= 1  # it met the dead connection
+    assert pool._invalidate_time == 0  # type: ignore[attr-defined]  # not the whole pool
