@@ -146,6 +146,18 @@ def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[
             raw.execute(_begin_command(raw))
             raw.execute(then)
             first()
+    except psycopg.Error as exc:
+        if raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF:
+            raise
+        # Left in pipeline mode, its answers cut short (a terminated server
+        # connection): psycopg then raises that it cannot leave the mode, over the
+        # server's own error. The connection can serve nobody: closed, so SQLAlchemy
+        # discards it, and the server's error raised, for the first statement's retry.
+        raw.close()
+        cause = exc.__context__
+        if isinstance(cause, psycopg.Error):
+            raise cause from None
+        raise
     finally:
         raw._autocommit = False
 
