@@ -106,7 +106,8 @@ def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> Non
 
 def _pipelined_begin_supported() -> bool:
     """psycopg's pipeline mode (libpq 14 or later), and ``autocommit`` a property over
-    the attribute :func:`begin_with_first` sets (a contract test reads it back)."""
+    the attribute :func:`begin_with_first` sets (a contract test reads it back);
+    without them, :func:`begin_with` is used instead."""
     prop = getattr(psycopg.Connection, "autocommit", None)
     return psycopg.Pipeline.is_supported() and isinstance(prop, property)
 
@@ -124,10 +125,11 @@ def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[
 
     In pipeline mode psycopg follows its own ``BEGIN`` with a Sync and waits for it,
     so for the pipeline the connection is put in autocommit (psycopg then sends no
-    ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. After it,
-    psycopg's setter refuses to turn autocommit off inside the transaction this
-    opened, so the attribute under the property is set back (the one private psycopg
-    name used here; when it is missing, :data:`PIPELINED_BEGIN` is false). Errors are
+    ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. Autocommit is
+    switched through the attribute under psycopg's property (the one private psycopg
+    name used here; a contract test reads it back): psycopg's setter refuses to turn
+    it off inside the transaction this opened, and turning it on it only checks
+    that the connection is idle, which it is here, at the cost of a generator. Errors are
     psycopg's own, raised from the pipeline as the statement's, for SQLAlchemy to
     handle as the first statement's (a lost connection is discarded, and the first
     statement run again by the session). Used only when ``raw`` is idle and not in
@@ -140,11 +142,12 @@ def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[
             _answer(_simple_query(raw.pgconn, then, None))
         first()
         return
-    raw.autocommit = True
+    raw._autocommit = True  # idle, as psycopg's setter checks (it costs a generator)
     try:
         with raw.pipeline():
-            raw.execute(_begin_command(raw))
-            raw.execute(then)
+            own = raw.cursor()
+            own.execute(_begin_command(raw))
+            own.execute(then)
             first()
     except psycopg.Error as exc:
         if raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF:
