@@ -128,12 +128,13 @@ def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[
     ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. Autocommit is
     switched through the attribute under psycopg's property (the one private psycopg
     name used here; a contract test reads it back): psycopg's setter refuses to turn
-    it off inside the transaction this opened, and turning it on it only checks
-    that the connection is idle, which it is here, at the cost of a generator. Errors are
-    psycopg's own, raised from the pipeline as the statement's, for SQLAlchemy to
-    handle as the first statement's (a lost connection is discarded, and the first
-    statement run again by the session). Used only when ``raw`` is idle and not in
-    autocommit; otherwise ``then`` goes on its own first.
+    it off inside the transaction this opened, and to turn it on it only checks that
+    the connection is idle, as it is here, at the cost of a generator.
+
+    Errors are psycopg's own, raised from the pipeline as the statement's, for
+    SQLAlchemy to handle as the first statement's (a lost connection is discarded,
+    and the first statement run again by the session). Pipelined only when ``raw``
+    is idle and not in autocommit; otherwise ``then`` goes on its own first.
     """
     if raw.autocommit or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         if raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
