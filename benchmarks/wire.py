@@ -7,7 +7,9 @@ on the driver connection. So the proxy sits between the app and HAProxy, and
 counts the messages the client sends. The client waits for the server after
 every simple ``Query`` ('Q'), every ``Sync`` ('S', which closes an
 extended-protocol exchange) and every ``Flush`` ('H': asyncpg sends Parse,
-Describe, Flush and waits for the statement's description before it binds):
+Describe, Flush and waits for the statement's description before it binds),
+except a ``Flush`` that comes right after a ``Sync`` (the Sync has already made
+the server send everything: psycopg's pipeline mode sends both and waits once):
 their sum is the number of round trips. It also counts the statements the
 server runs: each ``Parse`` ('P') is one, a simple ``Query`` holds as many as
 it has non-empty ``;``-separated parts (an empty query, psycopg's ping, is none).
@@ -121,6 +123,7 @@ class WireCounter:
     ) -> None:
         buf = bytearray()
         typed = False  # the start-up packets have no type byte
+        last = ""  # the kind of the client's last message
         try:
             while data := await reader.read(65536):
                 if generation <= self._broken_upto:
@@ -147,7 +150,13 @@ class WireCounter:
                         if len(buf) < 1 + length:
                             break
                         kind = chr(buf[0])
+                        if kind == "H" and last == "S":
+                            # A Flush right after a Sync asks for nothing the Sync has
+                            # not: the server sends all it has at the Sync (psycopg's
+                            # pipeline sends both, and waits once).
+                            kind = "H after S"
                         seen.append(kind)
+                        last = kind
                         if kind == "Q":  # a simple query may hold several statements
                             sql = bytes(buf[5 : 1 + length]).rstrip(b"\0")
                             seen += ["statement"] * sum(1 for s in sql.split(b";") if s.strip())

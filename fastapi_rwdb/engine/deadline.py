@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -44,11 +45,14 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from . import servers
-from .wire import NoAnswerError, begin_with
+from .sqlalchemy_internals import around_driver_calls
+from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 
 # Connection info keys, private to this module (cleared when the connection goes back).
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
 _ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
+_WITH_FIRST = "rwdb_deadline_with_first"  # psycopg: SET LOCAL to send with BEGIN and the first
+_BEGINS = "rwdb_deadline_begins"  # the statement running now carries its transaction's BEGIN
 
 
 def server_timeout_ms(deadline: float) -> int:
@@ -83,8 +87,11 @@ class DeadlineConnection(asyncpg.Connection):  # type: ignore[misc]
 def begin_within(connection: Connection, deadline: float) -> None:
     """Every statement of ``connection``'s transaction, which has just begun and run
     nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
-    shorter. On psycopg the ``BEGIN`` is sent here with it (psycopg then sends none); if
-    the checkout ping already opened the transaction it sent the timeout too
+    shorter. On psycopg the ``BEGIN`` and the timeout go with the first statement, in
+    one round trip (:func:`~fastapi_rwdb.engine.wire.begin_with_first`, when the
+    statement is handed to the driver), or, without pipeline mode, are sent here
+    (psycopg then sends no ``BEGIN``); if the checkout ping already opened the
+    transaction it sent the timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
     if deadline <= 0:
         return
@@ -94,6 +101,9 @@ def begin_within(connection: Connection, deadline: float) -> None:
         raw.rwdb_pending = set_local(deadline)
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return
+        if PIPELINED_BEGIN and not raw.autocommit:
+            connection.info[_WITH_FIRST] = set_local(deadline).encode()
             return
         try:
             begin_with(raw, set_local(deadline).encode(), deadline)
@@ -151,35 +161,58 @@ class ConnectBudget:
 
 def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> None:
     """Watch the statements of ``engine``'s transactions given a deadline; ``every``: the
-    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``)."""
+    deadline of every statement and COMMIT (the write side's ``RWDB_WRITE_TIMEOUT``).
+
+    Armed and disarmed around the driver's call by the engine's own dialect
+    (:func:`~fastapi_rwdb.engine.sqlalchemy_internals.around_driver_calls`), not by
+    engine events, which would put every statement of the engine on SQLAlchemy's
+    event-dispatch path, deadline or not. A COMMIT abandoned at its deadline is the
+    write whose outcome nobody knows."""
     timed_out = _timed_out if side == "read" else _write_timed_out
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _arm(conn: Connection, cursor: Any, statement: Any, *args: Any) -> None:
-        _disarm(conn)
-        deadline = conn.info.get(_DEADLINE) or every
+    def arm(pooled: Any) -> bool | Callable[[Callable[[], None]], None]:
+        try:
+            info = pooled.info
+        except NotImplementedError:  # the dialect's first look at a new connection
+            return False
+        left = info.pop(_ARMED, None)  # a failed call's watch nobody collected
+        if left is not None:
+            left.disarm()
+        deadline = info.get(_DEADLINE) or every
         if not deadline:
-            return
-        raw: Any = conn.connection.driver_connection
+            return False
+        raw: Any = pooled.driver_connection
         if is_async:
-            conn.info[_ARMED] = _AsyncWatch(raw, deadline)
-        else:
-            conn.info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+            info[_ARMED] = _AsyncWatch(raw, deadline)
+            return True
+        info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
+        then = info.pop(_WITH_FIRST, None)
+        if then is None:
+            return True
+        info[_BEGINS] = True
+        return lambda first: begin_with_first(raw, then, first)  # watched as the statement
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def _disarm(conn: Connection, *args: Any) -> None:
-        armed = conn.info.pop(_ARMED, None)
-        if armed is not None and armed.disarm():
-            # It fired as the answer came: the socket is shut; nothing may use it again.
-            conn.invalidate()
+    def disarm(pooled: Any) -> bool:
+        pooled.info.pop(_BEGINS, None)
+        armed = pooled.info.pop(_ARMED, None)  # (armed: pooled has info)
+        # True: it fired as the answer came: the socket is shut; nothing may use it again.
+        return armed is not None and armed.disarm()
 
+    around_driver_calls(engine, arm, disarm, commits=bool(every))
+
+    # A DialectEvents listener: it leaves the engine's statements on the fast path.
     @event.listens_for(engine, "handle_error")
     def _abandoned(ctx: ExceptionContext) -> BaseException | None:
         conn = ctx.connection
         if conn is None:
             return None
+        begins = conn.info.pop(_BEGINS, False)
         armed = conn.info.pop(_ARMED, None)
         if armed is None or not armed.disarm():
+            if begins and ctx.is_disconnect:
+                # Lost as its BEGIN went: this connection only, as a BEGIN sent on its
+                # own (begin_within) is; the first statement runs again elsewhere.
+                ctx.invalidate_pool_on_disconnect = False
             return None
         servers.timed_out(conn.info)  # its replica is passed over for a while
         ctx.is_disconnect = True  # discard this connection...
@@ -188,21 +221,10 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         error.__cause__ = ctx.original_exception
         return error
 
-    if every:
-        # The COMMIT too (SQLAlchemy's commit event comes before the driver's): one
-        # abandoned there is the write whose outcome nobody knows. Disarmed when the
-        # connection next begins, executes or goes back.
-        @event.listens_for(engine, "commit")
-        def _arm_commit(conn: Connection) -> None:
-            _arm(conn, None, None)
-
-        @event.listens_for(engine, "begin")
-        def _begun(conn: Connection) -> None:
-            _disarm(conn)
-
     @event.listens_for(engine, "checkin")
     def _forget(dbapi_connection: Any, record: Any) -> None:
         record.info.pop(_DEADLINE, None)
+        record.info.pop(_WITH_FIRST, None)  # a transaction that ran no statement
         armed = record.info.pop(_ARMED, None)
         if armed is not None:
             armed.disarm()

@@ -166,9 +166,6 @@ def instrument(
 
     if ping:
         install_ping(engine, settings, is_async=is_async, side=side)
-    if side == "write" and settings.write_timeout > 0:
-        deadline.watch(engine, is_async=is_async, side=side, every=settings.write_timeout)
-
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
         commit.install(engine)
@@ -184,6 +181,10 @@ def instrument(
             end_unused_transaction(fairy.info, fairy.dbapi_connection)
 
         before_connection_options(engine, _characteristics)
+
+    # After commit.install: the deadline's COMMIT wrapper must enclose the tracking's.
+    if side == "write" and settings.write_timeout > 0:
+        deadline.watch(engine, is_async=is_async, side=side, every=settings.write_timeout)
 
     if is_async:
         # libpq sets psycopg's from its connection parameters (factory.connect_args).

@@ -38,6 +38,16 @@ fallback is never the silent state of affairs.
    turns on SQLAlchemy's per-statement event dispatch for every statement and
    every BEGIN, COMMIT and ROLLBACK of the engine (see benchmarks/peers.md for
    what it cost). Fallback: that event.
+6. ``Dialect.do_execute``, ``do_execute_no_params``, ``do_executemany`` and
+   ``do_commit`` wrapped on one engine's own dialect instance
+   (:func:`around_driver_calls`): the statement deadline
+   (:mod:`fastapi_rwdb.engine.deadline`) is armed just before the driver is
+   called and disarmed when it returns. The public alternative, the engine's
+   ``before_cursor_execute``/``after_cursor_execute``/``commit`` events, turns
+   on the same per-statement event dispatch as 5. An error the driver raises
+   still reaches the dialect's ``handle_error`` event (a ``DialectEvents``
+   listener: it leaves the engine's statements on the fast path). Fallback:
+   those engine events.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ await_: Callable[[Awaitable[_T]], _T] = getattr(_sa_util, "await_", None) or _sa
 
 __all__ = [
     "EXECUTE_INTERNAL",
+    "Armed",
+    "around_driver_calls",
     "await_",
     "before_connection_options",
     "route_commit",
@@ -146,3 +158,126 @@ def before_connection_options(engine: Engine, hook: Callable[[Any, Any], None]) 
         original(connection, opts)
 
     engine.dialect.set_connection_execution_options = set_connection_execution_options  # type: ignore[method-assign]
+
+
+#: The dialect methods :func:`around_driver_calls` wraps, and the arguments each takes.
+_DRIVER_CALLS = {
+    "do_execute": ["cursor", "statement", "parameters", "context"],
+    "do_execute_no_params": ["cursor", "statement", "context"],
+    "do_executemany": ["cursor", "statement", "parameters", "context"],
+    "do_commit": ["dbapi_connection"],
+}
+
+
+def _driver_calls_as_expected(dialect: Dialect) -> bool:
+    for name, params in _DRIVER_CALLS.items():
+        method = getattr(dialect, name, None)
+        if not callable(method):
+            return False
+        try:
+            if list(inspect.signature(method).parameters) != params:
+                return False
+        except (TypeError, ValueError):  # pragma: no cover
+            return False
+    return True
+
+
+#: What :func:`around_driver_calls`' ``arm`` answers: whether it armed anything, or
+#: the function that hands the statement to the driver in its stead (it is given
+#: the call to make).
+Armed = bool | Callable[[Callable[[], None]], None]
+
+
+def around_driver_calls(
+    engine: Engine,
+    arm: Callable[[Any], Armed],
+    disarm: Callable[[Any], bool],
+    *,
+    commits: bool,
+) -> None:
+    """Call ``arm(pooled)`` just before ``engine`` hands a statement (and, with
+    ``commits``, a COMMIT) to the driver, and ``disarm(pooled)`` when the driver
+    returned; ``pooled`` is the pool's connection (``Connection.connection``).
+
+    ``arm`` says whether it armed anything: if not, the driver is called with
+    nothing around it. It may instead return a function that sends the statement
+    its own way (the deadline's ``BEGIN`` sent with the first statement): it is
+    given the driver call to make. ``disarm`` says whether the connection must not be used
+    again (what watched it gave up as the answer came): the ``Connection`` is
+    then invalidated (a COMMIT's connection is recycled at its next checkout,
+    as the dialect does not see the ``Connection``). When the driver raises,
+    nothing is disarmed here: the engine's ``handle_error`` listener finds what
+    was armed and decides what the error means. See 6. above.
+    """
+    dialect = engine.dialect
+    if not _driver_calls_as_expected(dialect):  # pragma: no cover - a SQLAlchemy that changed
+        logger.warning(
+            "fastapi_rwdb: this SQLAlchemy's dialect methods do_execute, do_executemany or "
+            "do_commit changed; the statement deadline uses engine events instead (every "
+            "statement then pays for event dispatch)"
+        )
+        _around_by_events(engine, arm, disarm, commits=commits)
+        return
+
+    def around(original: Callable[..., None]) -> Callable[..., None]:
+        def call(cursor: Any, statement: Any, *rest: Any) -> None:
+            context = rest[-1]
+            if context is None:  # not a Connection's statement: nothing to watch
+                original(cursor, statement, *rest)
+                return
+            conn = context.root_connection
+            armed = arm(conn.connection)
+            if armed is True:
+                original(cursor, statement, *rest)
+            elif not armed:
+                original(cursor, statement, *rest)
+                return
+            else:
+                armed(lambda: original(cursor, statement, *rest))
+            if disarm(conn.connection):
+                conn.invalidate()
+
+        return call
+
+    dialect.do_execute = around(dialect.do_execute)  # type: ignore[method-assign]
+    dialect.do_execute_no_params = around(dialect.do_execute_no_params)  # type: ignore[method-assign]
+    dialect.do_executemany = around(dialect.do_executemany)  # type: ignore[method-assign]
+    if not commits:
+        return
+    dbapi_commit = dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        if not arm(dbapi_connection):
+            dbapi_commit(dbapi_connection)
+            return
+        dbapi_commit(dbapi_connection)
+        if disarm(dbapi_connection):
+            dbapi_connection.invalidate(soft=True)
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
+def _around_by_events(
+    engine: Engine, arm: Callable[[Any], Armed], disarm: Callable[[Any], bool], *, commits: bool
+) -> None:  # pragma: no cover - only on a SQLAlchemy that changed the dialect methods
+    """:func:`around_driver_calls` through the engine's public events (slower): what
+    ``arm`` would send with the statement goes just before it instead."""
+
+    def before(conn: Any, *args: Any) -> None:
+        if disarm(conn.connection):  # a COMMIT's watch left armed (see below)
+            conn.invalidate()
+        armed = arm(conn.connection)
+        if callable(armed):
+            armed(lambda: None)
+
+    def after(conn: Any, *args: Any) -> None:
+        if disarm(conn.connection):
+            conn.invalidate()
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    if commits:
+        # The commit event comes before the driver's COMMIT; its watch is disarmed
+        # when the connection next begins or executes (or goes back to the pool).
+        event.listen(engine, "commit", before)
+        event.listen(engine, "begin", after)

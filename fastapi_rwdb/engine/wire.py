@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -101,6 +102,68 @@ def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> Non
     the same message (one round trip, as psycopg's own ``BEGIN`` costs); psycopg sees
     the transaction open and sends none. :class:`NoAnswerError` after ``timeout``."""
     _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
+
+
+def _pipelined_begin_supported() -> bool:
+    """psycopg's pipeline mode (libpq 14 or later), and ``autocommit`` a property over
+    the attribute :func:`begin_with_first` sets (a contract test reads it back);
+    without them, :func:`begin_with` is used instead."""
+    prop = getattr(psycopg.Connection, "autocommit", None)
+    return psycopg.Pipeline.is_supported() and isinstance(prop, property)
+
+
+#: Whether :func:`begin_with_first` can send a ``BEGIN`` with the first statement;
+#: where not, the transaction's opening costs a round trip of its own (:func:`begin_with`).
+PIPELINED_BEGIN = _pipelined_begin_supported()
+
+
+def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[[], None]) -> None:
+    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then``,
+    and send ``first`` (the transaction's first statement, run by psycopg's own
+    cursor) in the same flush: one round trip for all three, where :func:`begin_with`
+    costs one before the statement's own.
+
+    In pipeline mode psycopg follows its own ``BEGIN`` with a Sync and waits for it,
+    so for the pipeline the connection is put in autocommit (psycopg then sends no
+    ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. Autocommit is
+    switched through the attribute under psycopg's property (the one private psycopg
+    name used here; a contract test reads it back): psycopg's setter refuses to turn
+    it off inside the transaction this opened, and to turn it on it only checks that
+    the connection is idle, as it is here, at the cost of a generator.
+
+    Errors are psycopg's own, raised from the pipeline as the statement's, for
+    SQLAlchemy to handle as the first statement's (a lost connection is discarded,
+    and the first statement run again by the session). Pipelined only when ``raw``
+    is idle and not in autocommit; otherwise ``then`` goes on its own first.
+    """
+    if raw.autocommit or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, None))
+        else:
+            _answer(_simple_query(raw.pgconn, then, None))
+        first()
+        return
+    raw._autocommit = True  # idle, as psycopg's setter checks (it costs a generator)
+    try:
+        with raw.pipeline():
+            own = raw.cursor()
+            own.execute(_begin_command(raw))
+            own.execute(then)
+            first()
+    except psycopg.Error as exc:
+        if raw.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF:
+            raise
+        # Left in pipeline mode, its answers cut short (a terminated server
+        # connection): psycopg then raises that it cannot leave the mode, over the
+        # server's own error. The connection can serve nobody: closed, so SQLAlchemy
+        # discards it, and the server's error raised, for the first statement's retry.
+        raw.close()
+        cause = exc.__context__
+        if isinstance(cause, psycopg.Error):
+            raise cause from None
+        raise
+    finally:
+        raw._autocommit = False
 
 
 def _simple_query(pgconn: Any, sql: bytes, timeout: float | None) -> list[Any]:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 import fastapi_rwdb
 from benchmarks.common import prepare_table, wait_replicas_have
@@ -41,19 +42,19 @@ pytestmark = pytest.mark.stack
 
 
 async def test_round_trips_per_route() -> None:
-    """Issue 14's targets: sync read 3, async read 4, writes one fewer than with a
-    ping on every checkout (4 and 6), a read with a token at most one more (none
-    more on psycopg)."""
+    """Issue 14's targets, and issue 22's for the sync read: sync read 2 (its BEGIN
+    goes with its statement), async read 4, writes one fewer than with a ping on
+    every checkout (4 and 6), a read with a token at most one more."""
     ids = await asyncio.to_thread(prepare_table, 200)
     await asyncio.to_thread(wait_replicas_have, ids)
     counted = (await count_round_trips(ids, per_route=10))["routes"]
     rwdb = {key: route["rwdb"]["round_trips"] for key, route in counted.items()}
-    assert rwdb["sync_read"] <= 3
+    assert rwdb["sync_read"] <= 2
     assert rwdb["async_read"] <= 4
     assert rwdb["sync_write"] <= 3
     assert rwdb["async_write"] <= 5
     # psycopg: the ping that reads the position also opens the transaction.
-    assert rwdb["sync_read_token"] <= rwdb["sync_read"]
+    assert rwdb["sync_read_token"] <= rwdb["sync_read"] + 1
     assert rwdb["async_read_token"] <= rwdb["async_read"] + 1
     for route in counted.values():
         assert route["rwdb"]["connects"] == 0  # pools warm: nothing opened
@@ -174,5 +175,58 @@ async def test_without_the_window_every_checkout_pings(wire: WireCounter) -> Non
         for _ in range(5):
             await client.get(f"/read/x-{uuid.uuid4()}")
         counts = wire.counts()
-    # The ping (an empty query), BEGIN, SELECT, ROLLBACK: four round trips each.
-    assert round_trips(counts) == 4 * 5
+    # The ping (an empty query), BEGIN with the SELECT, ROLLBACK: three round trips each.
+    assert round_trips(counts) == 3 * 5
+
+
+def test_the_first_read_statement_opens_its_transaction_with_its_deadline() -> None:
+    """psycopg: the BEGIN and the deadline's SET LOCAL are sent with the first
+    statement (one round trip): the statement and the next run in one READ ONLY
+    transaction with the server's statement timeout; a first statement that fails
+    leaves the connection as psycopg keeps it (not in autocommit), and the next
+    read on it works."""
+    database = Database(RWDBSettings(read_timeout=5, pool_size=1))  # type: ignore[call-arg]
+    show = text(
+        "SELECT current_setting('statement_timeout'), current_setting('transaction_read_only'),"
+        " now()"
+    )
+    try:
+        for _ in range(2):
+            with database.read_session() as s:
+                timeout, read_only, started = s.execute(show).one()
+                assert (timeout, read_only) == ("4s", "on")
+                assert s.execute(text("SELECT now()")).scalar_one() == started
+                raw = s.connection().connection.driver_connection
+                assert raw.autocommit is False
+        with pytest.raises(DBAPIError), database.read_session() as s:
+            s.execute(text("SELECT 1 / 0"))
+        assert raw.autocommit is False
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with database.read_session() as s:
+            assert s.execute(show).one()[:2] == ("4s", "on")
+            assert s.connection().connection.driver_connection is raw  # the same connection
+    finally:
+        database.dispose_sync()
+
+
+async def test_a_read_connection_lost_as_its_begin_goes_is_discarded_alone(
+    wire: WireCounter,
+) -> None:
+    """psycopg sends a read's BEGIN with its first statement: a connection found dead
+    there is discarded alone, as one whose BEGIN went on its own was (the pool's
+    other connections may reach another replica), and the read runs again."""
+    app = make_app(wire)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        for _ in range(3):
+            warm = await client.get(f"/read/warm-{uuid.uuid4()}")
+            assert warm.status_code == 200, warm.text
+        pool = fastapi_rwdb.get_database().engines.read.pool
+        wire.break_established()
+        response = await client.get(f"/read/{uuid.uuid4()}")
+        assert response.status_code == 200, response.text
+        assert wire.counts()["startup"] >= 1  # it met the dead connection
+    assert pool._invalidate_time == 0  # type: ignore[attr-defined]  # not the whole pool

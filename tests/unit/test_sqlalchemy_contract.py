@@ -121,18 +121,84 @@ def test_connection_options_go_through_the_dialect_instance() -> None:
     )
 
 
-def test_the_write_engine_without_a_deadline_keeps_sqlalchemys_fast_path() -> None:
-    """No ConnectionEvents listener of the package's own beyond the statement deadline:
-    one would send every statement, BEGIN, COMMIT and ROLLBACK through SQLAlchemy's
-    event dispatch. The deadline (engine/deadline.py) still arms its watchdog from
-    ConnectionEvents, so the read engine (a route may set a deadline whatever the
-    setting) and a write engine with RWDB_WRITE_TIMEOUT take that path today."""
-    from fastapi_rwdb.engine.factory import make_engine
+@pytest.mark.parametrize("side", ["read", "write"])
+@pytest.mark.parametrize("is_async", [False, True])
+def test_the_package_engines_keep_sqlalchemys_fast_path(side: str, is_async: bool) -> None:
+    """No ConnectionEvents listener of the package's own, with the default settings
+    (a read and a write deadline): one would send every statement, BEGIN, COMMIT and
+    ROLLBACK through SQLAlchemy's event dispatch. The deadline is armed by the
+    engine's own dialect (internals.around_driver_calls)."""
+    from fastapi_rwdb.engine.factory import make_async_engine, make_engine
     from fastapi_rwdb.settings import RWDBSettings
 
-    engine = make_engine(
-        "postgresql+psycopg://u:p@127.0.0.1:1/db",
-        RWDBSettings(secret_key="k" * 32, write_timeout=0),  # type: ignore[call-arg]
-        side="write",
-    )
+    settings = RWDBSettings(secret_key="k" * 32)  # type: ignore[call-arg]
+    assert settings.read_timeout > 0 and settings.write_timeout > 0
+    url = "postgresql://u:p@127.0.0.1:1/db"
+    if is_async:
+        engine = make_async_engine(url, settings, side=side).sync_engine  # type: ignore[arg-type]
+    else:
+        engine = make_engine(url, settings, side=side)  # type: ignore[arg-type]
     assert engine._has_events is False
+
+
+def test_driver_calls_go_through_the_dialect_instance() -> None:
+    """Every statement (with and without parameters, executemany) and every COMMIT
+    reaches the wrapped dialect methods, with the pool's connection; an error leaves
+    what was armed for handle_error; the engine keeps SQLAlchemy's fast path."""
+    engine = create_engine("sqlite://")
+    calls: list[str] = []
+    armed: dict[str, Any] = {}
+
+    def arm(pooled: Any) -> bool:
+        calls.append("arm")
+        armed["conn"] = pooled
+        pooled.info["armed"] = True
+        return True
+
+    def disarm(pooled: Any) -> bool:
+        calls.append("disarm")
+        assert pooled.info.pop("armed")
+        return False
+
+    internals.around_driver_calls(engine, arm, disarm, commits=True)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x int)")  # no parameters
+        conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": 1})
+        conn.execute(text("INSERT INTO t VALUES (:x)"), [{"x": 2}, {"x": 3}])  # executemany
+        assert calls == ["arm", "disarm"] * 3
+        assert armed["conn"] is conn.connection
+        calls.clear()
+        conn.commit()
+        assert calls == ["arm", "disarm"]
+        calls.clear()
+        with pytest.raises(Exception, match="no such table"):
+            conn.execute(text("SELECT * FROM missing"))
+        assert calls == ["arm"] and conn.connection.info.pop("armed")
+    assert engine._has_events is False
+    other = create_engine("sqlite://")
+    for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_commit"):
+        assert getattr(other.dialect, name).__func__ is getattr(type(other.dialect), name)
+
+
+def test_a_disarm_that_says_the_connection_is_spent_invalidates_it() -> None:
+    engine = create_engine("sqlite://")
+    internals.around_driver_calls(engine, lambda pooled: True, lambda pooled: True, commits=False)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        assert conn.invalidated
+
+
+def test_psycopg_autocommit_is_the_attribute_the_pipelined_begin_sets_back() -> None:
+    """engine/wire.begin_with_first puts a psycopg connection in autocommit for the
+    pipeline that sends BEGIN with the first statement, then sets
+    ``Connection._autocommit`` back (psycopg's setter refuses inside the transaction):
+    the public property must read that attribute, and pipeline mode be there."""
+    import psycopg
+
+    from fastapi_rwdb.engine import wire
+
+    assert wire.PIPELINED_BEGIN, "psycopg pipeline mode or its autocommit property changed"
+    conn = object.__new__(psycopg.Connection)
+    for value in (True, False):
+        conn._autocommit = value
+        assert conn.autocommit is value
