@@ -17,6 +17,12 @@ holds a connection. A request asks once whatever number of sessions it opens
 (FastAPI caches the dependency within a request), so two sessions of one
 request cannot wait on each other. The slots are per event loop (an app served by
 TestClient runs on a loop of its own), counted from the limiter when first used.
+
+A dependency, not a wrapper put on each route's ASGI app at startup: FastAPI 0.16x
+no longer copies an included router's routes into the app (it builds handlers of
+its own for them), so such a wrapper would miss most routes on some FastAPI
+versions. The price is FastAPI's machinery for an ``async`` generator dependency,
+about 300 Python calls a sync request (benchmarks/notes.md).
 """
 
 from __future__ import annotations
