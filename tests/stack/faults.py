@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 STACK_DIR = Path(os.environ.get("RWDB_STACK_DIR", "/var/tmp/rwdb-stack"))  # noqa: S108 (stack.sh)
 BOUNCER_PORTS = {"node1": 16432, "node2": 16433, "node3": 16434}  # scripts/stack.sh
@@ -112,3 +113,15 @@ def bouncer_url(node: str) -> str:
         f"postgresql://{os.environ['POSTGRES_USER']}:{os.environ['POSTGRES_PASSWORD']}"
         f"@127.0.0.1:{BOUNCER_PORTS[node]}/{os.environ['POSTGRES_DB']}"
     )
+
+
+async def read_one(
+    database: Any, driver: str, statement: Any, params: Any, *, timeout: float
+) -> Any:
+    """One row of ``statement`` in a read session of ``database`` on ``driver``
+    ("psycopg" or "asyncpg") whose statements each get ``timeout`` seconds."""
+    if driver == "psycopg":
+        with database.read_session(timeout=timeout) as s:
+            return s.execute(statement, params).one()
+    async with database.async_read_session(timeout=timeout) as a:
+        return (await a.execute(statement, params)).one()

@@ -30,6 +30,7 @@ from fastapi_rwdb.engine.sqlstates import sqlstate_of
 from fastapi_rwdb.observe import metrics
 
 from ..helpers import client, replica_nodes, rwdb_app, serve
+from .faults import read_one
 
 pytestmark = pytest.mark.stack
 
@@ -185,20 +186,10 @@ async def test_a_busy_replica_is_not_benched(driver: str) -> None:
     try:
         for _ in range(2):  # both replicas, likely (round robin)
             with pytest.raises(DBAPIError) as caught:
-                if driver == "psycopg":
-                    with database.read_session(timeout=DEADLINE) as s:
-                        s.execute(slow, {"s": 2 * DEADLINE}).one()
-                else:
-                    async with database.async_read_session(timeout=DEADLINE) as a:
-                        (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+                await read_one(database, driver, slow, {"s": 2 * DEADLINE}, timeout=DEADLINE)
             assert sqlstate_of(caught.value) == "57014"
         assert database.health.bench.seconds_left() == {}, "a busy replica was benched"
-        if driver == "psycopg":
-            with database.read_session(timeout=4 * DEADLINE) as s:
-                row = s.execute(slow, {"s": 2 * DEADLINE}).one()
-        else:
-            async with database.async_read_session(timeout=4 * DEADLINE) as a:
-                row = (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        row = await read_one(database, driver, slow, {"s": 2 * DEADLINE}, timeout=4 * DEADLINE)
         assert row[1] != "primary", "a heavy read its deadline allows left the replicas"
         assert database.health.bench.seconds_left() == {}
     finally:

@@ -28,7 +28,7 @@ from fastapi_rwdb import (
 from fastapi_rwdb.engine.sqlstates import sqlstate_of
 
 from ..helpers import dsn, replica_nodes
-from .faults import bouncer_url, frozen_bouncer
+from .faults import bouncer_url, frozen_bouncer, read_one
 
 pytestmark = pytest.mark.stack
 
@@ -168,21 +168,11 @@ async def test_a_busy_replica_answers_57014_in_time_and_the_read_stays_there(dri
     try:
         started = time.monotonic()
         with pytest.raises(DBAPIError) as caught:
-            if driver == "psycopg":
-                with database.read_session(timeout=DEADLINE) as s:
-                    s.execute(slow, {"s": 2 * DEADLINE}).one()
-            else:
-                async with database.async_read_session(timeout=DEADLINE) as a:
-                    (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+            await read_one(database, driver, slow, {"s": 2 * DEADLINE}, timeout=DEADLINE)
         took = time.monotonic() - started
         assert sqlstate_of(caught.value) == "57014"
         assert took < DEADLINE, f"the server's timeout came after the deadline: {took:.2f} s"
-        if driver == "psycopg":
-            with database.read_session(timeout=4 * DEADLINE) as s:
-                row = s.execute(slow, {"s": 2 * DEADLINE}).one()
-        else:
-            async with database.async_read_session(timeout=4 * DEADLINE) as a:
-                row = (await a.execute(slow, {"s": 2 * DEADLINE})).one()
+        row = await read_one(database, driver, slow, {"s": 2 * DEADLINE}, timeout=4 * DEADLINE)
         assert row[1] is True, "a slow read allowed by its deadline left the replica"
     finally:
         await database.dispose()
