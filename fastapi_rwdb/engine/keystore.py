@@ -249,8 +249,7 @@ class SigningKeys:
             except KeyStoreUnusable as exc:
                 return self._unusable(exc)
             except Exception as exc:
-                self._failed_at = time.monotonic()
-                logger.warning("fastapi_rwdb: cannot read the token key yet (%s)", brief(exc))
+                self._failed(exc)
                 return None
             finally:
                 engine.dispose()
@@ -299,11 +298,16 @@ class SigningKeys:
         except KeyStoreUnusable as exc:
             return self._unusable(exc)
         except Exception as exc:
-            self._failed_at = time.monotonic()
-            logger.warning("fastapi_rwdb: cannot read the token key yet (%s)", brief(exc))
+            self._failed(exc)
             return None
         finally:
             await engine.dispose()
+
+    def _failed(self, exc: Exception) -> None:
+        """An attempt (sync or async) that could not reach the key: said, and the next
+        one held back a second."""
+        self._failed_at = time.monotonic()
+        logger.warning("fastapi_rwdb: cannot read the token key yet (%s)", brief(exc))
 
     def may_retry(self) -> bool:
         """Whether a request may start another attempt: at most one a second after one

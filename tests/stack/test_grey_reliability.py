@@ -51,6 +51,11 @@ READ_SCENARIOS: dict[str, tuple[Fault, int]] = {
 }
 
 
+def _acknowledged(result: dict[str, Any]) -> list[str]:
+    """The keys of every acknowledged write, taken out of ``result`` (not for the table)."""
+    return [key for per in result.values() for r in per.values() for key in r.pop("acknowledged")]
+
+
 def _record(scenario: str, result: dict[str, Any]) -> None:
     saved = load("grey") or {}
     saved.setdefault("scenarios", {})[scenario] = result
@@ -62,9 +67,7 @@ def _record(scenario: str, result: dict[str, Any]) -> None:
 def test_reads_under_a_grey_fault(scenario: str) -> None:
     fault, clients = READ_SCENARIOS[scenario]
     result = grey.run_scenario(fault, clients=clients, hold=HOLD, warm=6.0 if clients > 6 else 2.0)
-    for per_route in result.values():
-        for r in per_route.values():
-            r.pop("acknowledged")
+    _acknowledged(result)
     _record(scenario, result)
 
     limit = DEFAULTS.read_timeout + 1.0
@@ -103,9 +106,7 @@ def test_more_sync_clients_than_worker_threads_and_connections() -> None:
     result = grey.run_scenario(
         contextlib.nullcontext, clients=clients, hold=10.0, warm=6.0, routes=grey.READS[:1]
     )
-    for per_route in result.values():
-        for r in per_route.values():
-            r.pop("acknowledged")
+    _acknowledged(result)
     _record(f"no fault, {clients} clients on the sync route", result)
     ours = result[grey.APPS[0]][grey.READS[0]]
     assert ours["failed"] == 0 and ours["started"] >= 500, ours
@@ -116,15 +117,7 @@ def test_more_sync_clients_than_worker_threads_and_connections() -> None:
 def test_writes_while_the_primary_pgbouncer_is_frozen() -> None:
     primary = _primary()
     result = grey.run_scenario(lambda: frozen_bouncer(primary, at_most=60), writes=True, hold=HOLD)
-    acknowledged = [
-        key
-        for per_route in result.values()
-        for r in per_route.values()
-        for key in r["acknowledged"]
-    ]
-    for per_route in result.values():
-        for r in per_route.values():
-            r.pop("acknowledged")
+    acknowledged = _acknowledged(result)
     _record("primary PgBouncer frozen (writes)", result)
 
     twice, lost = grey.written_twice_or_lost(acknowledged)
