@@ -238,9 +238,8 @@ def run_scenario(
     before: float = 5.0, after: float = 3.0, warm: float = 2.0, routes: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Both apps served, ``clients`` per app and route, ``fault()`` held ``hold`` s."""
-    ids = prepare_table(SEED_ROWS) if not writes else [0]
-    if not writes:
-        wait_replicas_have(ids)
+    ids = prepare_table(SEED_ROWS)  # the table too, which a write scenario run alone needs
+    wait_replicas_have(ids)  # the probe reads one, on a replica
     routes = routes or (WRITES if writes else READS)
     probe = READS[0].format(id=ids[0])
     with served("package_app", probe) as ours, served("handwritten_app", probe) as theirs:
