@@ -151,6 +151,7 @@ class Call:
     status: int  # 0: no answer (a client-side error)
     primary: bool = False  # a read the package moved to the primary
     key: str = ""  # a write's key
+    error: str = ""  # status 0: what the client met instead of an answer
 
 
 @dataclass
@@ -172,9 +173,11 @@ async def _client(
         try:
             r = await (http.post(base + path) if is_write else http.get(base + path))
             status, primary = r.status_code, r.headers.get("x-rwdb-read", "").startswith("primary")
-        except httpx.HTTPError:
-            status, primary = 0, False
-        log.append(Call(start, time.monotonic(), status, primary, key))
+        except httpx.HTTPError as exc:
+            status, primary, error = 0, False, f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            error = ""
+        log.append(Call(start, time.monotonic(), status, primary, key, error))
         await asyncio.sleep(0.005)
 
 
@@ -225,6 +228,7 @@ def summarise(run: Run) -> dict[str, dict[str, Any]]:
             "started": len(during),
             "failed": len(failed),
             "statuses": sorted({c.status for c in failed}),
+            "client_errors": sorted({c.error for c in failed if c.error}),
             "moved_to_primary": sum(c.primary for c in during),
             "longest_s": round(max((c.end - c.start for c in during), default=0.0), 3),
             "throughput_vs_before": round(ok_rate / before_rate, 3) if before_rate else None,
