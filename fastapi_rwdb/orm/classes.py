@@ -5,8 +5,9 @@ The class a dependency yields is the application's choice: SQLModel code calls
 ``RWDB_SESSION_CLASS=auto`` (the default) SQLModel's classes are used when
 SQLModel is installed; they subclass SQLAlchemy's, so plain SQLAlchemy code
 works with them too. This module derives a read and a write subclass from it,
-mixing in, first to last: the retry of a first statement that met a dead
-connection (:mod:`.reconnect`), for reads the retry of a first read a replica
+mixing in, first to last: a close that meets a connection already lost
+(:mod:`.closing`), the retry of a first statement that met a dead connection
+(:mod:`.reconnect`), for reads the retry of a first read a replica
 cancelled (:mod:`.replay`), then the routing (:mod:`.reads`) or the write
 tracking (:mod:`.writes`).
 """
@@ -23,6 +24,7 @@ from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL
 from ..errors import ReadOnlySessionError
 from ..settings import SessionKind
 from . import reconnect, writes
+from .closing import ClosesLostConnections
 from .reads import RoutedReads, deadline_on_replica
 from .replay import ReplayConflictRetry
 
@@ -53,7 +55,7 @@ def read_class(base: type[Session]) -> type[Session]:
     key = ("read", base)
     if key not in _classes:
         retry = (reconnect.LostConnectionRetry, ReplayConflictRetry) if EXECUTE_INTERNAL else ()
-        mixins = (*retry, RoutedReads, base)
+        mixins = (ClosesLostConnections, *retry, RoutedReads, base)
         cls = type(f"Read{base.__name__}", mixins, {"__module__": __name__})
         event.listen(cls, "before_flush", _refuse_flush)
         event.listen(cls, "after_begin", deadline_on_replica)
@@ -67,7 +69,7 @@ def write_class(base: type[Session]) -> type[Session]:
     key = ("write", base)
     if key not in _classes:
         retry = (reconnect.LostConnectionRetry,) if EXECUTE_INTERNAL else ()
-        mixins = (*retry, writes.TrackedWrites, base)
+        mixins = (ClosesLostConnections, *retry, writes.TrackedWrites, base)
         cls = type(f"Write{base.__name__}", mixins, {"__module__": __name__})
         writes.watch_session_class(cls)
         reconnect.watch(cls)
