@@ -16,18 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from ..current import get_database
-from .thread_slots import Slot
+from .thread_slots import Slot, held
 
 
 def get_write_db(_slot: Slot = None) -> Iterator[Session]:
     """A session on the primary, for routes that change data or must read their own writes."""
-    with get_database().write_session() as session:
+    with held(_slot), get_database().write_session() as session:
         yield session
 
 
 def get_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session on a replica. Flushes and DML are refused with a clear error."""
-    with get_database().read_session() as session:
+    with held(_slot), get_database().read_session() as session:
         yield session
 
 
@@ -35,14 +35,14 @@ def get_fresh_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session that sees every write committed anywhere before the request's
     reads: on a replica that has replayed the primary's current position, else the primary.
     Costs one short round trip on the primary at its first read."""
-    with get_database().read_session(fresh=True) as session:
+    with held(_slot), get_database().read_session(fresh=True) as session:
         yield session
 
 
 def get_primary_read_db(_slot: Slot = None) -> Iterator[Session]:
     """A read-only session on the primary: current whatever anyone wrote, and never
     on a write connection (the reads that must see the primary have a pool of their own)."""
-    with get_database().read_session(primary=True) as session:
+    with held(_slot), get_database().read_session(primary=True) as session:
         yield session
 
 
@@ -52,7 +52,8 @@ def get_db(_slot: Slot = None) -> Iterator[Session]:
     # generator, so its ``with`` block sees it. (A separate function, not an alias:
     # FastAPI caches a dependency per callable, and a route asking for both must
     # get two sessions, as before.)
-    yield from get_write_db()
+    with held(_slot):
+        yield from get_write_db()
 
 
 async def get_async_write_db() -> AsyncIterator[AsyncSession]:
@@ -92,7 +93,7 @@ def read_db(*, timeout: float) -> Callable[..., Iterator[Session]]:
     if timeout not in _SYNC_BY_TIMEOUT:
 
         def get_read_db_within(_slot: Slot = None) -> Iterator[Session]:
-            with get_database().read_session(timeout=timeout) as session:
+            with held(_slot), get_database().read_session(timeout=timeout) as session:
                 yield session
 
         _SYNC_BY_TIMEOUT[timeout] = get_read_db_within
