@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import psycopg
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
@@ -45,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from . import servers
+from .asyncpg_connection import PackageConnection, is_ours
 from .sqlalchemy_internals import around_driver_calls
 from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 
@@ -67,23 +67,6 @@ def set_local(deadline: float) -> str:
     return f"SET LOCAL statement_timeout = {server_timeout_ms(deadline)}"
 
 
-class DeadlineConnection(asyncpg.Connection):  # type: ignore[misc]
-    """asyncpg's connection, whose next ``BEGIN`` may carry the transaction's
-    ``statement_timeout`` in the same message (SQLAlchemy's adapter sends the
-    ``BEGIN`` through :meth:`execute`, in the simple protocol, which takes several
-    statements in one message)."""
-
-    rwdb_pending: str | None = None
-
-    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        pending = self.rwdb_pending
-        if pending is not None and not args and query.lstrip().upper().startswith("BEGIN"):
-            self.rwdb_pending = None
-            query = f"{query.rstrip().rstrip(';')}; {pending};"
-        result: str = await super().execute(query, *args, timeout=timeout)
-        return result
-
-
 def begin_within(connection: Connection, deadline: float) -> None:
     """Every statement of ``connection``'s transaction, which has just begun and run
     nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
@@ -97,7 +80,7 @@ def begin_within(connection: Connection, deadline: float) -> None:
         return
     connection.info[_DEADLINE] = deadline
     raw = connection.connection.driver_connection
-    if isinstance(raw, DeadlineConnection):
+    if is_ours(raw):
         raw.rwdb_pending = set_local(deadline)
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -127,12 +110,12 @@ class ConnectBudget:
     leaves room for a retry, and a connect that is only slow (many opened at once: a
     hundred take seconds through PgBouncer's SCRAM) still has most of the deadline.
     None is shorter than the driver can bound (psycopg counts whole seconds and waits at
-    least 2). On asyncpg a read connection's ``BEGIN`` can also carry the
-    transaction's statement timeout."""
+    least 2). An asyncpg connection is opened as the package's own class
+    (:mod:`.asyncpg_connection`)."""
 
     def __init__(self, cparams: dict[str, Any], deadline: float, *, is_async: bool, side: str):
-        if is_async and side == "read":
-            cparams.setdefault("connection_class", DeadlineConnection)
+        if is_async:
+            cparams.setdefault("connection_class", PackageConnection)
         self._key = "timeout" if is_async else "connect_timeout"
         self._configured = cparams.get(self._key)
         self._shortest = 1.0 if is_async else 2.0

@@ -27,7 +27,7 @@ from ..errors import (
 from ..routing.bench import ReplicaBench
 from ..routing.replicas import ReadSideHealth
 from ..settings import RWDBSettings, Side
-from . import commit, deadline, servers
+from . import asyncpg_connection, commit, deadline, servers
 from .checkout import install_ping, ping_timed_out
 from .connect_errors import classify_connect_error
 from .sockets import set_socket_options
@@ -191,6 +191,13 @@ def instrument(
         @event.listens_for(engine, "connect")
         def _tcp_options(dbapi_connection: Any, conn_rec: Any) -> None:
             set_socket_options(dbapi_connection.driver_connection, settings)
+
+        if side == "write":
+
+            @event.listens_for(engine, "connect")
+            def _commit_reading_position(dbapi_connection: Any, conn_rec: Any) -> None:
+                # Once per process: can a COMMIT carry the WAL position read?
+                await_(asyncpg_connection.probe(dbapi_connection.driver_connection))
 
     if side == "read":
         deadline.watch(engine, is_async=is_async, side=side)

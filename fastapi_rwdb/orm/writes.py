@@ -18,9 +18,10 @@ record, and a replica could reach it without showing the row. On psycopg the
 COMMIT and the LSN read (and the question, when there is one) go in one
 message: no round trip more than a plain COMMIT. That message is sent where
 SQLAlchemy commits the connection, after every ``before_commit`` listener has
-run (:mod:`fastapi_rwdb.engine.commit` says why there). asyncpg cannot send
-several statements in one go with results, so there the LSN is read right after
-the COMMIT, on the same connection, in one more round trip.
+run (:mod:`fastapi_rwdb.engine.commit` says why there). On asyncpg the COMMIT
+carries the LSN read too, as a COPY after it in the same message
+(:mod:`fastapi_rwdb.engine.asyncpg_connection`); where that cannot be done, the
+LSN is read right after the COMMIT, on the same connection, in one more round trip.
 
 Outside a request (no request state) nothing is read and nothing is paid.
 """
@@ -38,7 +39,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.selectable import CTE
 
-from ..engine import commit
+from ..engine import asyncpg_connection, commit
 from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL
 from ..engine.wire import fetch_outside_transaction, simple_query_results
 from ..routing.lsn import MAX_LSN, parse_lsn
@@ -51,6 +52,7 @@ _WROTE = "rwdb_wrote"  # Session.info: True, or "maybe"
 _CONNECTIONS = "rwdb_write_connections"  # Session.info: connections of this transaction
 _COMMIT_WROTE = "rwdb_commit_wrote"
 _ONE_MESSAGE = "rwdb_one_message_commit"
+_ARMED = "rwdb_asyncpg_commit_armed"  # Session.info: the asyncpg connection whose COMMIT reads
 
 XACT_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 CURRENT_LSN_SQL = "SELECT pg_current_wal_lsn()::text"
@@ -180,11 +182,9 @@ def _before_commit(session: Session) -> None:
     if not connections:
         return
     mark = session.info.get(_WROTE)
-    if (
-        len(connections) == 1
-        and pin_mode_of(session) == "lsn"
-        and isinstance(connections[0].connection.driver_connection, psycopg.Connection)
-    ):
+    one = len(connections) == 1 and pin_mode_of(session) == "lsn"
+    raw = connections[0].connection.driver_connection
+    if one and isinstance(raw, psycopg.Connection):
         # Only compiled SELECTs ran (no mark): they may still have written, through
         # a function they called. Asking costs no round trip here, only one statement
         # in the COMMIT's message; the WAL position is then read in a round trip of
@@ -200,7 +200,11 @@ def _before_commit(session: Session) -> None:
     for conn in connections:
         # With several connections the note cannot say which one wrote: ask each.
         if (mark is True and len(connections) == 1) or conn.exec_driver_sql(XACT_SQL).scalar():
-            session.info[_COMMIT_WROTE] = conn
+            if one and asyncpg_connection.arm(raw):
+                # asyncpg's COMMIT reads the position in its own message (a COPY after it).
+                session.info[_ARMED] = raw
+            else:
+                session.info[_COMMIT_WROTE] = conn
             return
 
 
@@ -209,6 +213,8 @@ def _after_commit(session: Session) -> None:
         return
     conn = session.info.pop(_COMMIT_WROTE, None)
     plan: _OneMessageCommit | None = session.info.pop(_ONE_MESSAGE, None)
+    armed = session.info.pop(_ARMED, None)
+    sent_with = asyncpg_connection.committed_at(armed) if armed is not None else None
     connections = session.info.get(_CONNECTIONS) or [None]
     _forget(session)
     state = request_state.get()
@@ -229,6 +235,12 @@ def _after_commit(session: Session) -> None:
             return
         # (else only SELECTs ran and yet it wrote, through a function: read it now)
         conn = connections[0]
+    if sent_with is not None:
+        sent, position = sent_with
+        if sent:
+            state.note_commit(_lsn_or_unknown(position), own=is_own_unit(session))
+            return
+        conn = connections[0]  # committed some other way: read the position now
     if conn is None:
         return
     if pin_mode_of(session) != "lsn":
@@ -260,6 +272,9 @@ def _forget(session: Session) -> None:
     plan: _OneMessageCommit | None = session.info.pop(_ONE_MESSAGE, None)
     if plan is not None:
         plan.withdraw()
+    armed = session.info.pop(_ARMED, None)
+    if armed is not None:
+        asyncpg_connection.committed_at(armed)  # disarmed: the transaction ended otherwise
     for key in (_COMMIT_WROTE, _CONNECTIONS, _WROTE):
         session.info.pop(key, None)
 

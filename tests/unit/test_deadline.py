@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from fastapi_rwdb.engine.asyncpg_connection import PackageConnection
 from fastapi_rwdb.engine.deadline import (
     _WATCHDOG,
     ConnectBudget,
-    DeadlineConnection,
     server_timeout_ms,
     set_local,
 )
@@ -31,7 +31,7 @@ def test_a_read_connect_is_bounded_by_the_deadline() -> None:
     assert sync == {"connect_timeout": 2}  # psycopg: whole seconds, at least 2
     aio: dict[str, object] = {"timeout": 5.0}
     ConnectBudget(aio, 1.5, is_async=True, side="read").next_attempt(aio)
-    assert aio["connection_class"] is DeadlineConnection
+    assert aio["connection_class"] is PackageConnection
     assert aio["timeout"] == pytest.approx(1.5, abs=0.01)  # too short to keep a retry's time
     off = {"connect_timeout": 5}
     ConnectBudget(off, 0, is_async=False, side="read").next_attempt(off)

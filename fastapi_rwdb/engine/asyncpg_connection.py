@@ -1,0 +1,117 @@
+"""The package's asyncpg connection class: what rides in the messages of BEGIN and COMMIT.
+
+SQLAlchemy's asyncpg adapter sends ``BEGIN`` and ``COMMIT`` through the connection's
+``execute`` (asyncpg's transaction object does), in the simple query protocol, which
+takes several statements in one message. Two things ride along, each saving a
+round trip:
+
+- a read transaction's ``SET LOCAL statement_timeout`` (:mod:`.deadline`) goes in
+  the message of its ``BEGIN``;
+- a tracked write's ``COMMIT`` reads the primary's WAL position after it, in the
+  same message, as psycopg's does (:mod:`fastapi_rwdb.orm.writes`).
+
+The second is the trick of this module. asyncpg returns no rows from a simple
+query, so the position comes back as the one row of a ``COPY ... TO STDOUT``
+sent in the same message: ``COMMIT; COPY (SELECT pg_current_wal_lsn()) TO
+STDOUT``, through asyncpg's private ``Connection._copy_out`` (what its public
+``copy_from_query`` calls after wrapping the query, which would wrap the
+``COMMIT`` too). asyncpg's COPY state discards the ``COMMIT``'s completion
+message that comes before the COPY's. Were a release to stop doing so, a COMMIT
+that went through could be reported as failed, so the behaviour is not assumed:
+the first connection a write engine opens is asked, outside any transaction,
+``BEGIN; COMMIT; COPY (SELECT 'ok') TO STDOUT`` (:func:`probe`); only when the
+row comes back, and ``_copy_out`` exists, is a COMMIT sent this way; otherwise
+the position is read in a round trip of its own after a plain COMMIT, as before.
+``tests/stack/test_asyncpg_commit.py`` checks the message against the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeGuard
+
+import asyncpg  # type: ignore[import-untyped]
+
+logger = logging.getLogger("fastapi_rwdb")
+
+#: What asyncpg's transaction object sends to commit (``Transaction._make_commit_query``).
+_COMMIT = "COMMIT;"
+_PROBE = "BEGIN; COMMIT; COPY (SELECT 'ok') TO STDOUT"
+COMMIT_READING_POSITION = "COMMIT; COPY (SELECT pg_current_wal_lsn()) TO STDOUT"
+
+#: Whether this process's asyncpg answers a COMMIT with a COPY after it as expected:
+#: None until the first write connection is asked (:func:`probe`).
+_commit_with_copy: bool | None = None
+
+
+class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose next ``BEGIN`` may carry a statement, and whose next
+    ``COMMIT`` may read the WAL position after it, in the same message."""
+
+    rwdb_pending: str | None = None  # sent after the next BEGIN
+    rwdb_commit_reads_position: bool = False
+    rwdb_committed_at: str | None = None  # what the last such COMMIT read
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        if not args:
+            pending = self.rwdb_pending
+            if pending is not None and query.lstrip().upper().startswith("BEGIN"):
+                self.rwdb_pending = None
+                query = f"{query.rstrip().rstrip(';')}; {pending};"
+            elif self.rwdb_commit_reads_position and query == _COMMIT:
+                self.rwdb_commit_reads_position = False
+                self.rwdb_committed_at = await _copy_out(self, COMMIT_READING_POSITION, timeout)
+                return "COMMIT"
+        result: str = await super().execute(query, *args, timeout=timeout)
+        return result
+
+
+def is_ours(raw: Any) -> TypeGuard[PackageConnection]:
+    """Whether ``raw`` is a :class:`PackageConnection` (``isinstance`` cannot say:
+    asyncpg's connection metaclass answers True for any asyncpg connection)."""
+    return PackageConnection in type(raw).__mro__
+
+
+async def _copy_out(raw: Any, sql: str, timeout: float | None) -> str | None:
+    """The first line a simple-query message ending in ``COPY ... TO STDOUT`` returns."""
+    chunks: list[bytes] = []
+
+    async def collect(data: bytes) -> None:
+        chunks.append(bytes(data))
+
+    await raw._copy_out(sql, collect, timeout)
+    line = b"".join(chunks).split(b"\n", 1)[0].decode()
+    return None if line in ("", "\\N") else line
+
+
+async def probe(raw: Any) -> None:
+    """Ask, once per process, on a new connection outside any transaction, whether a
+    COMMIT can carry the position read (see the module's docstring)."""
+    global _commit_with_copy
+    if _commit_with_copy is not None or not is_ours(raw):
+        return
+    try:
+        works = await _copy_out(raw, _PROBE, None) == "ok"
+    except (AttributeError, asyncpg.exceptions.InternalClientError) as exc:
+        works = False
+        logger.info("fastapi_rwdb: asyncpg cannot read the WAL position with COMMIT (%r)", exc)
+    except Exception:
+        return
+    _commit_with_copy = works
+
+
+def arm(raw: Any) -> bool:
+    """Make ``raw``'s next COMMIT read the WAL position after it; False when it cannot."""
+    if not (_commit_with_copy and is_ours(raw)):
+        return False
+    raw.rwdb_commit_reads_position = True
+    raw.rwdb_committed_at = None
+    return True
+
+
+def committed_at(raw: PackageConnection) -> tuple[bool, str | None]:
+    """Whether ``raw``'s armed COMMIT was sent, and the position it read; disarms."""
+    sent = not raw.rwdb_commit_reads_position
+    raw.rwdb_commit_reads_position = False
+    position, raw.rwdb_committed_at = raw.rwdb_committed_at, None
+    return sent, position

@@ -1,0 +1,97 @@
+"""The asyncpg COMMIT that reads the WAL position in its own message
+(engine/asyncpg_connection.py), against the stack's write port: PgBouncer in
+transaction mode, then the primary.
+
+The contract test of the module's trick: a ``COPY`` after the ``COMMIT`` in one
+simple-query message, read through asyncpg's private ``_copy_out``. If an asyncpg
+release stops discarding the COMMIT's completion message before the COPY's, the
+probe must say so (and the package fall back to a round trip of its own), never
+report a COMMIT that went through as failed.
+"""
+
+import os
+import uuid
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from fastapi_rwdb.engine import asyncpg_connection
+from fastapi_rwdb.engine.asyncpg_connection import PackageConnection, arm, committed_at
+from fastapi_rwdb.routing.lsn import parse_lsn
+
+from ..helpers import TEST_DB
+
+pytestmark = pytest.mark.stack
+
+TABLE = "rwdb_asyncpg_commit"
+
+
+async def connect() -> PackageConnection:
+    e = os.environ
+    conn = await asyncpg.connect(
+        host=e["POSTGRES_SERVER"],
+        port=int(e["POSTGRES_PORT"]),
+        user=e["POSTGRES_USER"],
+        password=e["POSTGRES_PASSWORD"],
+        database=TEST_DB,
+        statement_cache_size=0,  # PgBouncer, transaction mode
+        connection_class=PackageConnection,
+    )
+    assert type(conn) is PackageConnection
+    return conn
+
+
+async def test_a_commit_reads_the_position_after_it_in_the_same_message() -> None:
+    conn = await connect()
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (name text UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+        await asyncpg_connection.probe(conn)
+        assert asyncpg_connection._commit_with_copy is True
+
+        before = parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+        name = str(uuid.uuid4())
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {TABLE} VALUES ($1)", name)
+            assert arm(conn)
+        sent, position = committed_at(conn)
+        after = parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+        assert sent and position is not None
+        lsn = parse_lsn(position)
+        assert lsn is not None and before is not None and after is not None
+        assert before < lsn <= after  # after the commit record, not past what followed
+        assert await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE name = $1", name) == 1
+        assert not conn.is_in_transaction()
+
+        # A COMMIT that fails (a deferred unique check) fails as a plain one does: the
+        # COPY after it never runs, nothing was written, the connection goes on.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {TABLE} VALUES ($1), ($1)", "twice-" + name)
+                assert arm(conn)
+        assert committed_at(conn) == (True, None)
+        assert (
+            await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE name = $1", "twice-" + name)
+            == 0
+        )
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        await conn.close()
+
+
+async def test_a_plain_connection_is_never_armed() -> None:
+    e = os.environ
+    conn = await asyncpg.connect(
+        host=e["POSTGRES_SERVER"],
+        port=int(e["POSTGRES_PORT"]),
+        user=e["POSTGRES_USER"],
+        password=e["POSTGRES_PASSWORD"],
+        database=TEST_DB,
+        statement_cache_size=0,
+    )
+    try:
+        assert not arm(conn)  # a connection class of the application's own
+    finally:
+        await conn.close()
