@@ -67,12 +67,26 @@ def set_local(deadline: float) -> str:
     return f"SET LOCAL statement_timeout = {server_timeout_ms(deadline)}"
 
 
+#: A read's ``BEGIN`` rides with its first statement only while at most this many
+#: connections of its pool are in use. psycopg's pipeline saves a round trip and
+#: costs CPU (its machinery, more reads of the socket): in a quiet process the round
+#: trip is the request's latency, in a busy one CPU is its throughput (measured in
+#: benchmarks/notes.md, "The pipelined BEGIN under load").
+PIPELINE_WHILE_IN_USE = 2
+
+
+def _quiet(connection: Connection) -> bool:
+    checked_out = getattr(connection.engine.pool, "checkedout", None)
+    return checked_out is None or checked_out() <= PIPELINE_WHILE_IN_USE
+
+
 def begin_within(connection: Connection, deadline: float) -> None:
     """Every statement of ``connection``'s transaction, which has just begun and run
     nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
     shorter. On psycopg the ``BEGIN`` and the timeout go with the first statement, in
     one round trip (:func:`~fastapi_rwdb.engine.wire.begin_with_first`, when the
-    statement is handed to the driver), or, without pipeline mode, are sent here
+    statement is handed to the driver) while the pool is quiet (:data:`PIPELINE_WHILE_IN_USE`),
+    or, busy or without pipeline mode, are sent here
     (psycopg then sends no ``BEGIN``); if the checkout ping already opened the
     transaction it sent the timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
@@ -85,7 +99,7 @@ def begin_within(connection: Connection, deadline: float) -> None:
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             return
-        if PIPELINED_BEGIN and not raw.autocommit:
+        if PIPELINED_BEGIN and not raw.autocommit and _quiet(connection):
             connection.info[_WITH_FIRST] = set_local(deadline).encode()
             return
         try:
