@@ -26,23 +26,22 @@ pytestmark = pytest.mark.stack
 TABLE = "rwdb_asyncpg_commit"
 
 
-async def connect() -> PackageConnection:
+async def connect(connection_class: type = PackageConnection) -> asyncpg.Connection:
     e = os.environ
-    conn = await asyncpg.connect(
+    return await asyncpg.connect(
         host=e["POSTGRES_SERVER"],
         port=int(e["POSTGRES_PORT"]),
         user=e["POSTGRES_USER"],
         password=e["POSTGRES_PASSWORD"],
         database=TEST_DB,
         statement_cache_size=0,  # PgBouncer, transaction mode
-        connection_class=PackageConnection,
+        connection_class=connection_class,
     )
-    assert type(conn) is PackageConnection
-    return conn
 
 
 async def test_a_commit_reads_the_position_after_it_in_the_same_message() -> None:
     conn = await connect()
+    assert type(conn) is PackageConnection
     try:
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} (name text UNIQUE DEFERRABLE INITIALLY DEFERRED)"
@@ -82,15 +81,7 @@ async def test_a_commit_reads_the_position_after_it_in_the_same_message() -> Non
 
 
 async def test_a_plain_connection_is_never_armed() -> None:
-    e = os.environ
-    conn = await asyncpg.connect(
-        host=e["POSTGRES_SERVER"],
-        port=int(e["POSTGRES_PORT"]),
-        user=e["POSTGRES_USER"],
-        password=e["POSTGRES_PASSWORD"],
-        database=TEST_DB,
-        statement_cache_size=0,
-    )
+    conn = await connect(asyncpg.Connection)
     try:
         assert not arm(conn)  # a connection class of the application's own
     finally:
