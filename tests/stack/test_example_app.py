@@ -26,6 +26,7 @@ import fastapi_rwdb
 from example_app import main as example
 from example_app.models import DailySummary, Location
 from fastapi_rwdb import get_read_db_context
+from fastapi_rwdb.engine import asyncpg_connection
 from fastapi_rwdb.orm import writes as tracking
 
 from ..helpers import client
@@ -246,14 +247,17 @@ def test_worker_rejects_bad_arguments() -> None:
 async def test_a_commit_whose_position_cannot_be_read_still_succeeds(
     app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On asyncpg the LSN is read after COMMIT, and the connection can die in
-    between (a switchover): the write stands, so the answer is a 201 and the client
-    is pinned to the primary. (psycopg commits and reads the LSN in one message:
-    there, a lost connection is a failed commit as far as the client knows.)"""
+    """Where the installed asyncpg cannot read the position in the COMMIT's message
+    (engine/asyncpg_connection.py's probe said no), the LSN is read after COMMIT,
+    and the connection can die in between (a switchover): the write stands, so the
+    answer is a 201 and the client is pinned to the primary. (In one message, as
+    psycopg's always and asyncpg's normally are, a lost connection is a failed
+    commit as far as the client knows.)"""
 
     def connection_lost(conn: object) -> int:
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
+    monkeypatch.setattr(asyncpg_connection, "_commit_with_copy", False)
     monkeypatch.setattr(tracking, "current_lsn", connection_lost)
     async with client(app) as c:
         for path in ("/async/trackers",):
