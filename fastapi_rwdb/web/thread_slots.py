@@ -35,8 +35,10 @@ Only on asyncio: under trio (where FastAPI runs too) the dependency takes no slo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
+from contextlib import AbstractContextManager
 from typing import Annotated
 
 import anyio.to_thread
@@ -123,19 +125,8 @@ class Ticket:
         self._give()
 
 
-class _NoTicket:
-    """What a session dependency holds when called outside FastAPI, or under trio."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-NO_TICKET = _NoTicket()
+#: What a session dependency holds when called outside FastAPI, or under trio.
+NO_TICKET = contextlib.nullcontext()
 
 
 def gate() -> Gate:
@@ -159,7 +150,7 @@ async def thread_slot() -> Ticket | None:
     return Ticket(this)
 
 
-def held(ticket: Ticket | None) -> Ticket | _NoTicket:
+def held(ticket: Ticket | None) -> AbstractContextManager[None]:
     """``with held(_slot):`` in a sync session dependency, around its session."""
     return NO_TICKET if ticket is None else ticket
 
