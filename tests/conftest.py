@@ -50,8 +50,10 @@ def _restore_default_database() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # On demand only, when the run asks for it by marker: the soak (minutes of the stack).
-    for marker in ("soak",):
+    # On demand only, when the run asks for them by marker: the soak (minutes of the
+    # stack) and the grey read scenarios (their throughput bounds sit within this
+    # machine's noise: docs/reliability.md, "Grey faults, measured").
+    for marker in ("soak", "grey"):
         if marker in (config.getoption("markexpr") or ""):
             continue
         asked = [item for item in items if item.get_closest_marker(marker)]

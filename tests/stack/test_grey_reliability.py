@@ -63,6 +63,7 @@ def _record(scenario: str, result: dict[str, Any]) -> None:
     save("grey", saved)
 
 
+@pytest.mark.grey  # on demand: see docs/reliability.md, "Grey faults, measured"
 @pytest.mark.parametrize("scenario", list(READ_SCENARIOS))
 def test_reads_under_a_grey_fault(scenario: str) -> None:
     fault, clients = READ_SCENARIOS[scenario]
