@@ -8,26 +8,30 @@ round trip:
 - a read transaction's ``SET LOCAL statement_timeout`` (:mod:`.deadline`) goes in
   the message of its ``BEGIN``;
 - a tracked write's ``COMMIT`` reads the primary's WAL position after it, in the
-  same message, as psycopg's does (:mod:`fastapi_rwdb.orm.writes`).
+  same message, as psycopg's does (:mod:`fastapi_rwdb.orm.writes`);
+- a read with a token opens its transaction with the replica's position read in
+  the ``BEGIN``'s message, as psycopg's does (:func:`begin_reading`, called by
+  :func:`fastapi_rwdb.engine.wire.begin_reading_position`).
 
-The second is the trick of this module. asyncpg returns no rows from a simple
-query, so the position comes back as the one row of a ``COPY ... TO STDOUT``
-sent in the same message: ``COMMIT; COPY (SELECT pg_current_wal_lsn()) TO
-STDOUT``, through asyncpg's private ``Connection._copy_out`` (what its public
+The last two are the trick of this module. asyncpg returns no rows from a simple
+query, so the answer comes back as the one row of a ``COPY ... TO STDOUT`` sent
+in the same message: ``COMMIT; COPY (SELECT pg_current_wal_lsn()) TO STDOUT``,
+through asyncpg's private ``Connection._copy_out`` (what its public
 ``copy_from_query`` calls after wrapping the query, which would wrap the
-``COMMIT`` too). asyncpg's COPY state discards the ``COMMIT``'s completion
-message that comes before the COPY's. Were a release to stop doing so, a COMMIT
+``COMMIT`` too). asyncpg's COPY state discards the completion messages of the
+commands that come before the COPY's. Were a release to stop doing so, a COMMIT
 that went through could be reported as failed, so the behaviour is not assumed:
-the first connection a write engine opens is asked, outside any transaction,
+the first connection the process opens is asked, outside any transaction,
 ``BEGIN; COMMIT; COPY (SELECT 'ok') TO STDOUT`` (:func:`probe`); only when the
-row comes back, and ``_copy_out`` exists, is a COMMIT sent this way; otherwise
-the position is read in a round trip of its own after a plain COMMIT, as before.
-``tests/stack/test_asyncpg_commit.py`` checks the message against the stack.
+row comes back, and ``_copy_out`` exists, is a message sent this way; otherwise
+the answer is read in a round trip of its own, as before.
+``tests/stack/test_asyncpg_commit.py`` checks the messages against the stack.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeGuard
 
 import asyncpg  # type: ignore[import-untyped]
@@ -39,25 +43,34 @@ _COMMIT = "COMMIT;"
 _PROBE = "BEGIN; COMMIT; COPY (SELECT 'ok') TO STDOUT"
 COMMIT_READING_POSITION = "COMMIT; COPY (SELECT pg_current_wal_lsn()) TO STDOUT"
 
-#: Whether this process's asyncpg answers a COMMIT with a COPY after it as expected:
-#: None until the first write connection is asked (:func:`probe`).
+#: Whether this process's asyncpg answers commands with a COPY after them as expected:
+#: None until the first connection is asked (:func:`probe`).
 _commit_with_copy: bool | None = None
 
 
 class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
-    """asyncpg's connection, whose next ``BEGIN`` may carry a statement, and whose next
-    ``COMMIT`` may read the WAL position after it, in the same message."""
+    """asyncpg's connection, whose next ``BEGIN`` may carry a statement and a query, and
+    whose next ``COMMIT`` may read the WAL position after it, in the same message."""
 
     rwdb_pending: str | None = None  # sent after the next BEGIN
+    rwdb_begin_copies: tuple[str, float | None] | None = None  # see begin_reading
+    rwdb_begin_copied: str | None = None
     rwdb_commit_reads_position: bool = False
     rwdb_committed_at: str | None = None  # what the last such COMMIT read
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         if not args:
-            pending = self.rwdb_pending
-            if pending is not None and query.lstrip().upper().startswith("BEGIN"):
-                self.rwdb_pending = None
-                query = f"{query.rstrip().rstrip(';')}; {pending};"
+            pending, copies = self.rwdb_pending, self.rwdb_begin_copies
+            if (pending or copies) and query.lstrip().upper().startswith("BEGIN"):
+                self.rwdb_pending = self.rwdb_begin_copies = None
+                query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
+                if copies is None:
+                    query += ";"
+                else:
+                    sql, copy_timeout = copies
+                    line = await _copy_out(self, f"{query}; {sql}", copy_timeout)
+                    self.rwdb_begin_copied = line
+                    return "BEGIN"
             elif self.rwdb_commit_reads_position and query == _COMMIT:
                 self.rwdb_commit_reads_position = False
                 self.rwdb_committed_at = await _copy_out(self, COMMIT_READING_POSITION, timeout)
@@ -98,6 +111,30 @@ async def probe(raw: Any) -> None:
     except Exception:
         return
     _commit_with_copy = works
+
+
+async def begin_reading(
+    raw: PackageConnection,
+    start: Callable[[], Awaitable[None]],
+    query: str,
+    then: str | None,
+    timeout: float | None,
+) -> tuple[bool, str | None]:
+    """Open ``raw``'s transaction by awaiting ``start()`` (SQLAlchemy's adapter, whose
+    asyncpg transaction object sends the ``BEGIN`` through :meth:`PackageConnection.execute`),
+    with ``then`` and ``COPY (query) TO STDOUT`` in the BEGIN's message: one round
+    trip. Whether that was possible (the probe said yes), and the COPY's first line
+    (tab-separated columns). ``timeout``: asyncpg's, for the whole message."""
+    if not _commit_with_copy:
+        return False, None
+    raw.rwdb_pending = then
+    raw.rwdb_begin_copies = (f"COPY ({query}) TO STDOUT", timeout)
+    try:
+        await start()
+    finally:
+        raw.rwdb_pending = raw.rwdb_begin_copies = None
+    line, raw.rwdb_begin_copied = raw.rwdb_begin_copied, None
+    return True, line
 
 
 def arm(raw: Any) -> bool:

@@ -13,9 +13,9 @@ the first statement, which :mod:`fastapi_rwdb.orm.reconnect` runs again.
 
 A read that needs a position calls :func:`connect_at_position` instead of
 ``engine.connect()``. Its ping then reads the server's WAL position instead of
-running a no-op, so read-your-writes costs no query of its own; on psycopg, when
-the session will run its statements there, the same message opens their
-transaction (:func:`fastapi_rwdb.engine.wire.begin_reading_position`). The ping
+running a no-op, so read-your-writes costs no query of its own; when the session
+will run its statements there, the same message opens their transaction
+(:func:`fastapi_rwdb.engine.wire.begin_reading_position`). The ping
 runs inside ``engine.connect()``, where no argument reaches it, so the question
 travels in a contextvar and the answer comes back in the same object: both ends
 are in this module, and nothing outside it sees either.
@@ -70,7 +70,7 @@ _PING_TIMED_OUT = "rwdb_ping_timed_out"  # record_info: the last ping got no ans
 class _Asked:
     """A read's question to the ping of the checkout it is making, and the answer."""
 
-    begin: bool  # open the session's transaction in the same message (psycopg)
+    begin: bool  # open the session's transaction in the same message
     needed: int | None  # the position the read needs (for the remembered shortcut)
     then: bytes  # sent with the BEGIN, when the ping opens the transaction
     answered: bool = False
@@ -94,8 +94,8 @@ def connect_at_position(
 
     Read by the checkout's ping in its one round trip; a connection opened just now
     (not pinged) or one that reports another position is asked here. ``begin``: the
-    caller's statements will run on this connection, so on psycopg the ping may open
-    their transaction too, with ``then`` in the same message (the read deadline's
+    caller's statements will run on this connection, so the ping may open their
+    transaction too, with ``then`` in the same message (the read deadline's
     ``SET LOCAL``). ``needed``: the position the read needs (see module doc).
     A connection that cannot answer is discarded and :class:`ConnectionLostError`
     raised; one that cannot be opened raises
@@ -167,9 +167,7 @@ def _known_behind(info: dict[str, Any], needed: int | None) -> int | None:
     return position
 
 
-def install_ping(
-    engine: Engine, settings: RWDBSettings, *, is_async: bool, side: str = "write"
-) -> None:
+def install_ping(engine: Engine, settings: RWDBSettings, *, side: str = "write") -> None:
     """Replace SQLAlchemy's pre-ping on ``engine`` with this module's checkout ping."""
     # Without the session hook that retries a statement on a dead connection
     # (orm.reconnect), every checkout pings.
@@ -214,7 +212,7 @@ def install_ping(
         ):
             return
         try:
-            if asked is not None and asked.begin and not is_async:
+            if asked is not None and asked.begin:
                 value = begin_reading_position(dbapi_connection, info, timeout, asked.then)
             else:
                 value = ping_query(dbapi_connection, asked is not None, timeout)

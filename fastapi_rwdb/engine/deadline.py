@@ -87,15 +87,17 @@ def begin_within(connection: Connection, deadline: float) -> None:
     one round trip (:func:`~fastapi_rwdb.engine.wire.begin_with_first`, when the
     statement is handed to the driver) while the pool is quiet (:data:`PIPELINE_WHILE_IN_USE`),
     or, busy or without pipeline mode, are sent here
-    (psycopg then sends no ``BEGIN``); if the checkout ping already opened the
-    transaction it sent the timeout too
+    (psycopg then sends no ``BEGIN``); on asyncpg they go in the message of its
+    ``BEGIN``. If the checkout ping already opened the transaction it sent the
+    timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
     if deadline <= 0:
         return
     connection.info[_DEADLINE] = deadline
     raw = connection.connection.driver_connection
     if is_ours(raw):
-        raw.rwdb_pending = set_local(deadline)
+        if not raw.is_in_transaction():  # else the ping's BEGIN carried it
+            raw.rwdb_pending = set_local(deadline)
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             return

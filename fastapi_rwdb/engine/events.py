@@ -165,7 +165,7 @@ def instrument(
                 return connection
 
     if ping:
-        install_ping(engine, settings, is_async=is_async, side=side)
+        install_ping(engine, settings, side=side)
     if not is_async:
         # The tracking's one-message COMMIT goes where SQLAlchemy commits.
         commit.install(engine)
@@ -192,12 +192,10 @@ def instrument(
         def _tcp_options(dbapi_connection: Any, conn_rec: Any) -> None:
             set_socket_options(dbapi_connection.driver_connection, settings)
 
-        if side == "write":
-
-            @event.listens_for(engine, "connect")
-            def _commit_reading_position(dbapi_connection: Any, conn_rec: Any) -> None:
-                # Once per process: can a COMMIT carry the WAL position read?
-                await_(asyncpg_connection.probe(dbapi_connection.driver_connection))
+        @event.listens_for(engine, "connect")
+        def _copy_after_commands(dbapi_connection: Any, conn_rec: Any) -> None:
+            # Once per process: can a BEGIN or COMMIT carry a query's answer?
+            await_(asyncpg_connection.probe(dbapi_connection.driver_connection))
 
     if side == "read":
         deadline.watch(engine, is_async=is_async, side=side)

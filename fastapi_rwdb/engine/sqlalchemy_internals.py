@@ -48,6 +48,14 @@ fallback is never the silent state of affairs.
    still reaches the dialect's ``handle_error`` event (a ``DialectEvents``
    listener: it leaves the engine's statements on the fast path). Fallback:
    those engine events.
+7. ``_start_transaction()`` and ``_transaction`` of SQLAlchemy's asyncpg adapter
+   (:func:`adapter_transaction_opener`): the coroutine its cursor awaits to open
+   the connection's transaction before the first statement, and where it keeps
+   the open one. The checkout's ping opens a read's transaction with the
+   replica's position read in the same message (as psycopg's does, through its
+   public attributes), so that the adapter then sees the transaction open and
+   sends no ``BEGIN`` of its own. Fallback: the position read in a round trip
+   of its own, before the transaction.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ await_: Callable[[Awaitable[_T]], _T] = getattr(_sa_util, "await_", None) or _sa
 __all__ = [
     "EXECUTE_INTERNAL",
     "Armed",
+    "adapter_transaction_opener",
     "around_driver_calls",
     "await_",
     "before_connection_options",
@@ -113,6 +122,18 @@ def set_readonly(dialect: Dialect, dbapi_connection: Any) -> None:
         dbapi_connection.read_only = True
     else:  # pragma: no cover - SQLAlchemy's asyncpg adapter
         dbapi_connection.readonly = True
+
+
+def adapter_transaction_opener(dbapi_connection: Any) -> Callable[[], Awaitable[None]] | None:
+    """The coroutine function that opens the asyncpg adapter's transaction as its cursor
+    would (see 7. above), or ``None``: not that adapter's, a transaction is open
+    already, or a SQLAlchemy without it."""
+    start = getattr(dbapi_connection, "_start_transaction", None)
+    if not inspect.iscoroutinefunction(start) or not hasattr(dbapi_connection, "_transaction"):
+        return None
+    if dbapi_connection._transaction is not None:
+        return None
+    return start
 
 
 def route_commit(engine: Engine, hook_of: Callable[[Any], Callable[[Any], None] | None]) -> None:

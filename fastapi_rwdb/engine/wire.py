@@ -16,7 +16,8 @@ from typing import Any
 import psycopg
 
 from ..routing.lsn import parse_lsn
-from .sqlalchemy_internals import await_
+from .asyncpg_connection import begin_reading, is_ours
+from .sqlalchemy_internals import adapter_transaction_opener, await_
 
 #: Connection-record info key: the checkout's ping left a transaction open that no
 #: statement may have used yet (see :func:`end_unused_transaction`).
@@ -52,18 +53,22 @@ _SNAPSHOT_AT_FIRST = "rwdb_snapshot_at_first"
 
 
 def begin_reading_position(
-    raw: psycopg.Connection[Any], info: dict[str, Any], timeout: float, then: bytes = b""
+    dbapi_connection: Any, info: dict[str, Any], timeout: float, then: bytes = b""
 ) -> int | None:
     """The server's WAL position, read in the message that opens the transaction
     the session's statements will run in.
 
-    psycopg sends its ``BEGIN`` as a round trip of its own before the first
-    statement; sent here with the position query (``BEGIN ...; SELECT``, one
-    simple-query message on psycopg's documented low-level handle), it costs
-    nothing, and a read with a token needs no more round trips than one without.
-    psycopg sees the transaction open and sends no ``BEGIN`` of its own; its
-    ``rollback()`` ends it as usual. The ``BEGIN`` is the one psycopg would send
-    (same isolation level, read-only and deferrable options).
+    The drivers send their ``BEGIN`` as a round trip of its own before the first
+    statement; sent here with the position query, it costs nothing, and a read
+    with a token needs no more round trips than one without. psycopg: ``BEGIN ...;
+    SELECT``, one simple-query message on psycopg's documented low-level handle,
+    with the ``BEGIN`` psycopg would send (same isolation level, read-only and
+    deferrable options); psycopg sees the transaction open and sends no ``BEGIN``
+    of its own. asyncpg: SQLAlchemy's adapter opens its transaction as before the
+    first statement, and the package's connection class adds the position query
+    to that ``BEGIN``'s message
+    (:func:`~fastapi_rwdb.engine.asyncpg_connection.begin_reading`). Either
+    driver's ``rollback()`` ends the transaction as usual.
 
     Sound only where every statement takes its own snapshot (READ COMMITTED): the
     snapshot of the session's first statement is then taken after the position
@@ -73,28 +78,50 @@ def begin_reading_position(
     ``then``: a statement of the transaction sent in the same message (the read
     deadline's ``SET LOCAL``), only where the transaction is opened here.
     """
-    level = raw.isolation_level
-    if info.get(_SNAPSHOT_AT_FIRST) or level not in (None, psycopg.IsolationLevel.READ_COMMITTED):
-        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
-    last = _answer(
-        _simple_query(
-            raw.pgconn,
-            _begin_command(raw)
-            + (b"; " + then if then else b"")
-            + b"; "
-            + _POSITION_AND_ISOLATION_SQL,
-            timeout,
-        )
-    )
-    position = parse_lsn(_text(last.get_value(0, 0)))
-    if last.get_value(0, 1) != b"read committed":
-        # The server's default isolation level is another: ask outside any
-        # transaction from now on.
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if isinstance(raw, psycopg.Connection):
+        if raw.isolation_level in (None, psycopg.IsolationLevel.READ_COMMITTED) and not info.get(
+            _SNAPSHOT_AT_FIRST
+        ):
+            last = _answer(
+                _simple_query(
+                    raw.pgconn,
+                    _begin_command(raw)
+                    + (b"; " + then if then else b"")
+                    + b"; "
+                    + _POSITION_AND_ISOLATION_SQL.encode(),
+                    timeout,
+                )
+            )
+            position, isolation = _text(last.get_value(0, 0)), _text(last.get_value(0, 1))
+            return _begun(dbapi_connection, info, position, isolation)
+    elif (
+        getattr(dbapi_connection, "isolation_level", "?") in (None, "read_committed")
+        and not info.get(_SNAPSHOT_AT_FIRST)
+        and is_ours(raw)
+        and (start := adapter_transaction_opener(dbapi_connection)) is not None
+    ):
+        query, then_sql = _POSITION_AND_ISOLATION_SQL, then.decode() or None
+        sent, line = await_(begin_reading(raw, start, query, then_sql, timeout))
+        if sent:
+            position, _, isolation = (line or "").partition("\t")
+            known = None if position == "\\N" else position
+            return _begun(dbapi_connection, info, known, isolation)
+    return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
+
+
+def _begun(
+    dbapi_connection: Any, info: dict[str, Any], position: str | None, isolation: str | None
+) -> int | None:
+    """After :func:`begin_reading_position`'s message: keep its transaction for the
+    session, unless the server's default isolation level is another than READ
+    COMMITTED (then ask outside any transaction from now on)."""
+    if isolation != "read committed":
         info[_SNAPSHOT_AT_FIRST] = True
-        raw.rollback()
-        return position
-    info[_BEGUN] = True
-    return position
+        dbapi_connection.rollback()
+    else:
+        info[_BEGUN] = True
+    return parse_lsn(position)
 
 
 def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> None:
@@ -235,7 +262,7 @@ def simple_query_results(raw: psycopg.Connection[Any], sql: str) -> list[Any]:
 
 #: The position and the transaction's isolation level (the server's default may not
 #: be READ COMMITTED): see begin_reading_position.
-_POSITION_AND_ISOLATION_SQL = (POSITION_SQL + ", current_setting('transaction_isolation')").encode()
+_POSITION_AND_ISOLATION_SQL = POSITION_SQL + ", current_setting('transaction_isolation')"
 
 
 def _begin_command(raw: psycopg.Connection[Any]) -> bytes:
@@ -267,11 +294,11 @@ def end_unused_transaction(connection_info: dict[str, Any], dbapi_connection: An
     if not connection_info.pop(_BEGUN, False):
         return
     raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    if (
-        isinstance(raw, psycopg.Connection)
-        and raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-    ):
-        raw.rollback()
+    if isinstance(raw, psycopg.Connection):
+        if raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+            raw.rollback()
+    elif raw.is_in_transaction():  # asyncpg: the adapter forgets its transaction too
+        dbapi_connection.rollback()
 
 
 def forget_unused_transaction(connection_info: dict[str, Any]) -> None:

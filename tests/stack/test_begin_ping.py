@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -183,3 +184,97 @@ def test_a_connection_found_behind_is_passed_over_without_a_ping(
     time.sleep(BEHIND_FOR + 0.05)  # a lagging replica catches up: ask again
     assert check(MAX_LSN)[1] is False
     assert len(pings) == 3
+
+
+# -- asyncpg: the adapter's BEGIN carries the position query (engine.asyncpg_connection)
+
+
+async def _async_warm(db: Database, token: str) -> None:
+    async with db.async_read_session(after=token) as session:
+        await session.execute(text("SELECT 1"))
+
+
+async def test_an_async_read_with_a_token_runs_in_the_transaction_the_ping_opened(
+    db: Database,
+) -> None:
+    name, token = _write(db)
+    await _async_warm(db, token)
+    async with db.async_read_session(after=token, timeout=4.0) as session:
+        conn = await session.connection()
+        assert conn.sync_connection is not None
+        assert conn.sync_connection.connection.info.get(BEGUN_INFO) is True
+        count = await session.execute(
+            text("SELECT count(*) FROM rwdb_items WHERE name = :n"), {"n": name}
+        )
+        assert count.scalar_one() == 1
+        row = (
+            await session.execute(
+                text(
+                    "SELECT current_setting('transaction_read_only'),"
+                    " current_setting('transaction_isolation'),"
+                    " current_setting('statement_timeout'), pg_is_in_recovery()"
+                )
+            )
+        ).one()
+        # READ ONLY as every read, and the deadline's SET LOCAL went in the same BEGIN.
+        assert tuple(row) == ("on", "read committed", "3200ms", True)
+    # The next transaction of that connection carries nothing left over.
+    async with db.async_read_session() as session:
+        timeout = await session.execute(text("SELECT current_setting('statement_timeout')"))
+        assert timeout.scalar_one() != "3200ms"
+
+
+async def test_an_async_session_may_still_choose_its_isolation_level(db: Database) -> None:
+    name, token = _write(db)
+    await _async_warm(db, token)
+    async with db.async_read_session(after=token) as session:
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        level = await session.execute(text("SELECT current_setting('transaction_isolation')"))
+        assert level.scalar_one() == "repeatable read"
+        count = await session.execute(
+            text("SELECT count(*) FROM rwdb_items WHERE name = :n"), {"n": name}
+        )
+        assert count.scalar_one() == 1
+
+
+async def test_an_async_server_default_other_than_read_committed_is_respected() -> None:
+    """asyncpg's twin of the psycopg test above: on a node directly, the server's
+    default isolation given as a startup setting."""
+    settings = RWDBSettings()
+    url = settings.url("read", "psycopg").set(port=_replica_node_port())
+    node = Database(
+        RWDBSettings(
+            write_url=settings.url("write", "psycopg").render_as_string(False),
+            read_url=url.render_as_string(False),
+        )
+    )
+
+    dialect = node.async_engines.read.sync_engine.dialect
+    connect = dialect.connect
+
+    def repeatable_read(*cargs: Any, **cparams: Any) -> Any:  # what the connect hook calls
+        cparams["server_settings"] = {"default_transaction_isolation": "repeatable read"}
+        return connect(*cargs, **cparams)
+
+    dialect.connect = repeatable_read  # type: ignore[method-assign]
+
+    try:
+        name, token = _write(node)
+        for attempt in range(2):  # a new connection is not pinged: the second is
+            async with node.async_read_session(after=token) as session:
+                level = await session.execute(
+                    text("SELECT current_setting('transaction_isolation')")
+                )
+                assert level.scalar_one() == "repeatable read"
+                count = await session.execute(
+                    text("SELECT count(*) FROM rwdb_items WHERE name = :n"), {"n": name}
+                )
+                assert count.scalar_one() == 1
+                if attempt:
+                    conn = await session.connection()
+                    info = conn.sync_connection.connection.info  # type: ignore[union-attr]
+                    assert info.get(_SNAPSHOT_AT_FIRST) is True
+                    assert not info.get(BEGUN_INFO)
+    finally:
+        await node.dispose()
+        node.dispose_sync()

@@ -202,3 +202,21 @@ def test_psycopg_autocommit_is_the_attribute_the_pipelined_begin_sets_back() -> 
     for value in (True, False):
         conn._autocommit = value
         assert conn.autocommit is value
+
+
+def test_the_asyncpg_adapter_opens_its_transaction_as_expected() -> None:
+    """7.: the adapter's cursor opens the transaction with ``_start_transaction()`` when
+    ``_transaction`` is None; the opener is offered only then, and only by that adapter."""
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection as Adapter
+
+    assert inspect.iscoroutinefunction(Adapter._start_transaction)
+    assert "_transaction" in Adapter.__slots__
+    source = inspect.getsource(Adapter._start_transaction)
+    assert "self._transaction = transaction" in source
+    adapter = Adapter.__new__(Adapter)
+    adapter._transaction = None
+    opener = internals.adapter_transaction_opener(adapter)
+    assert opener is not None and opener.__func__ is Adapter._start_transaction  # type: ignore[attr-defined]
+    adapter._transaction = object()  # already open
+    assert internals.adapter_transaction_opener(adapter) is None
+    assert internals.adapter_transaction_opener(object()) is None
