@@ -226,3 +226,43 @@ def test_a_frozen_primary_path_answers_writes_within_the_write_timeout() -> None
         assert _rows(statement) <= 1 and _rows(committed) <= 1, "a write ran twice"
     finally:
         database.dispose_sync()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_read_with_a_token_whose_ping_opens_its_transaction_on_a_frozen_path(
+    driver: str,
+) -> None:
+    """A read with a token reads the replica's position in the message that opens its
+    transaction (engine.wire.begin_reading_position; on asyncpg through the adapter's
+    BEGIN). On a frozen path that message is bounded by the read deadline like any
+    ping: the connection is discarded, and the read served by the primary within the
+    deadline plus 1 s."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    statement = text("SELECT pg_is_in_recovery()")
+    try:
+        with database.write_session() as w:
+            lsn = w.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one()
+        token = database.token_for(int(lsn))
+
+        async def in_recovery() -> bool:
+            if driver == "psycopg":
+                with database.read_session(after=token, timeout=DEADLINE) as s:
+                    return bool(s.execute(statement).scalar_one())
+            async with database.async_read_session(after=token, timeout=DEADLINE) as a:
+                return bool((await a.execute(statement)).scalar_one())
+
+        deadline = time.monotonic() + 5
+        while not await in_recovery():  # warm, and the replica has the position
+            assert time.monotonic() < deadline, "the replica never served the token"
+        with frozen_bouncer(node, at_most=FREEZE + 10):
+            started = time.monotonic()
+            assert not await in_recovery(), "the read was not served by the primary"
+            took = time.monotonic() - started
+        assert DEADLINE * 0.9 < took < DEADLINE + 1.0, f"the read took {took:.2f} s"
+        deadline = time.monotonic() + 5
+        while not await in_recovery():  # the path is back
+            assert time.monotonic() < deadline, "the replica never served again"
+    finally:
+        await database.dispose()
+        database.dispose_sync()
