@@ -123,18 +123,20 @@ async def begin_reading(
     """Open ``raw``'s transaction by awaiting ``start()`` (SQLAlchemy's adapter, whose
     asyncpg transaction object sends the ``BEGIN`` through :meth:`PackageConnection.execute`),
     with ``then`` and ``COPY (query) TO STDOUT`` in the BEGIN's message: one round
-    trip. Whether that was possible (the probe said yes), and the COPY's first line
-    (tab-separated columns). ``timeout``: asyncpg's, for the whole message."""
+    trip. Whether that was done (the probe said yes, and the ``BEGIN`` came through
+    :meth:`PackageConnection.execute`), and the COPY's first line (tab-separated
+    columns). ``timeout``: asyncpg's, for the whole message."""
     if not _commit_with_copy:
         return False, None
     raw.rwdb_pending = then
     raw.rwdb_begin_copies = (f"COPY ({query}) TO STDOUT", timeout)
     try:
         await start()
+        sent = raw.rwdb_begin_copies is None
     finally:
         raw.rwdb_pending = raw.rwdb_begin_copies = None
     line, raw.rwdb_begin_copied = raw.rwdb_begin_copied, None
-    return True, line
+    return sent, line
 
 
 def arm(raw: Any) -> bool:

@@ -107,6 +107,8 @@ def begin_reading_position(
             position, _, isolation = (line or "").partition("\t")
             known = None if position == "\\N" else position
             return _begun(dbapi_connection, info, known, isolation)
+        if raw.is_in_transaction():  # opened some other way: without the deadline's SET
+            dbapi_connection.rollback()
     return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
 
 
