@@ -208,11 +208,14 @@ def test_the_asyncpg_adapter_opens_its_transaction_as_expected() -> None:
     """7.: the adapter's cursor opens the transaction with ``_start_transaction()`` when
     ``_transaction`` is None; the opener is offered only then, and only by that adapter."""
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection as Adapter
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_cursor as Cursor
 
     assert inspect.iscoroutinefunction(Adapter._start_transaction)
     assert "_transaction" in Adapter.__slots__
-    source = inspect.getsource(Adapter._start_transaction)
-    assert "self._transaction = transaction" in source
+    assert "self._transaction" in inspect.getsource(Adapter._start_transaction)
+    opens = inspect.getsource(Cursor._prepare_and_execute)
+    assert "if adapt_connection._transaction is None:" in opens
+    assert "await adapt_connection._start_transaction()" in opens
     adapter = Adapter.__new__(Adapter)
     adapter._transaction = None
     opener = internals.adapter_transaction_opener(adapter)
