@@ -11,6 +11,9 @@ another replica). No cancel request is sent: a frozen PgBouncer would never
 process it. The statement's error becomes
 :class:`~fastapi_rwdb.errors.ReplicaTimeoutError`; the read session
 (:mod:`fastapi_rwdb.orm.replay`) runs a first statement again on the primary.
+The ``ROLLBACK`` that ends the transaction is watched too, and one given up is
+left as the lost connection it is, which a session's close takes quietly
+(:mod:`fastapi_rwdb.orm.closing`).
 
 Frozen or only busy? The same transaction carries a server-side
 ``statement_timeout`` a little shorter than the deadline (:func:`server_timeout_ms`),
@@ -191,13 +194,39 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         info[_BEGINS] = True
         return lambda first: begin_with_first(raw, then, first)  # watched as the statement
 
+    def arm_rollback(pooled: Any) -> bool:
+        # A transaction's end gets its deadline too: a ROLLBACK on a path that froze
+        # after the last statement would otherwise hold the connection (and, for a sync
+        # route, a worker thread) for as long as the freeze lasts.
+        try:
+            info = pooled.info
+        except NotImplementedError:  # the dialect's first look at a new connection
+            return False
+        deadline = info.get(_DEADLINE) or every
+        if not deadline:
+            return False
+        left = info.pop(_ARMED, None)
+        if left is not None:
+            left.disarm()
+        raw: Any = pooled.driver_connection
+        if is_async:
+            try:
+                info[_ARMED] = _AsyncWatch(raw, deadline, ending=True)
+            except RuntimeError:  # no event loop: a connection collected, not closed
+                return False
+        elif isinstance(raw, psycopg.Connection) and not raw.closed:
+            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline, ending=True)
+        else:
+            return False
+        return True
+
     def disarm(pooled: Any) -> bool:
         pooled.info.pop(_BEGINS, None)
         armed = pooled.info.pop(_ARMED, None)  # (armed: pooled has info)
         # True: it fired as the answer came: the socket is shut; nothing may use it again.
         return armed is not None and armed.disarm()
 
-    around_driver_calls(engine, arm, disarm, commits=bool(every))
+    around_driver_calls(engine, arm, disarm, commits=bool(every), arm_rollback=arm_rollback)
 
     # A DialectEvents listener: it leaves the engine's statements on the fast path.
     @event.listens_for(engine, "handle_error")
@@ -216,6 +245,10 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         servers.timed_out(conn.info)  # its replica is passed over for a while
         ctx.is_disconnect = True  # discard this connection...
         ctx.invalidate_pool_on_disconnect = False  # ... and only this one
+        if armed.ending:
+            # A ROLLBACK: the transaction ends with the connection; nothing was lost,
+            # and the session's close says so (orm.closing) rather than fail.
+            return None
         error = timed_out(conn.info.get(_DEADLINE) or every)
         error.__cause__ = ctx.original_exception
         return error
@@ -244,12 +277,14 @@ def _timed_out(deadline: float) -> DatabaseUnavailableError:
 
 
 class _AsyncWatch:
-    """One statement's deadline on asyncpg: the event loop terminates the connection."""
+    """One statement's deadline on asyncpg: the event loop terminates the connection.
+    ``ending``: it watches a ROLLBACK."""
 
-    __slots__ = ("_fired", "_handle")
+    __slots__ = ("_fired", "_handle", "ending")
 
-    def __init__(self, raw: Any, deadline: float) -> None:
+    def __init__(self, raw: Any, deadline: float, *, ending: bool = False) -> None:
         self._fired = False
+        self.ending = ending
 
         def fire() -> None:
             self._fired = True
@@ -264,12 +299,13 @@ class _AsyncWatch:
 
 
 class _Watch:
-    __slots__ = ("cancelled", "fd", "fired")
+    __slots__ = ("cancelled", "ending", "fd", "fired")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, ending: bool = False) -> None:
         self.fd = fd
         self.cancelled = False
         self.fired = False
+        self.ending = ending
 
     def disarm(self) -> bool:
         with _WATCHDOG.lock:
@@ -288,8 +324,8 @@ class _Watchdog:
         self._count = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, fd: int, deadline: float) -> _Watch:
-        watch = _Watch(fd)
+    def arm(self, fd: int, deadline: float, *, ending: bool = False) -> _Watch:
+        watch = _Watch(fd, ending=ending)
         with self.lock:
             heapq.heappush(self._heap, (time.monotonic() + deadline, next(self._count), watch))
             if self._thread is None or not self._thread.is_alive():

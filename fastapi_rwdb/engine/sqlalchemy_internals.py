@@ -38,8 +38,8 @@ fallback is never the silent state of affairs.
    turns on SQLAlchemy's per-statement event dispatch for every statement and
    every BEGIN, COMMIT and ROLLBACK of the engine (see benchmarks/peers.md for
    what it cost). Fallback: that event.
-6. ``Dialect.do_execute``, ``do_execute_no_params``, ``do_executemany`` and
-   ``do_commit`` wrapped on one engine's own dialect instance
+6. ``Dialect.do_execute``, ``do_execute_no_params``, ``do_executemany``,
+   ``do_commit`` and ``do_rollback`` wrapped on one engine's own dialect instance
    (:func:`around_driver_calls`): the statement deadline
    (:mod:`fastapi_rwdb.engine.deadline`) is armed just before the driver is
    called and disarmed when it returns. The public alternative, the engine's
@@ -187,6 +187,7 @@ _DRIVER_CALLS = {
     "do_execute_no_params": ["cursor", "statement", "context"],
     "do_executemany": ["cursor", "statement", "parameters", "context"],
     "do_commit": ["dbapi_connection"],
+    "do_rollback": ["dbapi_connection"],
 }
 
 
@@ -215,10 +216,12 @@ def around_driver_calls(
     disarm: Callable[[Any], bool],
     *,
     commits: bool,
+    arm_rollback: Callable[[Any], bool] | None = None,
 ) -> None:
     """Call ``arm(pooled)`` just before ``engine`` hands a statement (and, with
     ``commits``, a COMMIT) to the driver, and ``disarm(pooled)`` when the driver
     returned; ``pooled`` is the pool's connection (``Connection.connection``).
+    ``arm_rollback``: the same for a ROLLBACK (which never carries a statement).
 
     ``arm`` says whether it armed anything: if not, the driver is called with
     nothing around it. It may instead return a function that sends the statement
@@ -237,7 +240,7 @@ def around_driver_calls(
             "do_commit changed; the statement deadline uses engine events instead (every "
             "statement then pays for event dispatch)"
         )
-        _around_by_events(engine, arm, disarm, commits=commits)
+        _around_by_events(engine, arm, disarm, commits=commits, arm_rollback=arm_rollback)
         return
 
     def around(original: Callable[..., None]) -> Callable[..., None]:
@@ -263,23 +266,37 @@ def around_driver_calls(
     dialect.do_execute = around(dialect.do_execute)  # type: ignore[method-assign]
     dialect.do_execute_no_params = around(dialect.do_execute_no_params)  # type: ignore[method-assign]
     dialect.do_executemany = around(dialect.do_executemany)  # type: ignore[method-assign]
-    if not commits:
-        return
-    dbapi_commit = dialect.do_commit
+    wrapped: Any = dialect  # its methods replaced on this instance only
+    if commits:
+        wrapped.do_commit = _around_ending(dialect.do_commit, arm, disarm)
+    if arm_rollback is not None:
+        wrapped.do_rollback = _around_ending(dialect.do_rollback, arm_rollback, disarm)
 
-    def do_commit(dbapi_connection: Any) -> None:
-        if not arm(dbapi_connection):
-            dbapi_commit(dbapi_connection)
+
+def _around_ending(
+    original: Callable[[Any], None], arm: Callable[[Any], Armed], disarm: Callable[[Any], bool]
+) -> Callable[[Any], None]:
+    """A COMMIT's or ROLLBACK's dialect method with ``arm`` and ``disarm`` around it
+    (SQLAlchemy hands these the pool's connection)."""
+
+    def call(pooled: Any) -> None:
+        if not arm(pooled):
+            original(pooled)
             return
-        dbapi_commit(dbapi_connection)
-        if disarm(dbapi_connection):
-            dbapi_connection.invalidate(soft=True)
+        original(pooled)
+        if disarm(pooled):
+            pooled.invalidate(soft=True)
 
-    dialect.do_commit = do_commit  # type: ignore[method-assign]
+    return call
 
 
 def _around_by_events(
-    engine: Engine, arm: Callable[[Any], Armed], disarm: Callable[[Any], bool], *, commits: bool
+    engine: Engine,
+    arm: Callable[[Any], Armed],
+    disarm: Callable[[Any], bool],
+    *,
+    commits: bool,
+    arm_rollback: Callable[[Any], bool] | None,
 ) -> None:  # pragma: no cover - only on a SQLAlchemy that changed the dialect methods
     """:func:`around_driver_calls` through the engine's public events (slower): what
     ``arm`` would send with the statement goes just before it instead."""
@@ -302,3 +319,6 @@ def _around_by_events(
         # when the connection next begins or executes (or goes back to the pool).
         event.listen(engine, "commit", before)
         event.listen(engine, "begin", after)
+    if arm_rollback is not None:
+        # The same for a ROLLBACK, disarmed when the connection goes back to the pool.
+        event.listen(engine, "rollback", lambda conn: arm_rollback(conn.connection))

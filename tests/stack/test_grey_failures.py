@@ -266,3 +266,49 @@ async def test_a_read_with_a_token_whose_ping_opens_its_transaction_on_a_frozen_
     finally:
         await database.dispose()
         database.dispose_sync()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_read_whose_path_froze_after_its_last_statement_closes_within_the_deadline(
+    driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ROLLBACK that ends a read transaction is watched like its statements: a
+    replica path that froze between the last statement and the session's close
+    (which FastAPI runs after the response) costs the close the deadline, not the
+    freeze, and the close raises nothing (the transaction ended with the discarded
+    connection). Before, the close waited for as long as the freeze lasted, holding
+    the connection and, on a sync route, a worker thread."""
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    statement = text("SELECT pg_is_in_recovery()")
+    caplog.set_level("INFO", logger="fastapi_rwdb")
+    try:
+        if driver == "psycopg":
+            s = database.read_session(timeout=DEADLINE)
+            assert s.execute(statement).scalar_one() is True
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                s.close()
+                took = time.monotonic() - started
+        else:
+            a = database.async_read_session(timeout=DEADLINE)
+            assert (await a.execute(statement)).scalar_one() is True
+            with frozen_bouncer(node, at_most=FREEZE + 10):
+                started = time.monotonic()
+                await a.close()
+                took = time.monotonic() - started
+        assert DEADLINE * 0.9 < took < DEADLINE + 1.0, f"the close took {took:.2f} s"
+        assert "connection was lost before it was closed" in caplog.text
+        if driver == "psycopg":  # the path is back: the pool serves again
+            assert read_session_in_recovery(database)
+        else:
+            async with database.async_read_session() as a:
+                assert (await a.execute(statement)).scalar_one() is True
+    finally:
+        await database.dispose()
+        database.dispose_sync()
+
+
+def read_session_in_recovery(database: Database) -> bool:
+    with database.read_session() as s:
+        return bool(s.execute(text("SELECT pg_is_in_recovery()")).scalar_one())

@@ -142,8 +142,8 @@ def test_the_package_engines_keep_sqlalchemys_fast_path(side: str, is_async: boo
 
 
 def test_driver_calls_go_through_the_dialect_instance() -> None:
-    """Every statement (with and without parameters, executemany) and every COMMIT
-    reaches the wrapped dialect methods, with the pool's connection; an error leaves
+    """Every statement (with and without parameters, executemany), every COMMIT and
+    every ROLLBACK reaches the wrapped dialect methods, with the pool's connection; an error leaves
     what was armed for handle_error; the engine keeps SQLAlchemy's fast path."""
     engine = create_engine("sqlite://")
     calls: list[str] = []
@@ -160,7 +160,16 @@ def test_driver_calls_go_through_the_dialect_instance() -> None:
         assert pooled.info.pop("armed")
         return False
 
-    internals.around_driver_calls(engine, arm, disarm, commits=True)
+    def arm_rollback(pooled: Any) -> bool:
+        try:
+            info = pooled.info
+        except NotImplementedError:  # the dialect's first connect (as deadline.py)
+            return False
+        calls.append("arm rollback")
+        info["armed"] = True
+        return True
+
+    internals.around_driver_calls(engine, arm, disarm, commits=True, arm_rollback=arm_rollback)
     with engine.connect() as conn:
         conn.exec_driver_sql("CREATE TABLE t (x int)")  # no parameters
         conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": 1})
@@ -174,9 +183,13 @@ def test_driver_calls_go_through_the_dialect_instance() -> None:
         with pytest.raises(Exception, match="no such table"):
             conn.execute(text("SELECT * FROM missing"))
         assert calls == ["arm"] and conn.connection.info.pop("armed")
+        calls.clear()
+        conn.rollback()
+        assert calls == ["arm rollback", "disarm"]
     assert engine._has_events is False
     other = create_engine("sqlite://")
-    for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_commit"):
+    names = ("do_execute", "do_execute_no_params", "do_executemany", "do_commit", "do_rollback")
+    for name in names:
         assert getattr(other.dialect, name).__func__ is getattr(type(other.dialect), name)
 
 
