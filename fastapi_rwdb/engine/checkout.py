@@ -36,21 +36,18 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 
 from ..errors import DatabaseUnavailableError
-from ..routing.lsn import parse_lsn
 from ..settings import RWDBSettings
 from . import servers
 from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
-    POSITION_SQL,
     NoAnswerError,
     abandon,
     begin_reading_position,
-    end_unused_transaction,
-    fetch_outside_transaction,
     forget_unused_transaction,
     looks_alive,
     ping_query,
+    position_now,
 )
 
 #: How long a connection found short of a position is taken to still be short of
@@ -87,7 +84,12 @@ _asked: ContextVar[_Asked | None] = ContextVar("rwdb_position_asked", default=No
 
 
 def connect_at_position(
-    engine: Engine, *, begin: bool = False, needed: int | None = None, then: bytes = b""
+    engine: Engine,
+    *,
+    begin: bool = False,
+    needed: int | None = None,
+    then: bytes = b"",
+    timeout: float | None = None,
 ) -> tuple[Connection, int | None, bool]:
     """A connection of ``engine``, its server's WAL position, and whether that position
     was remembered from moments ago rather than asked now.
@@ -97,6 +99,8 @@ def connect_at_position(
     caller's statements will run on this connection, so the ping may open their
     transaction too, with ``then`` in the same message (the read deadline's
     ``SET LOCAL``). ``needed``: the position the read needs (see module doc).
+    ``timeout``: how long a position asked here (of a connection opened just now)
+    may take, as :func:`position_of`'s.
     A connection that cannot answer is discarded and :class:`ConnectionLostError`
     raised; one that cannot be opened raises
     :class:`~fastapi_rwdb.errors.DatabaseUnavailableError` (from the connect retry).
@@ -110,7 +114,10 @@ def connect_at_position(
     try:
         if asked.answered and _REPORTED not in conn.connection.info:
             return conn, asked.position, asked.remembered
-        return conn, position_of(conn), False
+        return conn, position_of(conn, timeout), False
+    except ConnectionLostError:  # given up already (position_of)
+        conn.close()
+        raise
     except Exception as exc:
         # Asked on the driver's connection, so SQLAlchemy did not see the failure: a
         # connection that cannot answer this serves nobody.
@@ -130,15 +137,25 @@ def ping_timed_out(record: Any) -> bool:
     return bool(record.record_info.pop(_PING_TIMED_OUT, False))
 
 
-def position_of(conn: Connection) -> int | None:
-    """The WAL position of ``conn``'s server, asked now, outside any transaction (so
-    that the session's first statement takes a snapshot newer than the answer)."""
+def position_of(conn: Connection, timeout: float | None = None) -> int | None:
+    """The WAL position of ``conn``'s server, asked now (see
+    :func:`~fastapi_rwdb.engine.wire.position_now`). With no answer within
+    ``timeout`` the path is frozen: the connection is given up at once, its replica
+    passed over for a while, and :class:`ConnectionLostError` raised."""
     info = conn.connection.info
     if _REPORTED in info:
         reported: int | None = info[_REPORTED]
         return reported
-    end_unused_transaction(info, conn.connection.dbapi_connection)
-    return parse_lsn(fetch_outside_transaction(conn.connection.driver_connection, POSITION_SQL))
+    dbapi_connection = conn.connection.dbapi_connection
+    try:
+        return position_now(dbapi_connection, info, timeout)
+    except (NoAnswerError, TimeoutError) as exc:
+        servers.timed_out(info)
+        abandon(dbapi_connection)
+        conn.invalidate(exc)
+        raise ConnectionLostError(
+            "a database connection gave no answer in time while checking its WAL position"
+        ) from exc
 
 
 def report_position(engine: Engine, position: int) -> None:

@@ -58,17 +58,13 @@ def begin_reading_position(
     """The server's WAL position, read in the message that opens the transaction
     the session's statements will run in.
 
-    The drivers send their ``BEGIN`` as a round trip of its own before the first
-    statement; sent here with the position query, it costs nothing, and a read
-    with a token needs no more round trips than one without. psycopg: ``BEGIN ...;
-    SELECT``, one simple-query message on psycopg's documented low-level handle,
-    with the ``BEGIN`` psycopg would send (same isolation level, read-only and
-    deferrable options); psycopg sees the transaction open and sends no ``BEGIN``
-    of its own. asyncpg: SQLAlchemy's adapter opens its transaction as before the
-    first statement, and the package's connection class adds the position query
-    to that ``BEGIN``'s message
-    (:func:`~fastapi_rwdb.engine.asyncpg_connection.begin_reading`). Either
-    driver's ``rollback()`` ends the transaction as usual.
+    The drivers send their ``BEGIN`` as a round trip of its own; sent here with the
+    position query, the question costs nothing. psycopg: ``BEGIN ...; SELECT``, one
+    simple-query message on its documented low-level handle, with the ``BEGIN``
+    psycopg would send (same options), so psycopg sends none. asyncpg: SQLAlchemy's
+    adapter opens its transaction as before a first statement, and the package's
+    connection class adds the query to that ``BEGIN``'s message
+    (:func:`~fastapi_rwdb.engine.asyncpg_connection.begin_reading`).
 
     Sound only where every statement takes its own snapshot (READ COMMITTED): the
     snapshot of the session's first statement is then taken after the position
@@ -301,6 +297,23 @@ def end_unused_transaction(connection_info: dict[str, Any], dbapi_connection: An
             raw.rollback()
     elif raw.is_in_transaction():  # asyncpg: the adapter forgets its transaction too
         dbapi_connection.rollback()
+
+
+def position_now(
+    dbapi_connection: Any, connection_info: dict[str, Any], timeout: float | None
+) -> int | None:
+    """The server's WAL position, asked now, so that the session's first statement
+    takes a snapshot newer than the answer: outside any transaction, or in the one
+    the checkout ping opened if no statement has used it (READ COMMITTED, so each
+    later statement takes a snapshot of its own; no ROLLBACK first). ``timeout``:
+    :class:`NoAnswerError` (psycopg) or ``TimeoutError`` (asyncpg) after it."""
+    raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if not connection_info.get(_BEGUN):
+        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
+    if isinstance(raw, psycopg.Connection):
+        last = _answer(_simple_query(raw.pgconn, POSITION_SQL.encode(), timeout))
+        return parse_lsn(_text(last.get_value(0, 0)) if last.ntuples else None)
+    return parse_lsn(_fetch_by_copy(raw, POSITION_SQL, timeout))
 
 
 def forget_unused_transaction(connection_info: dict[str, Any]) -> None:

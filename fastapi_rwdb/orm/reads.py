@@ -213,7 +213,7 @@ def _replica_at(
                 conn = held[step.index]
                 assert conn is not None
                 try:
-                    seen[step.index] = Seen(position_of(conn))
+                    seen[step.index] = Seen(position_of(conn, timeout or None))
                 except Exception:
                     conn.invalidate()
                     held[step.index] = None
@@ -222,7 +222,11 @@ def _replica_at(
                 continue
             try:
                 conn, position, remembered = connect_at_position(
-                    binds.replica, begin=step.begin, needed=route.min_lsn, then=then
+                    binds.replica,
+                    begin=step.begin,
+                    needed=route.min_lsn,
+                    then=then,
+                    timeout=timeout or None,
                 )
             except ConnectionLostError:
                 seen.append(Seen(lost=True))  # that connection is gone (and discarded)

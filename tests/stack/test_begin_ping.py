@@ -1,12 +1,12 @@
-"""Reads with a token and the checkout ping. On psycopg the ping reads the
-replica's position and opens the session's transaction in the same message
-(engine.wire.begin_reading_position); a connection found behind a moment ago is
-not pinged again (engine.checkout).
+"""Reads with a token and the checkout ping. The ping reads the replica's
+position and opens the session's transaction in the same message
+(engine.wire.begin_reading_position; on asyncpg through SQLAlchemy's adapter); a
+connection found behind a moment ago is not pinged again (engine.checkout).
 
 What must still hold: the ``BEGIN`` is the one psycopg would send, a read sees
-its client's write, and whatever psycopg refuses inside a transaction (a new
-isolation level for the session, a position asked again while waiting) still
-works, because the unused transaction is ended first.
+its client's write, a new isolation level for the session still works (the
+unused transaction is ended first), and a position asked again while waiting is
+asked in that transaction, which stays the session's.
 """
 
 from __future__ import annotations

@@ -312,3 +312,52 @@ async def test_a_read_whose_path_froze_after_its_last_statement_closes_within_th
 def read_session_in_recovery(database: Database) -> bool:
     with database.read_session() as s:
         return bool(s.execute(text("SELECT pg_is_in_recovery()")).scalar_one())
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_read_waiting_for_a_replica_to_catch_up_meets_a_frozen_path(
+    driver: str,
+) -> None:
+    """A read with a token whose replica is behind asks the held connection again
+    every few milliseconds while it waits (RWDB_PIN_WAIT_MS, here wait=3). Each
+    question has the read deadline: when the path freezes during the wait, the read
+    goes to the primary within the deadline, not after the freeze (before: the
+    question waited for as long as the freeze lasted)."""
+    import threading
+
+    node = replica_nodes()[0]
+    database = replica_database(node)
+    statement = text("SELECT pg_is_in_recovery()")
+    with database.write_session() as w:
+        lsn = w.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one()
+    token = database.token_for(int(lsn) + 10**12)  # a position no replica reaches
+    frozen, thawed = threading.Event(), threading.Event()
+
+    def freeze_soon() -> None:
+        time.sleep(0.3)
+        with frozen_bouncer(node, at_most=FREEZE + 10):
+            frozen.set()
+            thawed.wait(FREEZE)
+
+    try:
+        with database.read_session() as s:  # warm: a pooled connection to that node
+            assert s.execute(statement).scalar_one() is True
+        async with database.async_read_session() as a:
+            assert (await a.execute(statement)).scalar_one() is True
+        freezer = threading.Thread(target=freeze_soon, daemon=True)
+        started = time.monotonic()
+        freezer.start()
+        if driver == "psycopg":
+            with database.read_session(after=token, wait=3.0, timeout=DEADLINE) as s:
+                in_recovery = s.execute(statement).scalar_one()
+        else:
+            async with database.async_read_session(after=token, wait=3.0, timeout=DEADLINE) as a:
+                in_recovery = (await a.execute(statement)).scalar_one()
+        took = time.monotonic() - started
+        assert frozen.is_set(), "the path froze only after the read"
+        assert in_recovery is False, "the read was not served by the primary"
+        assert took < 3.0 + DEADLINE + 1.0, f"the read took {took:.2f} s"
+    finally:
+        thawed.set()
+        await database.dispose()
+        database.dispose_sync()
