@@ -172,23 +172,37 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     write whose outcome nobody knows."""
     timed_out = _timed_out if side == "read" else _write_timed_out
 
-    def arm(pooled: Any) -> bool | Callable[[Callable[[], None]], None]:
+    def watched(pooled: Any, *, ending: bool) -> tuple[dict[str, Any], Any] | None:
+        """Watch ``pooled``'s next driver call if its transaction has a deadline (or the
+        side has one): its info and driver connection; ``None`` when nothing is armed."""
         try:
             info = pooled.info
         except NotImplementedError:  # the dialect's first look at a new connection
-            return False
+            return None
         left = info.pop(_ARMED, None)  # a failed call's watch nobody collected
         if left is not None:
             left.disarm()
         deadline = info.get(_DEADLINE) or every
         if not deadline:
-            return False
+            return None
         raw: Any = pooled.driver_connection
         if is_async:
-            info[_ARMED] = _AsyncWatch(raw, deadline)
-            return True
-        info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline)
-        then = info.pop(_WITH_FIRST, None)
+            try:
+                info[_ARMED] = _AsyncWatch(raw, deadline, ending=ending)
+            except RuntimeError:  # no event loop: a connection collected, not closed
+                return None
+        elif isinstance(raw, psycopg.Connection) and not raw.closed:
+            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline, ending=ending)
+        else:
+            return None  # closed: the driver says so itself
+        return info, raw
+
+    def arm(pooled: Any) -> bool | Callable[[Callable[[], None]], None]:
+        armed = watched(pooled, ending=False)
+        if armed is None:
+            return False
+        info, raw = armed
+        then = None if is_async else info.pop(_WITH_FIRST, None)
         if then is None:
             return True
         info[_BEGINS] = True
@@ -198,27 +212,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         # A transaction's end gets its deadline too: a ROLLBACK on a path that froze
         # after the last statement would otherwise hold the connection (and, for a sync
         # route, a worker thread) for as long as the freeze lasts.
-        try:
-            info = pooled.info
-        except NotImplementedError:  # the dialect's first look at a new connection
-            return False
-        deadline = info.get(_DEADLINE) or every
-        if not deadline:
-            return False
-        left = info.pop(_ARMED, None)
-        if left is not None:
-            left.disarm()
-        raw: Any = pooled.driver_connection
-        if is_async:
-            try:
-                info[_ARMED] = _AsyncWatch(raw, deadline, ending=True)
-            except RuntimeError:  # no event loop: a connection collected, not closed
-                return False
-        elif isinstance(raw, psycopg.Connection) and not raw.closed:
-            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline, ending=True)
-        else:
-            return False
-        return True
+        return watched(pooled, ending=True) is not None
 
     def disarm(pooled: Any) -> bool:
         pooled.info.pop(_BEGINS, None)

@@ -303,17 +303,13 @@ def position_now(
     dbapi_connection: Any, connection_info: dict[str, Any], timeout: float | None
 ) -> int | None:
     """The server's WAL position, asked now, so that the session's first statement
-    takes a snapshot newer than the answer: outside any transaction, or in the one
-    the checkout ping opened if no statement has used it (READ COMMITTED, so each
-    later statement takes a snapshot of its own; no ROLLBACK first). ``timeout``:
-    :class:`NoAnswerError` (psycopg) or ``TimeoutError`` (asyncpg) after it."""
+    takes a newer snapshot: outside any transaction, or in the unused one the ping
+    opened (READ COMMITTED: each later statement takes its own; no ROLLBACK first).
+    After ``timeout``: :class:`NoAnswerError` (psycopg), ``TimeoutError`` (asyncpg)."""
     raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    if not connection_info.get(_BEGUN):
-        return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
-    if isinstance(raw, psycopg.Connection):
-        last = _answer(_simple_query(raw.pgconn, POSITION_SQL.encode(), timeout))
-        return parse_lsn(_text(last.get_value(0, 0)) if last.ntuples else None)
-    return parse_lsn(_fetch_by_copy(raw, POSITION_SQL, timeout))
+    if connection_info.get(_BEGUN) and isinstance(raw, psycopg.Connection):
+        return parse_lsn(_fetch_simple(raw, POSITION_SQL, timeout))
+    return parse_lsn(fetch_outside_transaction(raw, POSITION_SQL, timeout))
 
 
 def forget_unused_transaction(connection_info: dict[str, Any]) -> None:
@@ -352,11 +348,16 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
         idle = raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         if timeout is not None and idle:
             # Outside a transaction a simple query is one of its own: the deadline holds.
-            last = _answer(_simple_query(raw.pgconn, sql.encode(), timeout))
-            return _text(last.get_value(0, 0)) if last.ntuples else None
+            return _fetch_simple(raw, sql, timeout)
         row = _execute_autocommit(raw, sql).fetchone()
         return None if row is None else row[0]
     return _fetch_by_copy(raw, sql, timeout)
+
+
+def _fetch_simple(raw: psycopg.Connection[Any], sql: str, timeout: float | None) -> str | None:
+    """``sql``'s first value as text, in one simple-query message, where ``raw`` is."""
+    last = _answer(_simple_query(raw.pgconn, sql.encode(), timeout))
+    return _text(last.get_value(0, 0)) if last.ntuples else None
 
 
 def _execute_autocommit(raw: psycopg.Connection[Any], sql: str) -> psycopg.Cursor[Any]:
