@@ -1,0 +1,124 @@
+"""A server's goodbye read before its socket closes (asyncpg).
+
+A PostgreSQL that shuts down (``patronictl``/``pg_ctl stop``, a restart) sends each
+of its sessions ``FATAL 57P01 terminating connection due to administrator command``
+and then closes the socket. asyncpg reads that message even when it asked nothing,
+and from then until it has read the socket's end, a statement sent on the
+connection fails with asyncpg's ``InternalClientError`` ("cannot switch to state
+11; another operation (2) is in progress") instead of "connection is closed". The
+reliability suite met it once ("both replicas stopped", asyncpg 0.31.0): three 503s
+"the database connection was lost" on one route.
+
+Which statement meets it cannot be scheduled on a real wire (the two arrive
+microseconds apart), so these tests hand the driver's protocol those very bytes at
+the moment in question, on a connection whose server is alive. What must hold is
+what holds for any lost connection: a transaction's first statement is answered
+(run again on a new replica connection, or, bound to the connection whose position
+was checked against a token, on the primary); a later statement is an outage (a
+503 with ``Retry-After``: its transaction read there, and moving it could drop what
+the transaction set up); either way the connection is discarded, never handed out
+again, and the next read is served.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+
+from fastapi_rwdb import Database, RWDBSettings
+from fastapi_rwdb.web.unavailable import unavailable_reason
+
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
+
+MARK = "/* goodbye */"
+
+
+def goodbye() -> bytes:
+    """The ErrorResponse a backend sends its session as the server shuts down."""
+    fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+    return b"E" + struct.pack("!i", len(fields) + 4) + fields
+
+
+@pytest.fixture
+def db() -> Iterator[Database]:
+    database = Database(RWDBSettings())
+    try:
+        yield database
+    finally:
+        database.dispose_sync()
+
+
+@pytest.fixture
+def told(db: Database) -> Iterator[list[Any]]:
+    """Before the first statement marked ``MARK`` on the async read engine, its
+    connection reads the goodbye (once: not the statement's retry); yields the
+    asyncpg connection it was given to."""
+    given: list[Any] = []
+    engine = db.async_engines.read.sync_engine
+
+    def deliver(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if MARK in statement and not given:
+            raw = conn.connection.driver_connection
+            raw._protocol.data_received(goodbye())  # what the server's socket would carry
+            given.append(raw)
+
+    event.listen(engine, "before_cursor_execute", deliver)
+    try:
+        yield given
+    finally:
+        event.remove(engine, "before_cursor_execute", deliver)
+
+
+def _token(db: Database) -> str:
+    with db.write_session() as session:
+        session.execute(
+            text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": f"goodbye-{uuid.uuid4()}"}
+        )
+        session.commit()
+        lsn = session.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+    hi, lo = lsn.split("/")
+    return db.token_for((int(hi, 16) << 32) + int(lo, 16))
+
+
+async def _served(db: Database) -> bool:
+    async with db.async_read_session() as session:
+        return bool((await session.execute(text("SELECT true"))).scalar_one())
+
+
+@pytest.mark.parametrize("with_token", [False, True], ids=["plain", "token"])
+async def test_a_goodbye_before_the_first_statement_is_answered_elsewhere(
+    db: Database, told: list[Any], with_token: bool
+) -> None:
+    after = _token(db) if with_token else None
+    async with db.async_read_session(after=after) as session:
+        await session.execute(text("SELECT 1"))  # a pooled connection, not one just opened
+    async with db.async_read_session(after=after) as session:
+        served_by = await session.execute(text(f"SELECT pg_is_in_recovery() {MARK}"))
+        in_recovery = served_by.scalar_one()
+    assert len(told) == 1 and told[0].is_closed(), "the connection that read it was kept"
+    # Without a token, a new connection of the read port; with one, the connection was
+    # the one whose position was checked: the primary has the client's write for sure.
+    assert in_recovery is (not with_token)
+    assert await _served(db)
+
+
+@pytest.mark.parametrize("with_token", [False, True], ids=["plain", "token"])
+async def test_a_goodbye_before_a_later_statement_is_an_outage_and_poisons_nothing(
+    db: Database, told: list[Any], with_token: bool
+) -> None:
+    after = _token(db) if with_token else None
+    with pytest.raises(DBAPIError) as info:
+        async with db.async_read_session(after=after) as session:
+            assert (await session.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()
+            await session.execute(text(f"SELECT 2 {MARK}"))
+    reason = unavailable_reason(info.value)
+    assert reason == "the database connection was lost (failover or restart)"
+    assert len(told) == 1 and told[0].is_closed(), "the connection that read it was kept"
+    for _ in range(db.settings.pool_limits("read")[0] + 1):  # each pooled one: not it
+        assert await _served(db)
