@@ -236,7 +236,7 @@ class Database:
             base, _ = self._classes()
             pair, primary = self.engines, self.primary_read_engine
             binds = self._binds(pair.read, primary, False)
-            info = write_maker_info(self.settings.pin_mode)
+            info = write_maker_info(self.settings.pin_mode, self.settings.write_timeout)
             return sync_makers(base, pair.write, binds, write_info=info)
 
         return self._once_per_stand_in("makers", build)
@@ -248,7 +248,7 @@ class Database:
             base, async_class = self._classes()
             pair, primary = self.async_engines, self.async_primary_read_engine
             binds = self._binds(pair.read.sync_engine, primary.sync_engine, True)
-            info = write_maker_info(self.settings.pin_mode)
+            info = write_maker_info(self.settings.pin_mode, self.settings.write_timeout)
             return async_makers(
                 base, async_class, pair.write, pair.read, primary, binds, write_info=info
             )

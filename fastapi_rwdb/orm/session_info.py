@@ -29,6 +29,7 @@ _STATE = "rwdb_state"  # a RequestState of the session's own (a job's token, a f
 _WAIT_MS = "rwdb_wait_ms"  # overrides RWDB_PIN_WAIT_MS for one session
 _TIMEOUT = "rwdb_read_timeout"  # overrides RWDB_READ_TIMEOUT for one session
 _PIN_MODE = "rwdb_pin_mode"  # on write sessions: RWDB_PIN_MODE, for the commit tracking
+_WRITE_TIMEOUT = "rwdb_write_timeout"  # on write sessions: RWDB_WRITE_TIMEOUT (0: none)
 _OWN_UNIT = "rwdb_own_unit"  # a write session that is a unit of work of its own
 
 
@@ -58,8 +59,8 @@ def read_maker_info(binds: ReadBinds) -> dict[str, Any]:
     return {_BINDS: binds}
 
 
-def write_maker_info(mode: PinMode) -> dict[str, Any]:
-    return {_PIN_MODE: mode}
+def write_maker_info(mode: PinMode, timeout: float = 0.0) -> dict[str, Any]:
+    return {_PIN_MODE: mode, _WRITE_TIMEOUT: timeout}
 
 
 # -- for the registry and the job scopes: one session's own ------------------------------
@@ -138,6 +139,12 @@ def timeout_of(session: Session, binds: ReadBinds) -> float:
 def pin_mode_of(session: Session) -> PinMode:
     mode: PinMode = session.info.get(_PIN_MODE, "lsn")
     return mode
+
+
+def write_timeout_of(session: Session) -> float | None:
+    """The write side's deadline for what the package itself asks after a COMMIT."""
+    timeout: float = session.info.get(_WRITE_TIMEOUT, 0.0)
+    return timeout or None
 
 
 def is_own_unit(session: Session) -> bool:

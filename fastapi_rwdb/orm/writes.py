@@ -41,10 +41,15 @@ from sqlalchemy.sql.selectable import CTE
 
 from ..engine import asyncpg_connection, commit
 from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL
-from ..engine.wire import fetch_outside_transaction, simple_query_results
+from ..engine.wire import (
+    NoAnswerError,
+    abandon,
+    fetch_outside_transaction,
+    simple_query_results,
+)
 from ..routing.lsn import MAX_LSN, parse_lsn
 from ..routing.request import request_state
-from .session_info import is_own_unit, pin_mode_of
+from .session_info import is_own_unit, pin_mode_of, write_timeout_of
 
 logger = logging.getLogger("fastapi_rwdb")
 
@@ -247,7 +252,7 @@ def _after_commit(session: Session) -> None:
         state.note_commit(0, own=is_own_unit(session))
         return
     try:
-        lsn = current_lsn(conn)
+        lsn = current_lsn(conn, write_timeout_of(session))
     except Exception:
         # The COMMIT went through; only reading the position after it failed (the
         # connection died with it: a switchover, a crash). The write stands, so the
@@ -320,15 +325,22 @@ def _value(result: Any) -> str | None:
     return None if value is None else bytes(value).decode()
 
 
-def current_lsn(conn: Connection) -> int:
+def current_lsn(conn: Connection, timeout: float | None = None) -> int:
     """The primary's WAL position, read on ``conn`` outside any transaction.
 
     Straight on the driver connection, in one round trip: through SQLAlchemy
-    it would cost a BEGIN and a ROLLBACK around the one SELECT.
+    it would cost a BEGIN and a ROLLBACK around the one SELECT. With no answer
+    within ``timeout`` (the write deadline) the path froze after the COMMIT: the
+    connection is given up at once (its answer may still come) and the error raised.
     """
-    return _lsn_or_unknown(
-        fetch_outside_transaction(conn.connection.driver_connection, CURRENT_LSN_SQL)
-    )
+    raw = conn.connection.driver_connection
+    try:
+        position = fetch_outside_transaction(raw, CURRENT_LSN_SQL, timeout)
+    except (NoAnswerError, TimeoutError) as exc:
+        abandon(raw)
+        conn.invalidate(exc)
+        raise
+    return _lsn_or_unknown(position)
 
 
 def _lsn_or_unknown(text: str | None) -> int:

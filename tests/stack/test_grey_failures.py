@@ -8,12 +8,14 @@ whatever the test does (see :mod:`.faults`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -26,6 +28,8 @@ from fastapi_rwdb import (
     make_engine,
 )
 from fastapi_rwdb.engine.sqlstates import sqlstate_of
+from fastapi_rwdb.routing.lsn import MAX_LSN
+from fastapi_rwdb.routing.request import RequestState, request_state
 
 from ..helpers import dsn, replica_nodes
 from .faults import bouncer_url, frozen_bouncer, read_one
@@ -225,6 +229,56 @@ def test_a_frozen_primary_path_answers_writes_within_the_write_timeout() -> None
         time.sleep(1.0)  # whatever the thawed PgBouncer still had is done
         assert _rows(statement) <= 1 and _rows(committed) <= 1, "a write ran twice"
     finally:
+        database.dispose_sync()
+
+
+def test_the_position_read_after_a_commit_has_the_write_deadline() -> None:
+    """A transaction that wrote only through a function its SELECT called: nothing
+    showed it would write, so its COMMIT did not carry the position, which is read
+    after it. The primary's PgBouncer frozen right after that COMMIT: the commit
+    returns within RWDB_WRITE_TIMEOUT + 1 s (before: after the freeze), the client is
+    pinned to the primary, the connection given up, and the write stands."""
+    database = Database(RWDBSettings(write_timeout=WRITE_DEADLINE, connect_retries=0))
+    with psycopg.connect(dsn(), autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS rwdb_grey_writes (name text)")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION rwdb_grey_write(n text) RETURNS text LANGUAGE sql"
+            " AS 'INSERT INTO rwdb_grey_writes VALUES (n) RETURNING name'"
+        )
+        port = conn.execute("SELECT inet_server_port()").fetchone()[0]  # type: ignore[index]
+    node = f"node{int(port) - 15431}"  # stack.sh: node1..3 listen on 15432..15434
+    name = f"f-{uuid.uuid4()}"
+    state = RequestState(database=database)
+    reset = request_state.set(state)
+    thaw = contextlib.ExitStack()
+
+    def freeze(session: Session) -> None:  # before the package's own after_commit
+        thaw.enter_context(frozen_bouncer(node, at_most=FREEZE + 10))
+
+    used: list[Any] = []
+    event.listen(
+        database.engines.write, "begin", lambda c: used.append(c.connection.driver_connection)
+    )
+    try:
+        with database.write_session() as s:
+            # A compiled SELECT (a text() one would count as a possible write).
+            assert s.execute(select(func.rwdb_grey_write(name))).scalar_one() == name
+            raw = used[0]  # (not s.connection(): that too counts as a possible write)
+            event.listen(type(s), "after_commit", freeze, insert=True)
+            try:
+                started = time.monotonic()
+                s.commit()
+                took = time.monotonic() - started
+            finally:
+                event.remove(type(s), "after_commit", freeze)
+                thaw.close()
+        assert took < WRITE_DEADLINE + 1.0, f"the commit returned after {took:.2f} s"
+        assert state.commit_lsn == MAX_LSN  # no replica reports it: the primary serves
+        assert raw.closed, "the connection that gave no answer was kept"
+        assert _rows(name) == 1
+    finally:
+        request_state.reset(reset)
+        thaw.close()
         database.dispose_sync()
 
 
