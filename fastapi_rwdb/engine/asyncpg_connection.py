@@ -87,12 +87,20 @@ def is_ours(raw: Any) -> TypeGuard[PackageConnection]:
 
 async def _copy_out(raw: Any, sql: str, timeout: float | None) -> str | None:
     """The first line a simple-query message ending in ``COPY ... TO STDOUT`` returns."""
+    return await first_copied_line(lambda sink: raw._copy_out(sql, sink, timeout))
+
+
+async def first_copied_line(
+    copy: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[Any]],
+) -> str | None:
+    """The first line of what ``copy`` (an asyncpg COPY ... TO STDOUT, given the sink
+    for its data) sends, as text; ``None`` for no row or a NULL."""
     chunks: list[bytes] = []
 
     async def collect(data: bytes) -> None:
         chunks.append(bytes(data))
 
-    await raw._copy_out(sql, collect, timeout)
+    await copy(collect)
     line = b"".join(chunks).split(b"\n", 1)[0].decode()
     return None if line in ("", "\\N") else line
 

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from ..routing.lsn import parse_lsn
-from .asyncpg_connection import begin_reading, is_ours
+from .asyncpg_connection import begin_reading, first_copied_line, is_ours
 from .sqlalchemy_internals import adapter_transaction_opener, await_
 
 #: Connection-record info key: the checkout's ping left a transaction open that no
@@ -378,14 +378,10 @@ def _fetch_by_copy(raw: Any, sql: str, timeout: float | None) -> str | None:
     first); a ``COPY (...) TO STDOUT`` of the same query goes in the simple
     protocol and returns its row, as text, in one.
     """
-    chunks: list[bytes] = []
-
-    async def collect(data: bytes) -> None:
-        chunks.append(bytes(data))
-
-    await_(raw.copy_from_query(sql, output=collect, timeout=timeout))
-    line = b"".join(chunks).split(b"\n", 1)[0].decode()
-    return None if line in ("", "\\N") else line
+    line: str | None = await_(
+        first_copied_line(lambda sink: raw.copy_from_query(sql, output=sink, timeout=timeout))
+    )
+    return line
 
 
 def abandon(dbapi_connection: Any) -> None:
