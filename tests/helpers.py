@@ -121,3 +121,14 @@ async def warm(app: FastAPI, path: str, ports: tuple[int, int]) -> None:
             if set(ports) <= {a.json()["port"] for a in answers}:
                 return
     raise AssertionError(f"the read pool never reached both replicas {ports}")
+
+
+def token_after(db: Database, *statements: str) -> str:
+    """Run ``statements`` on the primary and commit: a token for the position after."""
+    with db.write_session() as session:
+        for sql in statements:
+            session.execute(text(sql))
+        session.commit()
+        lsn = session.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+    hi, lo = lsn.split("/")
+    return db.token_for((int(hi, 16) << 32) + int(lo, 16))

@@ -23,24 +23,37 @@ are in this module, and nothing outside it sees either.
 A connection whose server was short of the needed position a moment ago is not
 asked again: it comes back with the remembered position, so a paused replica's
 connections cost a read nothing.
+
+On psycopg, while the read pool is quiet, a read may instead take a connection
+without asking and have its position checked in the pipeline of its first
+statement (:class:`PositionCheck`): one round trip for the ``BEGIN``, the check
+and the statement, where asking first costs one more. The statement's answer
+counts only once the position is known to be far enough; otherwise
+:class:`ReplicaBehindError` is raised in its place and the read session routes the
+statement again the careful way (:mod:`fastapi_rwdb.orm.reads`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 
 from ..errors import DatabaseUnavailableError
+from ..routing.lsn import parse_lsn
+from ..routing.rules import far_enough
 from ..settings import RWDBSettings
 from . import servers
 from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
+    POSITION_AND_ISOLATION_SQL,
     NoAnswerError,
     abandon,
     begin_reading_position,
@@ -129,6 +142,82 @@ def connect_at_position(
     except BaseException:
         conn.close()
         raise
+
+
+class ReplicaBehindError(Exception):
+    """A read's position was checked with its first statement and the replica was short
+    of it (or its transaction's isolation level takes the snapshot before the check):
+    the statement's answer is thrown away, for the read session to route it again.
+    ``unfit``: the server's transactions are not READ COMMITTED, so no check with a
+    first statement will ever do there."""
+
+    def __init__(self, *, unfit: bool = False) -> None:
+        super().__init__("the replica had not replayed the position the read needs")
+        self.unfit = unfit
+
+
+def check_with_first(connection: Connection, needed: int) -> PositionCheck | None:
+    """How ``connection``'s transaction, just begun, makes sure of ``needed`` with its
+    first statement: a :class:`PositionCheck`, or ``None`` when its position is known
+    without asking (reported, as the test kit's stale replica does). Raises
+    :class:`ReplicaBehindError` at once when the position is known to be short."""
+    info = connection.connection.info
+    known = info.get(_REPORTED, _known_behind(info, needed))
+    if _REPORTED in info or known is not None:
+        if far_enough(known, needed):
+            return None
+        raise ReplicaBehindError()
+    return PositionCheck(info, needed)
+
+
+class PositionCheck:
+    """The position query sent just before a read's first statement, in the same
+    pipeline (psycopg), and the verdict on what it returned.
+
+    In READ COMMITTED the statement takes its snapshot after the position was read,
+    so a position far enough means the statement saw the client's write. Under
+    another isolation level the snapshot would be the check's own, taken before the
+    position was read: no verdict, the read is routed again. A statement that failed
+    on a replica short of the position (a table the client just created, not there
+    yet) is no answer either: behind, not the error."""
+
+    __slots__ = ("info", "needed")
+
+    def __init__(self, info: dict[str, Any], needed: int) -> None:
+        self.info = info
+        self.needed = needed
+
+    def run(
+        self,
+        raw: psycopg.Connection[Any],
+        send: Callable[[Callable[[], None]], None],
+        first: Callable[[], None],
+    ) -> None:
+        """Run ``first`` through ``send`` (which opens the transaction with it), the
+        position query sent just before it."""
+        asked = raw.cursor()
+
+        def both() -> None:
+            asked.execute(POSITION_AND_ISOLATION_SQL)
+            first()
+
+        try:
+            send(both)
+        except psycopg.Error:
+            result = asked.pgresult  # (a connection lost on the way: its own error)
+            if not raw.closed and result and result.status == psycopg.pq.ExecStatus.TUPLES_OK:
+                self.confirm(asked.fetchone())
+            raise
+        self.confirm(asked.fetchone())
+
+    def confirm(self, row: tuple[str | None, str | None] | None) -> None:
+        position_text, isolation = row or (None, None)
+        position = parse_lsn(position_text)
+        self.info[_LAST_POSITION] = (position, time.monotonic())
+        if isolation not in (None, "read committed"):
+            raise ReplicaBehindError(unfit=True)
+        if isolation is None or not far_enough(position, self.needed):
+            raise ReplicaBehindError()
 
 
 def ping_timed_out(record: Any) -> bool:

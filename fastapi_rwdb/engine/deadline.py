@@ -48,13 +48,16 @@ from sqlalchemy.exc import DBAPIError
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from . import servers
 from .asyncpg_connection import PackageConnection, is_ours
+from .checkout import PositionCheck, ReplicaBehindError
 from .sqlalchemy_internals import around_driver_calls
 from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 
 # Connection info keys, private to this module (cleared when the connection goes back).
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
 _ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
-_WITH_FIRST = "rwdb_deadline_with_first"  # psycopg: SET LOCAL to send with BEGIN and the first
+_WITH_FIRST = (
+    "rwdb_deadline_with_first"  # psycopg: (SET LOCAL, check) to send with BEGIN and the first
+)
 _BEGINS = "rwdb_deadline_begins"  # the statement running now carries its transaction's BEGIN
 
 
@@ -78,12 +81,16 @@ def set_local(deadline: float) -> str:
 PIPELINE_WHILE_IN_USE = 2
 
 
-def _quiet(connection: Connection) -> bool:
-    checked_out = getattr(connection.engine.pool, "checkedout", None)
+def quiet(engine: Engine) -> bool:
+    """Whether ``engine``'s pool is quiet enough for a ``BEGIN`` to ride with the first
+    statement (:data:`PIPELINE_WHILE_IN_USE`)."""
+    checked_out = getattr(engine.pool, "checkedout", None)
     return checked_out is None or checked_out() <= PIPELINE_WHILE_IN_USE
 
 
-def begin_within(connection: Connection, deadline: float) -> None:
+def begin_within(
+    connection: Connection, deadline: float, check: PositionCheck | None = None
+) -> None:
     """Every statement of ``connection``'s transaction, which has just begun and run
     nothing yet, gets ``deadline`` seconds, and the server a statement timeout a little
     shorter. On psycopg the ``BEGIN`` and the timeout go with the first statement, in
@@ -93,19 +100,28 @@ def begin_within(connection: Connection, deadline: float) -> None:
     (psycopg then sends no ``BEGIN``); on asyncpg they go in the message of its
     ``BEGIN``. If the checkout ping already opened the transaction it sent the
     timeout too
-    (:func:`fastapi_rwdb.engine.checkout.connect_at_position`)."""
+    (:func:`fastapi_rwdb.engine.checkout.connect_at_position`).
+
+    ``check``: a read's position, checked with the first statement (psycopg; see
+    :class:`~fastapi_rwdb.engine.checkout.PositionCheck`), which then always carries
+    the ``BEGIN``, busy pool or not."""
+    raw = connection.connection.driver_connection
+    if check is not None and (deadline <= 0 or not isinstance(raw, psycopg.Connection)):
+        raise ReplicaBehindError()  # nothing would carry the check: not checked, not served
     if deadline <= 0:
         return
     connection.info[_DEADLINE] = deadline
-    raw = connection.connection.driver_connection
+    if check is not None:
+        connection.info[_WITH_FIRST] = (set_local(deadline).encode(), check)
+        return
     if is_ours(raw):
         if not raw.is_in_transaction():  # else the ping's BEGIN carried it
             raw.rwdb_pending = set_local(deadline)
     elif isinstance(raw, psycopg.Connection):
         if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             return
-        if PIPELINED_BEGIN and not raw.autocommit and _quiet(connection):
-            connection.info[_WITH_FIRST] = set_local(deadline).encode()
+        if PIPELINED_BEGIN and not raw.autocommit and quiet(connection.engine):
+            connection.info[_WITH_FIRST] = (set_local(deadline).encode(), None)
             return
         try:
             begin_with(raw, set_local(deadline).encode(), deadline)
@@ -202,11 +218,22 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         if armed is None:
             return False
         info, raw = armed
-        then = None if is_async else info.pop(_WITH_FIRST, None)
-        if then is None:
+        with_first = None if is_async else info.pop(_WITH_FIRST, None)
+        if with_first is None:
             return True
         info[_BEGINS] = True
-        return lambda first: begin_with_first(raw, then, first)  # watched as the statement
+        then, check = with_first
+        if check is None:
+            return lambda first: begin_with_first(raw, then, first)  # watched as the statement
+
+        def checked(first: Callable[[], None]) -> None:
+            try:
+                check.run(raw, lambda both: begin_with_first(raw, then, both), first)
+            except ReplicaBehindError:
+                disarm(pooled)  # answered: the statement is run again elsewhere
+                raise
+
+        return checked
 
     def arm_rollback(pooled: Any) -> bool:
         # A transaction's end gets its deadline too: a ROLLBACK on a path that froze

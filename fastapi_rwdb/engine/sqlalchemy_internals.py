@@ -14,11 +14,14 @@ fallback is never the silent state of affairs.
    :class:`~fastapi_rwdb.orm.writes.TrackedWrites` (what a transaction may have
    written, noted for free), :class:`~fastapi_rwdb.orm.replay.ReplayConflictRetry`
    and :class:`~fastapi_rwdb.orm.reconnect.LostConnectionRetry` (retrying a first
-   statement). The public alternative, an engine
+   statement), and :class:`~fastapi_rwdb.orm.reads.RoutedReads` (a first statement
+   whose replica's position was checked with it, sent again when it was short).
+   The public alternative, an engine
    ``before_cursor_execute`` listener, puts every statement of the application
    on SQLAlchemy's slower event-dispatch path. Fallback: every transaction counts
    as "may have written", so PostgreSQL is asked at commit (psycopg: in the
-   COMMIT's own message); replay conflicts are answered with a 503, not retried.
+   COMMIT's own message); replay conflicts are answered with a 503, not retried;
+   a read's position is always asked before its first statement.
 2. ``sqlalchemy.util.await_`` (``await_only`` before 2.1): runs a coroutine from
    the sync side of an async engine, inside SQLAlchemy's greenlet, which is
    where the pool's hooks run.

@@ -85,7 +85,7 @@ def begin_reading_position(
                     _begin_command(raw)
                     + (b"; " + then if then else b"")
                     + b"; "
-                    + _POSITION_AND_ISOLATION_SQL.encode(),
+                    + POSITION_AND_ISOLATION_SQL.encode(),
                     timeout,
                 )
             )
@@ -97,7 +97,7 @@ def begin_reading_position(
         and is_ours(raw)
         and (start := adapter_transaction_opener(dbapi_connection)) is not None
     ):
-        query, then_sql = _POSITION_AND_ISOLATION_SQL, then.decode() or None
+        query, then_sql = POSITION_AND_ISOLATION_SQL, then.decode() or None
         sent, line = await_(begin_reading(raw, start, query, then_sql, timeout))
         if sent:
             position, _, isolation = (line or "").partition("\t")
@@ -260,7 +260,7 @@ def simple_query_results(raw: psycopg.Connection[Any], sql: str) -> list[Any]:
 
 #: The position and the transaction's isolation level (the server's default may not
 #: be READ COMMITTED): see begin_reading_position.
-_POSITION_AND_ISOLATION_SQL = POSITION_SQL + ", current_setting('transaction_isolation')"
+POSITION_AND_ISOLATION_SQL = POSITION_SQL + ", current_setting('transaction_isolation')"
 
 
 def _begin_command(raw: psycopg.Connection[Any]) -> bytes:

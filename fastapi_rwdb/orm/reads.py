@@ -8,20 +8,38 @@ node, while another connection can reach another replica. The steps (try
 another connection, take one, wait, fall back to the primary) come from
 :func:`~fastapi_rwdb.routing.rules.next_replica_step`; this module carries them
 out and records what they found in the request's state.
+
+On psycopg, when the read pool is quiet, a first statement that needs a position
+does not wait for those steps: the session takes the read port's engine, and the
+position is checked in the round trip of the statement itself
+(:class:`~fastapi_rwdb.engine.checkout.PositionCheck`), one round trip less. If
+the replica was short of it, the statement's answer is thrown away, the
+transaction rolled back, and the statement routed again through the steps above.
+Only statements that pass through the session's ``execute`` are sent that way
+(they can be run again): a transaction begun by ``session.connection()``, or in
+``session.begin()``, is routed the careful way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ..engine.checkout import ConnectionLostError, connect_at_position, position_of
-from ..engine.deadline import begin_within, set_local
-from ..engine.sqlalchemy_internals import await_
+from ..engine.checkout import (
+    ConnectionLostError,
+    ReplicaBehindError,
+    check_with_first,
+    connect_at_position,
+    position_of,
+)
+from ..engine.deadline import begin_within, quiet, set_local
+from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL, await_
+from ..engine.wire import PIPELINED_BEGIN
 from ..errors import DatabaseUnavailableError, ReplicaBenchedError
 from ..observe import metrics
 from ..routing.lsn import MAX_LSN
@@ -34,19 +52,50 @@ from ..routing.rules import (
     Take,
     choose_read_route,
     next_replica_step,
+    passed_reason,
 )
 from ..routing.tokens import Token
+from .reconnect import is_autobegun, is_first_statement
 from .session_info import ReadBinds, binds_of, give_state, own_state, timeout_of, wait_ms_of
 
 #: Session.info keys of this module.
 _CHOICE = "rwdb_read_choice"  # (state version, bind) of the last routing
 _OWNED = "rwdb_owned_connections"  # connections the routing took for the session
+_CHECK = "rwdb_read_check"  # the position each transaction checks with its first statement
+_UNRECORDED = "rwdb_read_unrecorded"  # a routing counted once its check has passed
+_EXECUTING = "rwdb_read_executing"  # a statement of execute() is on its way: may be sent again
+_CAREFUL = "rwdb_read_careful"  # routing a statement again after a failed check
+
+#: Read engines whose server's transactions are not READ COMMITTED: never checked with
+#: the first statement (its snapshot would come before the check).
+_UNFIT: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _PAUSE = 0.01  # seconds between two looks at a replica that is catching up
 
 
 class RoutedReads(Session):
     """Mixed in before the application's session class."""
+
+    if EXECUTE_INTERNAL:
+
+        def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
+            # Private SQLAlchemy method overridden on purpose (sqlalchemy_internals 1.):
+            # the one place a statement can be sent again once its check failed.
+            if binds_of(self) is None or self.info.get(_EXECUTING):
+                return super()._execute_internal(statement, *args, **kw)
+            self.info[_EXECUTING] = True
+            try:
+                return super()._execute_internal(statement, *args, **kw)
+            except ReplicaBehindError as behind:
+                _route_again(self, behind)
+            finally:
+                self.info.pop(_EXECUTING, None)
+                _record_checked(self)
+            self.info[_CAREFUL] = True
+            try:
+                return super()._execute_internal(statement, *args, **kw)
+            finally:
+                self.info.pop(_CAREFUL, None)
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         binds = binds_of(self)
@@ -77,8 +126,13 @@ def deadline_on_replica(session: Session, transaction: Any, connection: Connecti
     binds = binds_of(session)
     if binds is None or transaction.parent is not None:
         return
-    if connection.engine.pool is binds.replica.pool:
-        begin_within(connection, timeout_of(session, binds))
+    if connection.engine.pool is not binds.replica.pool:
+        return
+    # A routing that checks with the first statement was made for this transaction's
+    # first statement, sent by execute() (_route): its connection carries the check.
+    needed: int | None = session.info.get(_CHECK)
+    check = None if needed is None else check_with_first(connection, needed)
+    begin_within(connection, timeout_of(session, binds), check)
 
 
 def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
@@ -97,7 +151,44 @@ def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
 def _release(session: Session) -> None:
     for conn in session.info.pop(_OWNED, ()):
         conn.close()
-    session.info.pop(_CHOICE, None)
+    for key in (_CHOICE, _CHECK, _UNRECORDED):
+        session.info.pop(key, None)
+
+
+def _route_again(session: Session, behind: ReplicaBehindError) -> None:
+    """A first statement's check failed: roll its transaction back (nothing was read)
+    and forget the routing, so that the statement is routed the careful way."""
+    if behind.unfit:
+        binds = binds_of(session)
+        if binds is not None:
+            _UNFIT.add(binds.replica)
+    session.rollback()
+    for key in (_CHOICE, _CHECK, _UNRECORDED):
+        session.info.pop(key, None)
+
+
+def _record_checked(session: Session) -> None:
+    """Count a routing whose check went with its first statement, once that is past."""
+    unrecorded = session.info.pop(_UNRECORDED, None)
+    if unrecorded is not None:
+        metrics.record_route(*unrecorded)
+
+
+def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
+    """Whether this routing may check the replica's position with the first statement:
+    psycopg's pipeline, a deadline to carry it, a statement of execute() that can be
+    sent again in an autobegun transaction, a quiet pool, a READ COMMITTED server."""
+    return (
+        PIPELINED_BEGIN
+        and not binds.is_async
+        and route.min_lsn is not None
+        and bool(session.info.get(_EXECUTING))
+        and not session.info.get(_CAREFUL)
+        and timeout_of(session, binds) > 0
+        and is_autobegun(session)
+        and binds.replica not in _UNFIT
+        and quiet(binds.replica)
+    )
 
 
 def _own(session: Session, conn: Connection) -> Connection:
@@ -115,7 +206,10 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
         state = _fresh_state(session, binds, state)
     version = -1 if state is None else state.version
     cached: tuple[int, Engine | Connection] | None = session.info.get(_CHOICE)
-    if cached is not None and cached[0] == version:
+    # A routing that checks with the first statement holds for that transaction: the
+    # next one is routed again (perhaps not by execute(), or with the pool busy).
+    fresh = _CHECK in session.info and is_first_statement(session)
+    if cached is not None and cached[0] == version and not fresh:
         return cached[1]
 
     route = choose_read_route(state, binds.mode, binds.health)
@@ -125,7 +219,12 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     bind: Engine | Connection
     position: int | None = None
     target, reason = route.target, route.reason
-    if route.target == "primary":
+    session.info.pop(_CHECK, None)
+    if route.target == "replica" and not follow and _check_with_first(session, binds, route):
+        bind, reason = binds.replica, passed_reason(route)
+        session.info[_CHECK] = route.min_lsn
+        session.info[_UNRECORDED] = (target, reason, route.min_lsn)
+    elif route.target == "primary":
         bind = binds.primary
         if follow:
             conn, position, _ = connect_at_position(binds.primary, begin=True)
@@ -147,7 +246,8 @@ def _route(session: Session, binds: ReadBinds) -> Engine | Connection:
     if follow and position is not None:
         assert state is not None
         state.note_seen(position)
-    metrics.record_route(target, reason, route.min_lsn)
+    if _UNRECORDED not in session.info:
+        metrics.record_route(target, reason, route.min_lsn)
     if state is not None:
         state.read_target = target
         state.read_reason = reason

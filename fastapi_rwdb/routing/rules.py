@@ -37,7 +37,9 @@ __all__ = [
     "Take",
     "TryAnother",
     "choose_read_route",
+    "far_enough",
     "next_replica_step",
+    "passed_reason",
 ]
 
 
@@ -177,8 +179,8 @@ def next_replica_step(
             benched = benched or one.benched
             continue
         # 1. A connection whose server has replayed far enough serves.
-        if _far_enough(one.position, route.min_lsn):
-            return Take(i, _PASSED.get(route.reason, route.reason))
+        if far_enough(one.position, route.min_lsn):
+            return Take(i, passed_reason(route))
         held += 1
         tries += not one.remembered
         if best < 0 or (one.position or -1) > (seen[best].position or -1):
@@ -202,5 +204,11 @@ def next_replica_step(
     return Primary(route.if_behind)
 
 
-def _far_enough(position: int | None, min_lsn: int | None) -> bool:
+def passed_reason(route: Route) -> str:
+    """The reason a read reports when a replica had the position ``route`` needs."""
+    return _PASSED.get(route.reason, route.reason)
+
+
+def far_enough(position: int | None, min_lsn: int | None) -> bool:
+    """Whether a server at ``position`` may serve a read that needs ``min_lsn``."""
     return min_lsn is None or (position is not None and position >= min_lsn)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -27,29 +26,15 @@ from fastapi_rwdb.engine.wire import _BEGUN as BEGUN_INFO
 from fastapi_rwdb.engine.wire import _SNAPSHOT_AT_FIRST, _begin_command
 from fastapi_rwdb.routing.lsn import MAX_LSN
 
-from ..helpers import dsn
+from ..helpers import dsn, token_after
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
-
-
-@pytest.fixture
-def db() -> Iterator[Database]:
-    database = Database(RWDBSettings())
-    try:
-        yield database
-    finally:
-        database.dispose_sync()
 
 
 def _write(db: Database) -> tuple[str, str]:
     """A row written on the primary, and a token for the position after it."""
     name = f"begin-ping-{uuid.uuid4().hex[:12]}"
-    with db.write_session() as session:
-        session.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
-        session.commit()
-        lsn = session.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
-    hi, lo = lsn.split("/")
-    return name, db.token_for((int(hi, 16) << 32) + int(lo, 16))
+    return name, token_after(db, f"INSERT INTO rwdb_items (name) VALUES ('{name}')")
 
 
 def _warm(db: Database, token: str) -> None:

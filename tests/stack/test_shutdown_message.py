@@ -31,27 +31,21 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
-from fastapi_rwdb import Database, RWDBSettings
+from fastapi_rwdb import Database
 from fastapi_rwdb.web.unavailable import unavailable_reason
+
+from ..helpers import token_after
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
 
 MARK = "/* goodbye */"
+TOKEN_OR_NOT = pytest.mark.parametrize("with_token", [False, True], ids=["plain", "token"])
 
 
 def goodbye() -> bytes:
     """The ErrorResponse a backend sends its session as the server shuts down."""
     fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
     return b"E" + struct.pack("!i", len(fields) + 4) + fields
-
-
-@pytest.fixture
-def db() -> Iterator[Database]:
-    database = Database(RWDBSettings())
-    try:
-        yield database
-    finally:
-        database.dispose_sync()
 
 
 @pytest.fixture
@@ -75,15 +69,9 @@ def told(db: Database) -> Iterator[list[Any]]:
         event.remove(engine, "before_cursor_execute", deliver)
 
 
-def _token(db: Database) -> str:
-    with db.write_session() as session:
-        session.execute(
-            text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": f"goodbye-{uuid.uuid4()}"}
-        )
-        session.commit()
-        lsn = session.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
-    hi, lo = lsn.split("/")
-    return db.token_for((int(hi, 16) << 32) + int(lo, 16))
+def _after(db: Database) -> str:
+    """A token for a write the replicas may not have yet."""
+    return token_after(db, f"INSERT INTO rwdb_items (name) VALUES ('goodbye-{uuid.uuid4()}')")
 
 
 async def _served(db: Database) -> bool:
@@ -91,11 +79,11 @@ async def _served(db: Database) -> bool:
         return bool((await session.execute(text("SELECT true"))).scalar_one())
 
 
-@pytest.mark.parametrize("with_token", [False, True], ids=["plain", "token"])
+@TOKEN_OR_NOT
 async def test_a_goodbye_before_the_first_statement_is_answered_elsewhere(
     db: Database, told: list[Any], with_token: bool
 ) -> None:
-    after = _token(db) if with_token else None
+    after = _after(db) if with_token else None
     async with db.async_read_session(after=after) as session:
         await session.execute(text("SELECT 1"))  # a pooled connection, not one just opened
     async with db.async_read_session(after=after) as session:
@@ -108,11 +96,11 @@ async def test_a_goodbye_before_the_first_statement_is_answered_elsewhere(
     assert await _served(db)
 
 
-@pytest.mark.parametrize("with_token", [False, True], ids=["plain", "token"])
+@TOKEN_OR_NOT
 async def test_a_goodbye_before_a_later_statement_is_an_outage_and_poisons_nothing(
     db: Database, told: list[Any], with_token: bool
 ) -> None:
-    after = _token(db) if with_token else None
+    after = _after(db) if with_token else None
     with pytest.raises(DBAPIError) as info:
         async with db.async_read_session(after=after) as session:
             assert (await session.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()

@@ -90,14 +90,12 @@ def test_a_watch_disarmed_in_time_never_fires() -> None:
 def test_the_begin_rides_with_the_first_statement_only_while_the_pool_is_quiet() -> None:
     from types import SimpleNamespace
 
-    from fastapi_rwdb.engine.deadline import PIPELINE_WHILE_IN_USE, _quiet
+    from fastapi_rwdb.engine.deadline import PIPELINE_WHILE_IN_USE, quiet
 
-    def connection(in_use: int) -> Any:
-        return SimpleNamespace(
-            engine=SimpleNamespace(pool=SimpleNamespace(checkedout=lambda: in_use))
-        )
+    def engine(in_use: int) -> Any:
+        return SimpleNamespace(pool=SimpleNamespace(checkedout=lambda: in_use))
 
-    assert _quiet(connection(1))
-    assert _quiet(connection(PIPELINE_WHILE_IN_USE))
-    assert not _quiet(connection(PIPELINE_WHILE_IN_USE + 1))
-    assert _quiet(SimpleNamespace(engine=SimpleNamespace(pool=object())))  # no count: as before
+    assert quiet(engine(1))
+    assert quiet(engine(PIPELINE_WHILE_IN_USE))
+    assert not quiet(engine(PIPELINE_WHILE_IN_USE + 1))
+    assert quiet(SimpleNamespace(pool=object()))  # no count: as before

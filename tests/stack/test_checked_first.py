@@ -1,0 +1,186 @@
+"""A read with a token whose position is checked with its first statement (psycopg,
+quiet pool: orm.reads, engine.checkout.PositionCheck): one round trip for the
+BEGIN, the check and the statement.
+
+What must hold: the statement's answer is used only when the replica had the
+client's write; a replica short of it costs the read its statement, never its
+guarantee: the answer (or the error, for a table the write created and the replica
+lacks) is thrown away and the statement routed again, and the routing is counted
+once. Replicas are held back with `lag 1s` (each commit applied a second late) from
+the first test that asks for it to the end of the module.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
+
+from fastapi_rwdb import Database
+from fastapi_rwdb.engine import checkout
+from fastapi_rwdb.observe import listeners
+
+from ..helpers import token_after
+
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
+
+STACK = Path(__file__).resolve().parents[2] / "scripts" / "stack.sh"
+MARK = "/* checked-first */"
+
+
+def stack(*args: str) -> None:
+    subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def lagging() -> Iterator[None]:
+    stack("lag", "1s")
+    try:
+        yield
+    finally:
+        stack("lag", "0")
+
+
+@pytest.fixture
+def sent(db: Database) -> Iterator[list[str]]:
+    """Each marked statement as it is sent: on which engine."""
+    seen: list[str] = []
+    engines = {"replica": db.engines.read, "primary": db.primary_read_engine}
+
+    def watcher(side: str) -> Any:
+        def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if MARK in statement:
+                seen.append(side)
+
+        return before
+
+    hooks = [(engine, watcher(side)) for side, engine in engines.items()]
+    for engine, hook in hooks:
+        event.listen(engine, "before_cursor_execute", hook)
+    try:
+        yield seen
+    finally:
+        for engine, hook in hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+
+
+@pytest.fixture
+def routes() -> Iterator[list[tuple[str, str]]]:
+    counted: list[tuple[str, str]] = []
+    remove = listeners.listen(on_route=lambda target, reason, lsn: counted.append((target, reason)))
+    try:
+        yield counted
+    finally:
+        remove()
+
+
+def _read(db: Database, token: str) -> Session:
+    """A read session after ``token`` that does not wait for a replica: one short of
+    the position sends the read to the primary at once."""
+    return db.read_session(after=token, wait=0)
+
+
+def _warm(db: Database) -> None:
+    """A pooled read connection, so that the next read is not one just opened."""
+    with db.read_session() as session:
+        session.execute(text("SELECT 1"))
+
+
+def test_a_caught_up_replica_answers_the_statement_sent_once(
+    db: Database, sent: list[str], routes: list[tuple[str, str]]
+) -> None:
+    """(The one round trip for the BEGIN, the check and the statement:
+    tests/stack/test_round_trips.py.)"""
+    token = token_after(db, "SELECT 1")  # a position the replicas have in a moment
+    _warm(db)
+    for _ in range(50):
+        sent.clear()
+        routes.clear()
+        with _read(db, token) as session:
+            in_recovery = session.execute(text(f"SELECT pg_is_in_recovery() {MARK}"))
+            if in_recovery.scalar_one():
+                break
+    assert sent == ["replica"]
+    assert routes == [("replica", "caught-up")]
+
+
+def test_a_transaction_begun_by_session_connection_is_routed_the_careful_way(
+    db: Database, sent: list[str]
+) -> None:
+    """What runs on session.connection() cannot be sent again: after a transaction
+    checked with its first statement, one begun that way has its position asked
+    first, and goes elsewhere when the answer is short (here every read connection
+    reports a position no write has, as a replica far behind would)."""
+    token = token_after(db, "SELECT 1")
+    _warm(db)
+
+    def behind(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        record.info[checkout._REPORTED] = 0
+
+    with _read(db, token) as session:
+        session.execute(text(f"SELECT 1 {MARK}"))  # routed with a check at the statement
+        session.commit()
+        event.listen(db.engines.read, "checkout", behind)
+        try:
+            conn = session.connection()  # the next transaction
+            in_recovery = conn.exec_driver_sql(f"SELECT pg_is_in_recovery() {MARK}")
+            assert in_recovery.scalar_one() is False
+        finally:
+            event.remove(db.engines.read, "checkout", behind)
+    assert sent == ["replica", "primary"]
+
+
+def test_a_replica_short_of_the_write_never_answers(
+    db: Database, lagging: None, sent: list[str], routes: list[tuple[str, str]]
+) -> None:
+    name = f"checked-{uuid.uuid4().hex[:12]}"
+    _warm(db)
+    token = token_after(db, f"INSERT INTO rwdb_items (name) VALUES ('{name}')")
+    routes.clear()
+    with _read(db, token) as session:
+        count = session.execute(
+            text(f"SELECT count(*), pg_is_in_recovery() FROM rwdb_items WHERE name = :n {MARK}"),
+            {"n": name},
+        ).one()
+    assert tuple(count) == (1, False)  # the write, from the primary
+    assert sent == ["replica", "primary"]  # checked with the statement, found short
+    assert routes == [("primary", "replica-behind")]  # counted once, where it went
+
+
+def test_an_error_of_a_replica_short_of_the_write_is_no_answer_either(
+    db: Database, lagging: None, sent: list[str]
+) -> None:
+    """The client's write created a table the replica does not have yet: the
+    replica's error is thrown away with its answer."""
+    table = f"rwdb_checked_{uuid.uuid4().hex[:8]}"
+    _warm(db)
+    token = token_after(db, f"CREATE TABLE {table} (id int)", f"INSERT INTO {table} VALUES (7)")
+    try:
+        with _read(db, token) as session:
+            value = session.execute(text(f"SELECT id FROM {table} {MARK}")).scalar_one()
+        assert value == 7
+        assert sent == ["replica", "primary"]
+    finally:
+        token_after(db, f"DROP TABLE {table}")
+
+
+def test_a_connection_known_to_be_behind_is_not_sent_the_statement(
+    db: Database, lagging: None, sent: list[str]
+) -> None:
+    """Found short a moment ago (checkout.BEHIND_FOR): the next read routes the careful
+    way at once, no statement thrown away."""
+    _warm(db)
+    token = token_after(db, "SELECT 1")
+    with _read(db, token) as session:
+        session.execute(text(f"SELECT 1 {MARK}"))  # finds the replicas behind
+    assert sent == ["replica", "primary"]
+    sent.clear()
+    with _read(db, token) as session:  # a pooled connection found behind just now
+        session.execute(text(f"SELECT 2 {MARK}"))
+    assert sent == ["primary"]
