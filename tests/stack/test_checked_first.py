@@ -184,3 +184,15 @@ def test_a_connection_known_to_be_behind_is_not_sent_the_statement(
     with _read(db, token) as session:  # a pooled connection found behind just now
         session.execute(text(f"SELECT 2 {MARK}"))
     assert sent == ["primary"]
+
+
+def test_a_transaction_the_caller_began_is_not_checked_with_its_statement(
+    db: Database, lagging: None, sent: list[str]
+) -> None:
+    """Inside session.begin() the transaction is the caller's: it cannot be rolled
+    back to send the statement again, so its position is asked first."""
+    _warm(db)
+    token = token_after(db, "SELECT 1")
+    with _read(db, token) as session, session.begin():
+        session.execute(text(f"SELECT 1 {MARK}"))
+    assert sent == ["primary"]
