@@ -81,11 +81,11 @@ def set_local(deadline: float) -> str:
 PIPELINE_WHILE_IN_USE = 2
 
 
-def quiet(engine: Engine) -> bool:
+def quiet(engine: Engine, at_most: int = PIPELINE_WHILE_IN_USE) -> bool:
     """Whether ``engine``'s pool is quiet enough for a ``BEGIN`` to ride with the first
-    statement (:data:`PIPELINE_WHILE_IN_USE`)."""
+    statement: at most ``at_most`` of its connections in use."""
     checked_out = getattr(engine.pool, "checkedout", None)
-    return checked_out is None or checked_out() <= PIPELINE_WHILE_IN_USE
+    return checked_out is None or checked_out() <= at_most
 
 
 def begin_within(

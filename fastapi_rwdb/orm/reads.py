@@ -72,6 +72,13 @@ _UNFIT: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _PAUSE = 0.01  # seconds between two looks at a replica that is catching up
 
+#: A read's position is checked with its first statement only while no other
+#: connection of the read pool is in use. The check rides in psycopg's pipeline,
+#: which costs CPU (more than the checkout ping's one simple query): worth a round
+#: trip where the round trip is the latency, not where CPU is the throughput
+#: (benchmarks/notes.md, "The position checked with the first statement").
+CHECK_WITH_FIRST_WHILE_IN_USE = 0
+
 
 class RoutedReads(Session):
     """Mixed in before the application's session class."""
@@ -187,7 +194,7 @@ def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
         and timeout_of(session, binds) > 0
         and is_autobegun(session)
         and binds.replica not in _UNFIT
-        and quiet(binds.replica)
+        and quiet(binds.replica, CHECK_WITH_FIRST_WHILE_IN_USE)
     )
 
 
