@@ -187,22 +187,22 @@ class PositionCheck:
         self.info = info
         self.needed = needed
 
+    @staticmethod
+    def query(timeout_ms: int) -> bytes:
+        """The position query, which also gives the transaction its server-side
+        statement timeout (``set_config(..., true)`` is ``SET LOCAL``): one command
+        of the pipeline fewer."""
+        timeout = f"set_config('statement_timeout', '{timeout_ms}', true)"
+        return f"{POSITION_AND_ISOLATION_SQL}, {timeout}".encode()
+
     def run(
-        self,
-        raw: psycopg.Connection[Any],
-        send: Callable[[Callable[[], None]], None],
-        first: Callable[[], None],
+        self, raw: psycopg.Connection[Any], send: Callable[[psycopg.Cursor[Any]], None]
     ) -> None:
-        """Run ``first`` through ``send`` (which opens the transaction with it), the
-        position query sent just before it."""
+        """Open the transaction with :meth:`query` and the first statement through
+        ``send``, the query's answer landing in the cursor ``send`` is given."""
         asked = raw.cursor()
-
-        def both() -> None:
-            asked.execute(POSITION_AND_ISOLATION_SQL)
-            first()
-
         try:
-            send(both)
+            send(asked)
         except psycopg.Error:
             result = asked.pgresult  # (a connection lost on the way: its own error)
             if not raw.closed and result and result.status == psycopg.pq.ExecStatus.TUPLES_OK:
@@ -210,8 +210,8 @@ class PositionCheck:
             raise
         self.confirm(asked.fetchone())
 
-    def confirm(self, row: tuple[str | None, str | None] | None) -> None:
-        position_text, isolation = row or (None, None)
+    def confirm(self, row: tuple[str | None, ...] | None) -> None:
+        position_text, isolation = (row or (None, None))[:2]
         position = parse_lsn(position_text)
         self.info[_LAST_POSITION] = (position, time.monotonic())
         if isolation not in (None, "read committed"):

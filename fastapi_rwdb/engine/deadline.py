@@ -112,7 +112,7 @@ def begin_within(
         return
     connection.info[_DEADLINE] = deadline
     if check is not None:
-        connection.info[_WITH_FIRST] = (set_local(deadline).encode(), check)
+        connection.info[_WITH_FIRST] = (check.query(server_timeout_ms(deadline)), check)
         return
     if is_ours(raw):
         if not raw.is_in_transaction():  # else the ping's BEGIN carried it
@@ -228,7 +228,7 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
 
         def checked(first: Callable[[], None]) -> None:
             try:
-                check.run(raw, lambda both: begin_with_first(raw, then, both), first)
+                check.run(raw, lambda asked: begin_with_first(raw, then, first, asked))
             except ReplicaBehindError:
                 disarm(pooled)  # answered: the statement is run again elsewhere
                 raise

@@ -142,36 +142,40 @@ def _pipelined_begin_supported() -> bool:
 PIPELINED_BEGIN = _pipelined_begin_supported()
 
 
-def begin_with_first(raw: psycopg.Connection[Any], then: bytes, first: Callable[[], None]) -> None:
-    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then``,
-    and send ``first`` (the transaction's first statement, run by psycopg's own
-    cursor) in the same flush: one round trip for all three, where :func:`begin_with`
+def begin_with_first(
+    raw: psycopg.Connection[Any],
+    then: bytes,
+    first: Callable[[], None],
+    own: psycopg.Cursor[Any] | None = None,
+) -> None:
+    """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then`` (on
+    ``own``, which then holds ``then``'s answer), and send ``first`` (the first statement,
+    run by psycopg's cursor) in the same flush: one round trip, where :func:`begin_with`
     costs one before the statement's own.
 
     In pipeline mode psycopg follows its own ``BEGIN`` with a Sync and waits for it,
     so for the pipeline the connection is put in autocommit (psycopg then sends no
-    ``BEGIN``) and the ``BEGIN`` goes as the pipeline's first command. Autocommit is
-    switched through the attribute under psycopg's property (the one private psycopg
-    name used here; a contract test reads it back): psycopg's setter refuses to turn
-    it off inside the transaction this opened, and to turn it on it only checks that
-    the connection is idle, as it is here, at the cost of a generator.
+    ``BEGIN``), switched through the attribute under psycopg's property (the one
+    private psycopg name used here; a contract test reads it back): its setter
+    refuses to turn it off inside the transaction this opened.
 
-    Errors are psycopg's own, raised from the pipeline as the statement's, for
-    SQLAlchemy to handle as the first statement's (a lost connection is discarded,
-    and the first statement run again by the session). Pipelined only when ``raw``
-    is idle and not in autocommit; otherwise ``then`` goes on its own first.
+    Errors are psycopg's own, raised as the first statement's for SQLAlchemy (a lost
+    connection is discarded, the statement run again). Pipelined only when idle.
     """
     if raw.autocommit or raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        sent = then if own is None else b""
         if raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, None))
-        else:
-            _answer(_simple_query(raw.pgconn, then, None))
+            sent = _begin_command(raw) + (sent and b"; " + sent)
+        if sent:
+            _answer(_simple_query(raw.pgconn, sent, None))
+        if own is not None:
+            own.execute(then)
         first()
         return
     raw._autocommit = True  # idle, as psycopg's setter checks (it costs a generator)
     try:
         with raw.pipeline():
-            own = raw.cursor()
+            own = raw.cursor() if own is None else own
             own.execute(_begin_command(raw))
             own.execute(then)
             first()

@@ -82,8 +82,8 @@ def routes() -> Iterator[list[tuple[str, str]]]:
 
 def _read(db: Database, token: str) -> Session:
     """A read session after ``token`` that does not wait for a replica: one short of
-    the position sends the read to the primary at once."""
-    return db.read_session(after=token, wait=0)
+    the position sends the read to the primary at once. Its deadline: 4 s."""
+    return db.read_session(after=token, wait=0, timeout=4.0)
 
 
 def _warm(db: Database) -> None:
@@ -103,11 +103,15 @@ def test_a_caught_up_replica_answers_the_statement_sent_once(
         sent.clear()
         routes.clear()
         with _read(db, token) as session:
-            in_recovery = session.execute(text(f"SELECT pg_is_in_recovery() {MARK}"))
-            if in_recovery.scalar_one():
+            row = session.execute(
+                text(f"SELECT pg_is_in_recovery(), current_setting('statement_timeout') {MARK}")
+            ).one()
+            if row[0]:
                 break
     assert sent == ["replica"]
     assert routes == [("replica", "caught-up")]
+    # The deadline's server-side timeout came with the check, for this transaction.
+    assert row[1] == "3200ms"
 
 
 def test_a_transaction_begun_by_session_connection_is_routed_the_careful_way(
