@@ -246,8 +246,13 @@ async def while_terminated(client: httpx.AsyncClient, path: str) -> httpx.Respon
     """``GET path`` while the replica connection serving it is closed under it (as
     HAProxy does to a node that leaves the read port)."""
     request = asyncio.create_task(client.get(path))
-    await asyncio.sleep(0.6)
-    assert await asyncio.to_thread(terminate_scans) == 1
+    ended = 0
+    for _ in range(30):  # once the scan runs (about 0.1 s on a quiet machine, ~2 s long)
+        await asyncio.sleep(0.1)
+        ended = await asyncio.to_thread(terminate_scans)
+        if ended or request.done():
+            break
+    assert ended == 1
     return await request
 
 
