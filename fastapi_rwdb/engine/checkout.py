@@ -162,10 +162,11 @@ def check_with_first(connection: Connection, needed: int) -> PositionCheck | Non
     without asking (reported, as the test kit's stale replica does). Raises
     :class:`ReplicaBehindError` at once when the position is known to be short."""
     info = connection.connection.info
-    known = info.get(_REPORTED, _known_behind(info, needed))
-    if _REPORTED in info or known is not None:
-        if far_enough(known, needed):
+    if _REPORTED in info:
+        if far_enough(info[_REPORTED], needed):
             return None
+        raise ReplicaBehindError()
+    if _known_behind(info, needed) is not None:
         raise ReplicaBehindError()
     return PositionCheck(info, needed)
 

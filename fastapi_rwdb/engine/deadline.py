@@ -55,9 +55,7 @@ from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 # Connection info keys, private to this module (cleared when the connection goes back).
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
 _ARMED = "rwdb_deadline_armed"  # the watch over the statement running now
-_WITH_FIRST = (
-    "rwdb_deadline_with_first"  # psycopg: (SET LOCAL, check) to send with BEGIN and the first
-)
+_WITH_FIRST = "rwdb_deadline_with_first"  # psycopg: (SET LOCAL, check) sent with the first
 _BEGINS = "rwdb_deadline_begins"  # the statement running now carries its transaction's BEGIN
 
 

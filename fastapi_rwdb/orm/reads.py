@@ -88,7 +88,9 @@ class RoutedReads(Session):
         def _execute_internal(self, statement: Any, *args: Any, **kw: Any) -> Any:
             # Private SQLAlchemy method overridden on purpose (sqlalchemy_internals 1.):
             # the one place a statement can be sent again once its check failed.
-            if binds_of(self) is None or self.info.get(_EXECUTING):
+            binds = binds_of(self)
+            if binds is None or binds.is_async or not PIPELINED_BEGIN or _EXECUTING in self.info:
+                # (asyncpg, or no pipeline: never checked with the first statement)
                 return super()._execute_internal(statement, *args, **kw)
             self.info[_EXECUTING] = True
             try:
@@ -158,6 +160,10 @@ def routed_to_replica(session: Session, binds: ReadBinds) -> bool:
 def _release(session: Session) -> None:
     for conn in session.info.pop(_OWNED, ()):
         conn.close()
+    _forget_routing(session)
+
+
+def _forget_routing(session: Session) -> None:
     for key in (_CHOICE, _CHECK, _UNRECORDED):
         session.info.pop(key, None)
 
@@ -170,8 +176,7 @@ def _route_again(session: Session, behind: ReplicaBehindError) -> None:
         if binds is not None:
             _UNFIT.add(binds.replica)
     session.rollback()
-    for key in (_CHOICE, _CHECK, _UNRECORDED):
-        session.info.pop(key, None)
+    _forget_routing(session)
 
 
 def _record_checked(session: Session) -> None:
@@ -186,10 +191,8 @@ def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
     psycopg's pipeline, a deadline to carry it, a statement of execute() that can be
     sent again in an autobegun transaction, a quiet pool, a READ COMMITTED server."""
     return (
-        PIPELINED_BEGIN
-        and not binds.is_async
-        and route.min_lsn is not None
-        and bool(session.info.get(_EXECUTING))
+        route.min_lsn is not None
+        and bool(session.info.get(_EXECUTING))  # (never set on asyncpg, without a pipeline)
         and not session.info.get(_CAREFUL)
         and timeout_of(session, binds) > 0
         and is_autobegun(session)
