@@ -37,25 +37,28 @@ class DatabaseUnavailableError(RWDBError, ConnectionError):
 
 class ReplicaConflictError(RWDBError):
     """A replica cancelled a read to replay the primary's changes (SQLSTATE ``40001``,
-    "conflict with recovery") after the transaction had already read something.
+    "conflict with recovery") in a transaction that could not be moved.
 
-    The first statement of a transaction is retried on the primary instead: nothing
-    had been seen yet. Here something had, so a silent retry elsewhere could mix two
-    points in time; the request fails, and :func:`fastapi_rwdb.setup` turns this into
-    a 503 with ``Retry-After``. Raised from the driver error, kept as ``__cause__``.
+    A transaction's first statement is retried on the primary instead (nothing had
+    been seen yet), and so is a later one whose transaction held nothing a new one
+    would lack (READ COMMITTED, only compiled SELECTs before it: see
+    :mod:`fastapi_rwdb.orm.replay`). Here it might have (a ``SET LOCAL`` in a text
+    statement, a cursor, one snapshot for the whole transaction), so the request
+    fails, and :func:`fastapi_rwdb.setup` turns this into a 503 with
+    ``Retry-After``. Raised from the driver error, kept as ``__cause__``.
     """
 
 
 class ReplicaTimeoutError(DatabaseUnavailableError):
     """A read got no answer from its replica within its deadline (``RWDB_READ_TIMEOUT``,
-    or the route's ``timeout=``), after the transaction had already read something.
+    or the route's ``timeout=``), in a transaction that could not be moved.
 
     The path to that replica is frozen (a stopped PgBouncer, a host stalled on I/O):
     a busy server would have answered within the deadline, with its own statement
     timeout (SQLSTATE ``57014``). The connection was discarded. A transaction's first
-    statement runs again elsewhere instead; here something had been read, so running
-    it elsewhere could mix two points in time: the request fails, answered with a 503
-    and ``Retry-After``.
+    statement runs again elsewhere instead, and a later one on the primary when that
+    cannot lose what its transaction set up (:class:`ReplicaConflictError` says
+    when); here it could: the request fails, answered with a 503 and ``Retry-After``.
     """
 
 

@@ -59,6 +59,20 @@ fallback is never the silent state of affairs.
    public attributes), so that the adapter then sees the transaction open and
    sends no ``BEGIN`` of its own. Fallback: the position read in a round trip
    of its own, before the transaction.
+8. ``DefaultDialect._on_connect_isolation_level``: the level
+   ``create_engine(isolation_level=...)`` sets on every new connection, which
+   neither ``Connection.get_execution_options()`` nor ``default_isolation_level``
+   (the server's own) shows, and which cannot be asked of a connection already
+   lost. The read session moves a later statement whose replica was lost to the
+   primary only when every statement of the transaction took its own snapshot
+   (:mod:`fastapi_rwdb.orm.replay`). Fallback: the level is unknown, and such a
+   statement fails as an outage (503), as before.
+9. ``Session.identity_map`` swapped for an empty one while the session rolls back
+   (:func:`rollback_keeping_loaded`): a rollback expires every object the session
+   holds, and a read moved to the primary after its transaction had loaded objects
+   must leave them as they were (an expired object cannot load again on an async
+   session; SQLModel reads its ``__dict__``, found empty). Only for a session with
+   nothing pending. Fallback: a plain rollback.
 """
 
 from __future__ import annotations
@@ -87,6 +101,8 @@ __all__ = [
     "around_driver_calls",
     "await_",
     "before_connection_options",
+    "configured_isolation",
+    "rollback_keeping_loaded",
     "route_commit",
     "set_readonly",
 ]
@@ -125,6 +141,32 @@ def set_readonly(dialect: Dialect, dbapi_connection: Any) -> None:
         dbapi_connection.read_only = True
     else:  # pragma: no cover - SQLAlchemy's asyncpg adapter
         dbapi_connection.readonly = True
+
+
+#: :func:`configured_isolation` when SQLAlchemy does not say (see 8. above).
+UNKNOWN_ISOLATION = "unknown"
+
+
+def configured_isolation(dialect: Dialect) -> str | None:
+    """The isolation level ``create_engine(isolation_level=...)`` gave the connections of
+    ``dialect``'s engine (see 8. above): ``None`` when none was given, or
+    :data:`UNKNOWN_ISOLATION`."""
+    level = getattr(dialect, "_on_connect_isolation_level", UNKNOWN_ISOLATION)
+    return level if level is None or isinstance(level, str) else UNKNOWN_ISOLATION
+
+
+def rollback_keeping_loaded(session: Session) -> None:
+    """Roll ``session``'s transaction back without expiring the objects it holds (see 9.
+    above); ``session`` has nothing pending."""
+    kept = getattr(session, "identity_map", None)
+    if kept is None:  # pragma: no cover - only on a SQLAlchemy that changed it
+        session.rollback()
+        return
+    session.identity_map = type(kept)()
+    try:
+        session.rollback()
+    finally:
+        session.identity_map = kept
 
 
 def adapter_transaction_opener(dbapi_connection: Any) -> Callable[[], Awaitable[None]] | None:

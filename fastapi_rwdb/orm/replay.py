@@ -1,5 +1,5 @@
 """Replica reads that fail for reasons of the replica's, not of the query: retried
-when nothing had been read yet.
+on the primary when that cannot contradict what the transaction did before.
 
 Replay conflicts: a replica cancelled a read to apply the primary's changes.
 
@@ -17,7 +17,16 @@ outage: the same read would succeed elsewhere.
   primary until it is closed, so a request never reads older data after newer.
   The response says ``X-RWDB-Read: primary; reason=replay-conflict``. In
   session consistency the client's token then holds the primary's position.
-* Otherwise the transaction has read rows a retry elsewhere might contradict;
+* A **later** statement moves the same way when the transaction holds nothing a
+  new one would lack: each statement took its own snapshot (READ COMMITTED, the
+  server's default: the primary's snapshot is newer than the replica's last, as
+  the replica's next would have been), every earlier statement was a SELECT the
+  session compiled, its rows read at once, with no ``set_config`` or advisory
+  lock, and nothing is pending. The rollback keeps what the session loaded as it
+  was loaded (an expired object could not load again on an async session).
+* Otherwise (a text statement, which may have been a ``SET LOCAL``;
+  ``session.connection()``; REPEATABLE READ; more than ``_REMEMBERED``
+  statements) the transaction stays where it is:
   :class:`~fastapi_rwdb.errors.ReplicaConflictError` is raised and answered
   with a 503 and ``Retry-After`` (see :mod:`fastapi_rwdb.web.unavailable`).
 
@@ -31,8 +40,8 @@ not reach a server (the connect retry gave up, or the first statement met class
   that later requests skip the attempt once it opens. The same when its replica
   gave no answer within the read deadline (``reason=replica-timeout``), or every
   new connection reached a benched replica (``reason=replica-benched``, see
-  :mod:`fastapi_rwdb.routing.bench`). Only the first statement:
-  later ones fail as an outage (503), as above.
+  :mod:`fastapi_rwdb.routing.bench`). A later statement moves under the same
+  conditions as above, else fails as an outage (503).
 * A pooled connection lost under the first statement (HAProxy closes the
   sessions of a node that leaves the read port; a connection the checkout ping
   skipped) is first run again on a new connection of the read port by
@@ -44,8 +53,8 @@ statement of a session passes: SQLAlchemy's private
 ``Session._execute_internal`` (``execute``, ``scalar(s)``, ``get``, SQLModel's
 ``exec``, and the async session's, which runs the sync one), as
 :mod:`.writes` does for the write side (see
-:mod:`fastapi_rwdb.engine.sqlalchemy_internals`). Nothing is added to a
-statement that succeeds but a dictionary lookup. Not covered: statements run
+:mod:`fastapi_rwdb.engine.sqlalchemy_internals`). A statement that succeeds
+costs a dictionary lookup and is kept for the judgement above. Not covered: statements run
 on a connection taken with ``session.connection()``, and rows streamed with
 ``yield_per``/``stream_results`` (the cancellation arrives while they are
 fetched, after some were handed out); those fail with the driver's error.
@@ -55,10 +64,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import CompoundSelect, Connection, Engine, Select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import iterate
 
+from ..engine.sqlalchemy_internals import configured_isolation, rollback_keeping_loaded
 from ..engine.sqlstates import REPLAY_CONFLICT, is_connection_failure, sqlstate_of
 from ..engine.wire import POSITION_SQL
 from ..errors import (
@@ -86,6 +98,14 @@ _REASONS: dict[type[DatabaseUnavailableError], str] = {
 }
 
 _ON_PRIMARY = "rwdb_read_on_primary"  # Session.info: a replay conflict moved the session
+_RAN = "rwdb_read_ran"  # Session.info: (statement, options) of the transaction so far
+_UNSEEN = (None, None)  # in _RAN: statements this module did not see
+_REMEMBERED = 20  # statements of a transaction kept for that judgement, at most
+
+#: Isolation levels where each statement takes its own snapshot.
+_PER_STATEMENT = frozenset({"READ COMMITTED", "AUTOCOMMIT"})
+#: Functions (by name prefix) that leave state in the transaction that calls them.
+_STATEFUL = ("set_config", "setseed", "pg_advisory", "pg_try_advisory")
 
 
 class ReplayConflictRetry(Session):
@@ -100,23 +120,42 @@ class ReplayConflictRetry(Session):
         if binds is None:
             return super()._execute_internal(statement, *args, **kw)
         first = is_first_statement(self)  # no connection yet: nothing read
+        earlier: list[Any] = [] if first else self.info.get(_RAN, [_UNSEEN])
+        self.info[_RAN] = earlier
         try:
-            return super()._execute_internal(statement, *args, **kw)
+            result = super()._execute_internal(statement, *args, **kw)
         except DatabaseUnavailableError as exc:
             # The read port could not be opened (the connect retry gave up and told the
             # breaker), or its replica did not answer within the read deadline (the
             # connection is discarded): a first statement has seen nothing, the primary
-            # has it all.
-            if not (first and is_autobegun(self) and routed_to_replica(self, binds)):
+            # has it all; a later one, what a new transaction would see (see below).
+            movable = _movable(self, first, earlier)
+            if not (movable and is_autobegun(self) and routed_to_replica(self, binds)):
                 raise
             reason = _REASONS.get(type(exc), UNREACHABLE)
         except DBAPIError as exc:
-            reason = _replica_failure(self, binds, exc, first)
-        self.rollback()  # expires loaded objects, as any rollback does
+            reason = _replica_failure(self, binds, exc, first, earlier)
+        else:
+            if len(earlier) < _REMEMBERED:
+                earlier.append((statement, kw.get("execution_options")))
+            elif earlier[-1] is not _UNSEEN:
+                earlier.append(_UNSEEN)  # too many to judge: kept where they are
+            return result
+        if self.new or self.dirty or self.deleted:  # (a first statement: no later one)
+            self.rollback()  # as any rollback, forgets them
+        else:
+            rollback_keeping_loaded(self)  # what the session loaded stays as loaded
         _move_to_primary(self, reason)
         result = super()._execute_internal(statement, *args, **kw)
         _note_primary_position(self, binds)
         return result
+
+    def connection(self, *args: Any, **kw: Any) -> Any:
+        # What runs on the connection it hands out is not seen here: the transaction
+        # may hold state from now on (a SET LOCAL, a cursor).
+        conn = super().connection(*args, **kw)
+        self.info.setdefault(_RAN, []).append(_UNSEEN)
+        return conn
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         binds = binds_of(self)
@@ -127,30 +166,80 @@ class ReplayConflictRetry(Session):
     def close(self) -> None:
         super().close()
         self.info.pop(_ON_PRIMARY, None)
+        self.info.pop(_RAN, None)
 
 
-def _replica_failure(session: Session, binds: ReadBinds, exc: DBAPIError, first: bool) -> str:
+def _replica_failure(
+    session: Session, binds: ReadBinds, exc: DBAPIError, first: bool, earlier: list[Any]
+) -> str:
     """Why a failed replica read may run again on the primary; raises when it may not."""
     code = sqlstate_of(exc)
     if code in REPLAY_CONFLICT and _on_replica(session, binds.replica):
-        if not (first and is_autobegun(session)):
+        if not (_movable(session, first, earlier) and is_autobegun(session)):
             raise ReplicaConflictError(
                 "a replica cancelled this read to replay the primary's changes (SQLSTATE "
-                f"{code}, conflict with recovery) after the transaction had already read; "
-                "retry the request"
+                f"{code}, conflict with recovery) in a transaction that could not be "
+                "moved to the primary; retry the request"
             ) from exc
         return REASON
     unreachable = is_connection_failure(code) or exc.connection_invalidated
     # A BEGIN that failed (the read deadline's one-message BEGIN runs in after_begin)
     # left no connection in the transaction: the routing's choice says where it was.
     on_replica = _on_replica(session, binds.replica) or routed_to_replica(session, binds)
-    if not (unreachable and first and is_autobegun(session) and on_replica):
+    if not (unreachable and is_autobegun(session) and on_replica):
         raise exc
-    if will_retry(session, exc):
+    if not first:
+        if not _movable(session, first, earlier):
+            raise exc
+    elif will_retry(session, exc):
         raise exc  # LostConnectionRetry runs it again on a new replica connection first
     if binds.health is not None:
         binds.health.connect_failed()  # the proxy took the connection, no server behind
     return UNREACHABLE
+
+
+def _movable(session: Session, first: bool, earlier: list[Any]) -> bool:
+    """Whether the statement that failed can run in a new transaction on the primary.
+
+    A first statement has seen nothing. A later one can when its transaction held
+    nothing a new one would lack: every statement took its own snapshot (READ
+    COMMITTED: the primary's is newer than any the replica gave, as the replica's
+    next would have been), every earlier one was a SELECT compiled by the session,
+    its rows read at once, and nothing is pending (the rollback would drop it).
+    Anything else (text, which may be a ``SET LOCAL``; ``session.connection()``;
+    streamed rows; ``set_config``, an advisory lock) keeps the failure where it is."""
+    if first:
+        return True
+    if session.new or session.dirty or session.deleted:
+        return False
+    if not all(_snapshot_per_statement(c) for c in transaction_connections(session)):
+        return False
+    return all(_leaves_nothing(*ran) for ran in earlier)
+
+
+def _snapshot_per_statement(conn: Connection) -> bool:
+    level = (
+        conn.get_execution_options().get("isolation_level")
+        or configured_isolation(conn.dialect)
+        or conn.default_isolation_level
+    )
+    return level in _PER_STATEMENT
+
+
+def _leaves_nothing(statement: Any, options: Any) -> bool:
+    """Whether ``statement`` left its transaction as it found it."""
+    if not isinstance(statement, (Select, CompoundSelect)):
+        return False
+    if isinstance(statement, Select) and statement._for_update_arg is not None:
+        return False
+    for given in (options or {}, statement.get_execution_options()):
+        if given.get("stream_results") or given.get("yield_per"):
+            return False
+    return not any(
+        isinstance(element, FunctionElement)
+        and str(getattr(element, "name", "")).lower().startswith(_STATEFUL)
+        for element in iterate(statement)
+    )
 
 
 def _on_replica(session: Session, replica: Engine) -> bool:

@@ -20,7 +20,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import func, literal, select, text
 
 import fastapi_rwdb
 from fastapi_rwdb import AsyncReadSession, Database, ReadSession, RWDBSettings
@@ -151,6 +151,21 @@ def make_app(**settings: Any) -> FastAPI:
         (await db.execute(text("SELECT 1"))).scalar_one()
         return dict((await db.execute(text(SCAN), pause)).mappings().one())
 
+    # The same, after a SELECT the session compiled: nothing the transaction set up
+    # there can be lost by a new transaction on the primary.
+    @app.get("/scan-after-select")
+    def scan_after_select(db: ReadSession) -> dict[str, Any]:
+        db.execute(select(literal(1))).scalar_one()
+        found = dict(db.execute(text(SCAN), pause).mappings().one())
+        return {**found, "then": db.execute(select(func.pg_is_in_recovery())).scalar_one()}
+
+    @app.get("/async/scan-after-select")
+    async def scan_after_select_async(db: AsyncReadSession) -> dict[str, Any]:
+        (await db.execute(select(literal(1)))).scalar_one()
+        found = dict((await db.execute(text(SCAN), pause)).mappings().one())
+        then = (await db.execute(select(func.pg_is_in_recovery()))).scalar_one()
+        return {**found, "then": then}
+
     return app
 
 
@@ -214,11 +229,25 @@ async def test_first_statement_cancelled_by_replay_is_retried_on_the_primary(
 async def test_later_statement_cancelled_by_replay_is_a_503_with_retry_after(
     client: httpx.AsyncClient, flavour: str
 ) -> None:
+    """After a text statement (it could have been a SET LOCAL): not moved."""
     response = await while_vacuumed(client, f"{flavour}/scan-second")
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "1"
     assert "replay" in response.json()["detail"]
     assert "127.0.0.1" not in response.text and "543" not in response.text
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_later_statement_cancelled_by_replay_after_compiled_selects_moves(
+    client: httpx.AsyncClient, flavour: str
+) -> None:
+    """After SELECTs the session compiled, the cancelled statement runs again on the
+    primary, as a first one does, and the session stays there."""
+    response = await while_vacuumed(client, f"{flavour}/scan-after-select")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-rwdb-read"] == "primary; reason=replay-conflict"
+    assert response.json()["in_recovery"] is False
+    assert response.json()["then"] is False
 
 
 async def test_first_statement_in_an_explicit_begin_is_a_503(client: httpx.AsyncClient) -> None:
@@ -269,9 +298,21 @@ async def test_first_statement_whose_replica_connection_is_lost_runs_again_on_a_
 async def test_later_statement_whose_replica_connection_is_lost_is_a_503(
     client: httpx.AsyncClient,
 ) -> None:
+    """After a text statement: not moved."""
     response = await while_terminated(client, "/scan-second")
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("flavour", ["", "/async"])
+async def test_later_statement_whose_replica_connection_is_lost_after_selects_moves(
+    client: httpx.AsyncClient, flavour: str
+) -> None:
+    response = await while_terminated(client, f"{flavour}/scan-after-select")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-rwdb-read"] == "primary; reason=replica-unreachable"
+    assert response.json()["in_recovery"] is False
+    assert response.json()["then"] is False
 
 
 @pytest.mark.parametrize("flavour", ["", "/async"])

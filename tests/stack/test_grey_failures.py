@@ -101,8 +101,9 @@ def on_primary(session: Session) -> bool:
 def test_a_first_read_with_no_answer_runs_again_on_the_primary_within_the_deadline() -> None:
     """psycopg. The replica's PgBouncer freezes with a pooled connection warm: the
     read's first statement is abandoned at the deadline and runs on the primary, in
-    well under the deadline plus 1 s; a read that had already read something fails
-    with ReplicaTimeoutError (a 503) just as fast; the pool keeps no connection that
+    well under the deadline plus 1 s; a read whose transaction ran a text statement
+    before (it could have set something up there) fails with ReplicaTimeoutError (a
+    503) just as fast; the pool keeps no connection that
     timed out."""
     node = replica_nodes()[0]
     database = replica_database(node)

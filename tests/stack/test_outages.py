@@ -119,9 +119,8 @@ async def test_a_refused_read_port_is_answered_by_the_primary_then_the_breaker_s
 
 
 def test_a_replica_lost_after_the_first_statement_is_an_outage_not_a_move() -> None:
-    """Only a transaction's first statement moves: after it the transaction has read
-    on that replica, and what it set up there (a SET LOCAL, a cursor) would not be on
-    the primary. The replica's server
+    """After a text statement the transaction stays where it is: what it may have set
+    up there (a SET LOCAL, a cursor) would not be on the primary. The replica's server
     connection is ended under the second statement: the error is an outage (503)."""
     db = Database(RWDBSettings(**FAST_RETRY))  # type: ignore[arg-type]
     try:

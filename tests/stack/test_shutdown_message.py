@@ -14,10 +14,12 @@ microseconds apart), so these tests hand the driver's protocol those very bytes 
 the moment in question, on a connection whose server is alive. What must hold is
 what holds for any lost connection: a transaction's first statement is answered
 (run again on a new replica connection, or, bound to the connection whose position
-was checked against a token, on the primary); a later statement is an outage (a
-503 with ``Retry-After``: its transaction read there, and moving it could drop what
-the transaction set up); either way the connection is discarded, never handed out
-again, and the next read is served.
+was checked against a token, on the primary); a later statement runs on the primary
+when all its transaction ran before were SELECTs the session compiled (nothing set
+up there to lose), and is otherwise an outage (a 503 with ``Retry-After``: moving
+it could drop what the transaction set up, a ``SET LOCAL`` in a text statement);
+either way the connection is discarded, never handed out again, and the next read
+is served.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from fastapi_rwdb import Database
@@ -110,3 +112,39 @@ async def test_a_goodbye_before_a_later_statement_is_an_outage_and_poisons_nothi
     assert len(told) == 1 and told[0].is_closed(), "the connection that read it was kept"
     for _ in range(db.settings.pool_limits("read")[0] + 1):  # each pooled one: not it
         assert await _served(db)
+
+
+@TOKEN_OR_NOT
+async def test_a_goodbye_before_a_later_statement_after_compiled_selects_moves_it(
+    db: Database, told: list[Any], with_token: bool
+) -> None:
+    """Only compiled SELECTs before it: the later statement is answered by the primary,
+    in a new transaction (READ COMMITTED: a newer snapshot, as the replica's next
+    would have been)."""
+    after = _after(db) if with_token else None
+    async with db.async_read_session(after=after) as session:
+        assert (await session.execute(select(func.pg_is_in_recovery()))).scalar_one()
+        served_by = await session.execute(text(f"SELECT pg_is_in_recovery() {MARK}"))
+        assert served_by.scalar_one() is False, "the later statement stayed on a replica"
+        # The session stays on the primary: never older data after newer.
+        assert (await session.execute(select(func.pg_is_in_recovery()))).scalar_one() is False
+    assert len(told) == 1 and told[0].is_closed(), "the connection that read it was kept"
+    for _ in range(db.settings.pool_limits("read")[0] + 1):
+        assert await _served(db)
+
+
+async def test_a_goodbye_after_more_selects_than_remembered_is_an_outage(
+    db: Database, told: list[Any]
+) -> None:
+    """A transaction's statements are kept for that judgement up to a bound (memory
+    stays flat in a long transaction): past it, a later statement stays an outage."""
+    from fastapi_rwdb.orm.replay import _REMEMBERED
+
+    with pytest.raises(DBAPIError) as info:
+        async with db.async_read_session() as session:
+            for _ in range(_REMEMBERED + 1):
+                assert (await session.execute(select(func.pg_is_in_recovery()))).scalar_one()
+            await session.execute(text(f"SELECT 2 {MARK}"))
+    reason = unavailable_reason(info.value)
+    assert reason == "the database connection was lost (failover or restart)"
+    assert len(told) == 1 and told[0].is_closed()

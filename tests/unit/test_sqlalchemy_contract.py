@@ -236,3 +236,25 @@ def test_the_asyncpg_adapter_opens_its_transaction_as_expected() -> None:
     adapter._transaction = object()  # already open
     assert internals.adapter_transaction_opener(adapter) is None
     assert internals.adapter_transaction_opener(object()) is None
+
+
+def test_a_rollback_keeping_loaded_leaves_objects_as_they_were() -> None:
+    """9.: with the identity map swapped for the rollback, no loaded object is expired;
+    a plain rollback (the control) expires them all."""
+    engine = create_engine("sqlite://")
+    _Base.metadata.create_all(engine)
+    try:
+        with SQLModelSession(engine) as session:
+            session.add(Thing(id=1))
+            session.commit()
+        with SQLModelSession(engine) as session:
+            thing = session.get(Thing, 1)
+            assert thing is not None
+            internals.rollback_keeping_loaded(session)
+            assert thing.__dict__.get("id") == 1, "the object was expired"
+            assert session.get_transaction() is None and thing in session
+            session.exec(select(Thing)).all()  # a transaction again (get() hits the map)
+            session.rollback()
+            assert "id" not in thing.__dict__  # the control: a rollback expires
+    finally:
+        engine.dispose()
