@@ -26,11 +26,31 @@ the first connection the process opens is asked, outside any transaction,
 row comes back, and ``_copy_out`` exists, is a message sent this way; otherwise
 the answer is read in a round trip of its own, as before.
 ``tests/stack/test_asyncpg_commit.py`` checks the messages against the stack.
+
+A read's ``BEGIN`` and its deadline's ``SET LOCAL`` need not wait for an answer of
+their own either: asyncpg waits for the ``BEGIN``'s before it sends the first
+statement, a round trip in which the server has nothing to say but "done". The
+``BEGIN`` is kept instead, and written on the socket just before the first
+statement's describe step, as extended-protocol messages without a Sync (Parse,
+Bind, Execute of the unnamed statement, each): the server runs them in order and
+their answers (ParseComplete, BindComplete, CommandComplete) come before the
+statement's; asyncpg's describe step passes over messages it does not expect (its
+read buffer discards what a state does not consume). Should the ``BEGIN`` fail, its
+error is the describe step's, which then sends the Sync that ends the error, as for
+any statement that fails there. The choke point is asyncpg's private
+``Connection._get_statement`` (every statement with parameters, ``prepare``,
+``fetch``, ``executemany`` pass through it); a simple query or a COPY sent instead
+carries the kept ``BEGIN`` in its own message, and a ``ROLLBACK`` or ``COMMIT`` of a
+transaction that never reached the server sends nothing. Asked of the first
+connection as the COPY is (:func:`probe`: the statement must see the ``SET LOCAL``
+and find itself in the transaction); otherwise the ``BEGIN`` is sent as before.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeGuard
 
@@ -46,17 +66,25 @@ COMMIT_READING_POSITION = "COMMIT; COPY (SELECT pg_current_wal_lsn()) TO STDOUT"
 #: Whether this process's asyncpg answers commands with a COPY after them as expected:
 #: None until the first connection is asked (:func:`probe`).
 _commit_with_copy: bool | None = None
+#: Whether a read's BEGIN may wait to ride with its first statement (the module's doc):
+#: None until the first connection is asked (:func:`probe`).
+_begin_ahead: bool | None = None
+#: What asyncpg's transaction object sends to end a transaction.
+_ENDS = frozenset({"COMMIT;", "ROLLBACK;"})
+_PROBE_TIMEOUT = "SET LOCAL statement_timeout = 4321"
 
 
 class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
-    """asyncpg's connection, whose next ``BEGIN`` may carry a statement and a query, and
-    whose next ``COMMIT`` may read the WAL position after it, in the same message."""
+    """asyncpg's connection, whose next ``BEGIN`` may carry a statement and a query, or
+    wait to ride with the first statement, and whose next ``COMMIT`` may read the WAL
+    position after it, in the same message."""
 
     rwdb_pending: str | None = None  # sent after the next BEGIN
     rwdb_begin_copies: tuple[str, float | None] | None = None  # see begin_reading
     rwdb_begin_copied: str | None = None
     rwdb_commit_reads_position: bool = False
     rwdb_committed_at: str | None = None  # what the last such COMMIT read
+    rwdb_ahead: tuple[str, bytes] | None = None  # a kept BEGIN: as text, as messages
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         if not args:
@@ -64,6 +92,9 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
             if (pending or copies) and query.lstrip().upper().startswith("BEGIN"):
                 self.rwdb_pending = self.rwdb_begin_copies = None
                 query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
+                if copies is None and pending and _begin_ahead and not self._cancellations:
+                    self.rwdb_ahead = (query, _as_messages(query))
+                    return "BEGIN"
                 if copies is None:
                     query += ";"
                 else:
@@ -71,12 +102,48 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
                     line = await _copy_out(self, f"{query}; {sql}", copy_timeout)
                     self.rwdb_begin_copied = line
                     return "BEGIN"
+            elif self.rwdb_ahead is not None:
+                kept, self.rwdb_ahead = self.rwdb_ahead[0], None
+                if query in _ENDS:  # the transaction never reached the server
+                    return query.rstrip(";")
+                query = f"{kept}; {query}"
             elif self.rwdb_commit_reads_position and query == _COMMIT:
                 self.rwdb_commit_reads_position = False
                 self.rwdb_committed_at = await _copy_out(self, COMMIT_READING_POSITION, timeout)
                 return "COMMIT"
         result: str = await super().execute(query, *args, timeout=timeout)
         return result
+
+    async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
+        # asyncpg's private choke point of every statement sent with the extended
+        # protocol (see the module's doc); nothing is awaited between here and the
+        # describe step's own write.
+        ahead = self.rwdb_ahead
+        if ahead is not None:
+            self.rwdb_ahead = None
+            if not self.is_closed():
+                self._transport.write(ahead[1])
+        return await super()._get_statement(*args, **kwargs)
+
+    async def _copy_out(self, *args: Any, **kwargs: Any) -> Any:
+        ahead = self.rwdb_ahead
+        if ahead is not None:  # (not sent this way by the package: its own round trip)
+            self.rwdb_ahead = None
+            await super().execute(ahead[0])
+        return await super()._copy_out(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _as_messages(commands: str) -> bytes:
+    """``commands`` (``BEGIN ...; SET LOCAL ...``) as extended-protocol messages, each a
+    Parse, Bind and Execute of the unnamed statement and portal, with no Sync."""
+    out = bytearray()
+    for command in commands.split("; "):
+        query = command.encode() + b"\0"
+        out += b"P" + struct.pack("!i", 4 + 1 + len(query) + 2) + b"\0" + query + b"\0\0"
+        out += b"B" + struct.pack("!i", 12) + b"\0\0" + b"\0\0\0\0\0\0"  # no formats, params
+        out += b"E" + struct.pack("!i", 9) + b"\0" + struct.pack("!i", 0)  # every row
+    return bytes(out)
 
 
 def is_ours(raw: Any) -> TypeGuard[PackageConnection]:
@@ -107,8 +174,9 @@ async def first_copied_line(
 
 async def probe(raw: Any) -> None:
     """Ask, once per process, on a new connection outside any transaction, whether a
-    COMMIT can carry the position read (see the module's docstring)."""
-    global _commit_with_copy
+    COMMIT can carry the position read, and whether a BEGIN can ride with the first
+    statement (see the module's docstring)."""
+    global _commit_with_copy, _begin_ahead
     if _commit_with_copy is not None or not is_ours(raw):
         return
     try:
@@ -119,6 +187,27 @@ async def probe(raw: Any) -> None:
     except Exception:
         return
     _commit_with_copy = works
+    _begin_ahead = await _ahead_works(raw)
+
+
+async def _ahead_works(raw: PackageConnection) -> bool:
+    """Whether a kept BEGIN reaches the server with the next statement, which then sees
+    its ``SET LOCAL`` inside the transaction."""
+    global _begin_ahead
+    _begin_ahead = True
+    try:
+        raw.rwdb_pending = _PROBE_TIMEOUT
+        await raw.execute("BEGIN READ ONLY;")
+        seen = await raw.fetchval("SELECT current_setting('statement_timeout') || $1::text", "")
+        works = seen == "4321ms" and bool(raw.is_in_transaction())
+    except Exception as exc:
+        works = False
+        logger.info("fastapi_rwdb: asyncpg sends each BEGIN in a round trip of its own (%r)", exc)
+    finally:
+        raw.rwdb_pending = raw.rwdb_ahead = None
+    if raw.is_in_transaction():
+        await raw.execute("ROLLBACK;")  # (an error here fails the connect, as the COPY's)
+    return works
 
 
 async def begin_reading(

@@ -122,3 +122,35 @@ async def test_a_begin_that_did_not_come_through_execute_is_not_taken_for_one(
         None,
     )
     assert raw.rwdb_begin_copies is None
+
+
+def test_a_kept_begin_is_parse_bind_execute_of_each_command_without_a_sync() -> None:
+    """The messages written ahead of the first statement's describe step: for each
+    command a Parse of the unnamed statement (no parameter types), a Bind of the
+    unnamed portal (no formats, no parameters), an Execute of every row; no Sync
+    (the statement's own ends them) and nothing else."""
+    sent = asyncpg_connection._as_messages("BEGIN READ ONLY; SET LOCAL statement_timeout = 900")
+    messages, at = [], 0
+    while at < len(sent):
+        kind, length = sent[at : at + 1], int.from_bytes(sent[at + 1 : at + 5], "big")
+        messages.append((kind, sent[at + 5 : at + 1 + length]))
+        at += 1 + length
+    assert at == len(sent)
+    assert [kind for kind, _ in messages] == [b"P", b"B", b"E"] * 2
+    assert messages[0][1] == b"\0BEGIN READ ONLY\0\0\0"
+    assert messages[3][1] == b"\0SET LOCAL statement_timeout = 900\0\0\0"
+    assert messages[1][1] == messages[4][1] == b"\0\0" + b"\0" * 6
+    assert messages[2][1] == messages[5][1] == b"\0" + b"\0" * 4
+
+
+def test_asyncpg_keeps_what_the_kept_begin_relies_on() -> None:
+    """The private asyncpg names the kept BEGIN uses (engine/asyncpg_connection.py):
+    the statement choke point, the transport it writes on, the cancellations it
+    waits for. A release without them fails here; the probe would then say no."""
+    import inspect
+
+    assert inspect.iscoroutinefunction(asyncpg.Connection._get_statement)
+    assert inspect.iscoroutinefunction(asyncpg.Connection._copy_out)
+    assert {"_transport", "_cancellations"} <= set(asyncpg.Connection.__slots__)
+    source = inspect.getsource(asyncpg.Connection._do_execute)
+    assert "self._get_statement(" in source  # fetch, execute with arguments, executemany
