@@ -237,19 +237,6 @@ async def test_later_statement_cancelled_by_replay_is_a_503_with_retry_after(
     assert "127.0.0.1" not in response.text and "543" not in response.text
 
 
-@pytest.mark.parametrize("flavour", ["", "/async"])
-async def test_later_statement_cancelled_by_replay_after_compiled_selects_moves(
-    client: httpx.AsyncClient, flavour: str
-) -> None:
-    """After SELECTs the session compiled, the cancelled statement runs again on the
-    primary, as a first one does, and the session stays there."""
-    response = await while_vacuumed(client, f"{flavour}/scan-after-select")
-    assert response.status_code == 200, response.text
-    assert response.headers["x-rwdb-read"] == "primary; reason=replay-conflict"
-    assert response.json()["in_recovery"] is False
-    assert response.json()["then"] is False
-
-
 async def test_first_statement_in_an_explicit_begin_is_a_503(client: httpx.AsyncClient) -> None:
     response = await while_vacuumed(client, "/scan-in-begin")
     assert response.status_code == 503, response.text
@@ -305,12 +292,19 @@ async def test_later_statement_whose_replica_connection_is_lost_is_a_503(
 
 
 @pytest.mark.parametrize("flavour", ["", "/async"])
-async def test_later_statement_whose_replica_connection_is_lost_after_selects_moves(
-    client: httpx.AsyncClient, flavour: str
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("vacuumed", "replay-conflict"), ("terminated", "replica-unreachable")],
+)
+async def test_later_statement_failed_by_its_replica_after_compiled_selects_moves(
+    client: httpx.AsyncClient, flavour: str, fault: str, reason: str
 ) -> None:
-    response = await while_terminated(client, f"{flavour}/scan-after-select")
+    """After SELECTs the session compiled, a later statement the replica cancelled or
+    lost runs again on the primary, as a first one does, and the session stays there."""
+    during = while_vacuumed if fault == "vacuumed" else while_terminated
+    response = await during(client, f"{flavour}/scan-after-select")
     assert response.status_code == 200, response.text
-    assert response.headers["x-rwdb-read"] == "primary; reason=replica-unreachable"
+    assert response.headers["x-rwdb-read"] == f"primary; reason={reason}"
     assert response.json()["in_recovery"] is False
     assert response.json()["then"] is False
 
