@@ -54,10 +54,10 @@ statement of a session passes: SQLAlchemy's private
 ``exec``, and the async session's, which runs the sync one), as
 :mod:`.writes` does for the write side (see
 :mod:`fastapi_rwdb.engine.sqlalchemy_internals`). A statement that succeeds
-costs a dictionary lookup and is kept for the judgement above. Not covered: statements run
-on a connection taken with ``session.connection()``, and rows streamed with
-``yield_per``/``stream_results`` (the cancellation arrives while they are
-fetched, after some were handed out); those fail with the driver's error.
+costs a dictionary lookup and is kept for the judgement above. Not covered:
+statements run on a connection taken with ``session.connection()``, and rows
+streamed with ``yield_per``/``stream_results`` (the cancellation arrives while
+they are fetched, after some were handed out); those fail with the driver's error.
 """
 
 from __future__ import annotations
