@@ -39,7 +39,8 @@ read buffer discards what a state does not consume). Should the ``BEGIN`` fail, 
 error is the describe step's, which then sends the Sync that ends the error, as for
 any statement that fails there. The choke point is asyncpg's private
 ``Connection._get_statement`` (every statement with parameters, ``prepare``,
-``fetch``, ``executemany`` pass through it); a simple query or a COPY sent instead
+``fetch``, ``executemany`` pass through it, as long as no statement cache is on:
+the ``BEGIN`` is kept only then, as behind PgBouncer); a simple query or a COPY sent instead
 carries the kept ``BEGIN`` in its own message, and a ``ROLLBACK`` or ``COMMIT`` of a
 transaction that never reached the server sends nothing. Asked of the first
 connection as the COPY is (:func:`probe`: the statement must see the ``SET LOCAL``
@@ -92,7 +93,7 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
             if (pending or copies) and query.lstrip().upper().startswith("BEGIN"):
                 self.rwdb_pending = self.rwdb_begin_copies = None
                 query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
-                if copies is None and pending and _begin_ahead and not self._cancellations:
+                if copies is None and pending and self._may_keep_begin():
                     self.rwdb_ahead = (query, _as_messages(query))
                     return "BEGIN"
                 if copies is None:
@@ -113,6 +114,13 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
                 return "COMMIT"
         result: str = await super().execute(query, *args, timeout=timeout)
         return result
+
+    def _may_keep_begin(self) -> bool:
+        # Not with a statement cache: a cached statement is bound and run without
+        # passing _get_statement (nor does SQLAlchemy's own cache, which the package
+        # turns on and off with asyncpg's: RWDB_PREPARED_STATEMENTS). Not while a
+        # cancellation is on its way: asyncpg waits for it before the describe step.
+        return bool(_begin_ahead) and not (self._stmt_cache_enabled or self._cancellations)
 
     async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
         # asyncpg's private choke point of every statement sent with the extended

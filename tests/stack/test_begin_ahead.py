@@ -9,6 +9,7 @@ never sent a statement must send nothing to end. Should an asyncpg release chang
 any of it, the probe says no and the package sends the BEGIN as before.
 """
 
+import os
 from collections.abc import AsyncIterator
 
 import asyncpg  # type: ignore[import-untyped]
@@ -16,6 +17,7 @@ import pytest
 
 from fastapi_rwdb.engine import asyncpg_connection
 
+from ..helpers import TEST_DB
 from .test_asyncpg_commit import connect
 
 pytestmark = pytest.mark.stack
@@ -105,3 +107,28 @@ async def test_a_first_statement_that_fails_raises_its_own_error(raw: asyncpg.Co
     assert raw.is_in_transaction()  # the kept BEGIN ran: the transaction is failed
     await raw.execute("ROLLBACK;")
     assert await raw.fetchval("SELECT 41 + $1::int", 1) == 42  # and the connection serves
+
+
+async def test_with_a_statement_cache_the_begin_is_sent_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cached statement would be run without passing the choke point: with asyncpg's
+    statement cache on (RWDB_PREPARED_STATEMENTS), each BEGIN goes as before."""
+    monkeypatch.setattr(asyncpg_connection, "_begin_ahead", True)
+    e = os.environ
+    conn = await asyncpg.connect(
+        host=e["POSTGRES_SERVER"],
+        port=int(e["POSTGRES_PORT"]),
+        user=e["POSTGRES_USER"],
+        password=e["POSTGRES_PASSWORD"],
+        database=TEST_DB,
+        connection_class=asyncpg_connection.PackageConnection,
+    )
+    try:
+        conn.rwdb_pending = TIMEOUT
+        await conn.execute("BEGIN READ ONLY;")  # (answered by its last command, the SET)
+        assert conn.rwdb_ahead is None and conn.is_in_transaction()
+        assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "900ms"
+        await conn.execute("ROLLBACK;")
+    finally:
+        await conn.close()

@@ -151,6 +151,8 @@ def test_asyncpg_keeps_what_the_kept_begin_relies_on() -> None:
 
     assert inspect.iscoroutinefunction(asyncpg.Connection._get_statement)
     assert inspect.iscoroutinefunction(asyncpg.Connection._copy_out)
-    assert {"_transport", "_cancellations"} <= set(asyncpg.Connection.__slots__)
+    assert {"_transport", "_cancellations", "_stmt_cache_enabled"} <= set(
+        asyncpg.Connection.__slots__
+    )
     source = inspect.getsource(asyncpg.Connection._do_execute)
     assert "self._get_statement(" in source  # fetch, execute with arguments, executemany
