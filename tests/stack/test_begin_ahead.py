@@ -17,7 +17,7 @@ import pytest
 
 from fastapi_rwdb.engine import asyncpg_connection
 
-from ..helpers import TEST_DB
+from ..helpers import NODE_PORTS, TEST_DB, replica_nodes
 from .test_asyncpg_commit import connect
 
 pytestmark = pytest.mark.stack
@@ -113,12 +113,14 @@ async def test_with_a_statement_cache_the_begin_is_sent_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A cached statement would be run without passing the choke point: with asyncpg's
-    statement cache on (RWDB_PREPARED_STATEMENTS), each BEGIN goes as before."""
+    statement cache on (RWDB_PREPARED_STATEMENTS), each BEGIN goes as before. On a
+    replica's own PostgreSQL: named statements need a server connection of their own,
+    which PgBouncer's transaction mode does not give."""
     monkeypatch.setattr(asyncpg_connection, "_begin_ahead", True)
     e = os.environ
     conn = await asyncpg.connect(
         host=e["POSTGRES_SERVER"],
-        port=int(e["POSTGRES_PORT"]),
+        port=NODE_PORTS[replica_nodes()[0]],
         user=e["POSTGRES_USER"],
         password=e["POSTGRES_PASSWORD"],
         database=TEST_DB,
