@@ -2,7 +2,7 @@
 
 SQLAlchemy's asyncpg adapter sends ``BEGIN`` and ``COMMIT`` through the connection's
 ``execute`` (asyncpg's transaction object does), in the simple query protocol, which
-takes several statements in one message. Two things ride along, each saving a
+takes several statements in one message. Three things ride along, each saving a
 round trip:
 
 - a read transaction's ``SET LOCAL statement_timeout`` (:mod:`.deadline`) goes in
@@ -40,11 +40,14 @@ error is the describe step's, which then sends the Sync that ends the error, as 
 any statement that fails there. The choke point is asyncpg's private
 ``Connection._get_statement`` (every statement with parameters, ``prepare``,
 ``fetch``, ``executemany`` pass through it, as long as no statement cache is on:
-the ``BEGIN`` is kept only then, as behind PgBouncer); a simple query or a COPY sent instead
-carries the kept ``BEGIN`` in its own message, and a ``ROLLBACK`` or ``COMMIT`` of a
-transaction that never reached the server sends nothing. Asked of the first
-connection as the COPY is (:func:`probe`: the statement must see the ``SET LOCAL``
-and find itself in the transaction); otherwise the ``BEGIN`` is sent as before.
+the ``BEGIN`` is kept only then, as behind PgBouncer); a simple query or a COPY
+sent instead carries the kept ``BEGIN`` in its own message, and a ``ROLLBACK`` or
+``COMMIT`` of a transaction that never reached the server sends nothing. Only a
+read's ``BEGIN`` (one that carries the deadline's ``SET LOCAL``) is kept: a
+statement that passed by the choke point would run outside the transaction,
+harmless on a replica, not for a write. Asked of the first connection as the COPY
+is (:func:`probe`: the statement must see the ``SET LOCAL`` and find itself in the
+transaction); otherwise the ``BEGIN`` is sent as before.
 """
 
 from __future__ import annotations
