@@ -72,7 +72,8 @@ fallback is never the silent state of affairs.
    holds, and a read moved to the primary after its transaction had loaded objects
    must leave them as they were (an expired object cannot load again on an async
    session; SQLModel reads its ``__dict__``, found empty). Only for a session with
-   nothing pending. Fallback: a plain rollback.
+   nothing pending (else a plain rollback, which forgets the changes). Fallback:
+   a plain rollback.
 """
 
 from __future__ import annotations
@@ -157,9 +158,9 @@ def configured_isolation(dialect: Dialect) -> str | None:
 
 def rollback_keeping_loaded(session: Session) -> None:
     """Roll ``session``'s transaction back without expiring the objects it holds (see 9.
-    above); ``session`` has nothing pending."""
+    above). With changes pending, a plain rollback: it forgets them, as it must."""
     kept = getattr(session, "identity_map", None)
-    if kept is None:  # pragma: no cover - only on a SQLAlchemy that changed it
+    if kept is None or session.new or session.dirty or session.deleted:
         session.rollback()
         return
     session.identity_map = type(kept)()

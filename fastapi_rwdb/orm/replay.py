@@ -141,10 +141,7 @@ class ReplayConflictRetry(Session):
             elif earlier[-1] is not _UNSEEN:
                 earlier.append(_UNSEEN)  # too many to judge: kept where they are
             return result
-        if self.new or self.dirty or self.deleted:  # (a first statement: no later one)
-            self.rollback()  # as any rollback, forgets them
-        else:
-            rollback_keeping_loaded(self)  # what the session loaded stays as loaded
+        rollback_keeping_loaded(self)  # what the session loaded stays as loaded
         _move_to_primary(self, reason)
         result = super()._execute_internal(statement, *args, **kw)
         _note_primary_position(self, binds)
@@ -154,7 +151,9 @@ class ReplayConflictRetry(Session):
         # What runs on the connection it hands out is not seen here: the transaction
         # may hold state from now on (a SET LOCAL, a cursor).
         conn = super().connection(*args, **kw)
-        self.info.setdefault(_RAN, []).append(_UNSEEN)
+        ran = self.info.setdefault(_RAN, [])
+        if not ran or ran[-1] is not _UNSEEN:  # (once is enough: called in a loop, flat)
+            ran.append(_UNSEEN)
         return conn
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
@@ -188,10 +187,9 @@ def _replica_failure(
     on_replica = _on_replica(session, binds.replica) or routed_to_replica(session, binds)
     if not (unreachable and is_autobegun(session) and on_replica):
         raise exc
-    if not first:
-        if not _movable(session, first, earlier):
-            raise exc
-    elif will_retry(session, exc):
+    if not _movable(session, first, earlier):
+        raise exc
+    if first and will_retry(session, exc):
         raise exc  # LostConnectionRetry runs it again on a new replica connection first
     if binds.health is not None:
         binds.health.connect_failed()  # the proxy took the connection, no server behind

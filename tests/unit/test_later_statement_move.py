@@ -114,3 +114,18 @@ def test_the_configured_isolation_level_is_read_from_the_dialect() -> None:
     assert internals.configured_isolation(plain.dialect) is None
     assert internals.configured_isolation(given.dialect) == "REPEATABLE READ"
     assert internals.configured_isolation(object()) == internals.UNKNOWN_ISOLATION  # type: ignore[arg-type]
+
+
+def test_session_connection_marks_the_transaction_once() -> None:
+    """What runs on ``session.connection()`` is unseen: the transaction is marked, once
+    however often it is called (memory stays flat in a loop)."""
+    engine = create_engine("sqlite://")
+    cls = type("Watched", (replay.ReplayConflictRetry, Session), {})
+    try:
+        with cls(engine) as session:
+            for _ in range(5):
+                session.connection()
+            assert session.info[replay._RAN] == [replay._UNSEEN]
+            assert not replay._movable(session, False, session.info[replay._RAN])
+    finally:
+        engine.dispose()

@@ -258,3 +258,17 @@ def test_a_rollback_keeping_loaded_leaves_objects_as_they_were() -> None:
             assert "id" not in thing.__dict__  # the control: a rollback expires
     finally:
         engine.dispose()
+
+
+def test_a_rollback_keeping_loaded_with_changes_pending_forgets_them() -> None:
+    """With a change pending, the plain rollback: the change is forgotten, as a
+    rollback must, rather than kept on an object the session no longer tracks as dirty."""
+    engine = create_engine("sqlite://")
+    _Base.metadata.create_all(engine)
+    try:
+        with SQLModelSession(engine) as session:
+            session.add(Thing(id=2))
+            internals.rollback_keeping_loaded(session)
+            assert not session.new
+    finally:
+        engine.dispose()
