@@ -189,10 +189,13 @@ def _replica_failure(
         raise exc
     if not _movable(session, first, earlier):
         raise exc
-    if first and will_retry(session, exc):
-        raise exc  # LostConnectionRetry runs it again on a new replica connection first
-    if binds.health is not None:
-        binds.health.connect_failed()  # the proxy took the connection, no server behind
+    if first:
+        if will_retry(session, exc):
+            raise exc  # LostConnectionRetry runs it again on a new replica connection first
+        if binds.health is not None:
+            binds.health.connect_failed()  # the proxy took the connection, no server behind
+    # (A later statement's connection was open and served: lost, not refused; the
+    # breaker, which counts refusals, does not hear of it.)
     return UNREACHABLE
 
 
