@@ -48,6 +48,12 @@ statement that passed by the choke point would run outside the transaction,
 harmless on a replica, not for a write. Asked of the first connection as the COPY
 is (:func:`probe`: the statement must see the ``SET LOCAL`` and find itself in the
 transaction); otherwise the ``BEGIN`` is sent as before.
+
+A read with a token may have the replica's position checked the same way: the
+check is a third command kept with the ``BEGIN`` (:meth:`PackageConnection.begin_with_check`),
+and, as the describe step reads no rows, it answers by failing when the replica is
+short (:meth:`fastapi_rwdb.engine.checkout.PositionCheck.failing_query`): the
+statement is then never run, and the read session routes it again.
 """
 
 from __future__ import annotations
@@ -89,14 +95,16 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
     rwdb_commit_reads_position: bool = False
     rwdb_committed_at: str | None = None  # what the last such COMMIT read
     rwdb_ahead: tuple[str, bytes] | None = None  # a kept BEGIN: as text, as messages
+    rwdb_keep: bool = False  # keep the next BEGIN (it carries a position check)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         if not args:
             pending, copies = self.rwdb_pending, self.rwdb_begin_copies
             if (pending or copies) and query.lstrip().upper().startswith("BEGIN"):
+                keep, self.rwdb_keep = self.rwdb_keep, False
                 self.rwdb_pending = self.rwdb_begin_copies = None
                 query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
-                if copies is None and pending and self._may_keep_begin():
+                if copies is None and pending and (keep or self.can_keep_begin()):
                     self.rwdb_ahead = (query, _as_messages(query))
                     return "BEGIN"
                 if copies is None:
@@ -118,12 +126,25 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
         result: str = await super().execute(query, *args, timeout=timeout)
         return result
 
-    def _may_keep_begin(self) -> bool:
+    def can_keep_begin(self) -> bool:
+        """Whether the next ``BEGIN`` may wait to ride with the first statement."""
         # Not with a statement cache: a cached statement is bound and run without
         # passing _get_statement (nor does SQLAlchemy's own cache, which the package
         # turns on and off with asyncpg's: RWDB_PREPARED_STATEMENTS). Not while a
         # cancellation is on its way: asyncpg waits for it before the describe step.
+        # (Cancellations only end between a session's BEGIN and its first statement:
+        # a yes asked then still holds when the BEGIN goes.)
         return bool(_begin_ahead) and not (self._stmt_cache_enabled or self._cancellations)
+
+    def begin_with_check(self, commands: str) -> None:
+        """Send ``commands`` (``SET LOCAL ...; SELECT <check>``) with the next ``BEGIN``,
+        kept for the first statement (asked :meth:`can_keep_begin` just before)."""
+        self.rwdb_pending, self.rwdb_keep = commands, True
+
+    def forget_begin(self) -> None:
+        """Nothing rides with the next ``BEGIN``: the connection went back to the pool
+        with a transaction that never began (a check must not reach another's)."""
+        self.rwdb_pending, self.rwdb_keep = None, False
 
     async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
         # asyncpg's private choke point of every statement sent with the extended
@@ -155,6 +176,11 @@ def _as_messages(commands: str) -> bytes:
         out += b"B" + struct.pack("!i", 12) + b"\0\0" + b"\0\0\0\0\0\0"  # no formats, params
         out += b"E" + struct.pack("!i", 9) + b"\0" + struct.pack("!i", 0)  # every row
     return bytes(out)
+
+
+def begin_ahead() -> bool:
+    """Whether a read's ``BEGIN`` can wait for its first statement (the probe said so)."""
+    return bool(_begin_ahead)
 
 
 def is_ours(raw: Any) -> TypeGuard[PackageConnection]:

@@ -24,17 +24,20 @@ A connection whose server was short of the needed position a moment ago is not
 asked again: it comes back with the remembered position, so a paused replica's
 connections cost a read nothing.
 
-On psycopg, while the read pool is quiet, a read may instead take a connection
-without asking and have its position checked in the pipeline of its first
-statement (:class:`PositionCheck`): one round trip for the ``BEGIN``, the check
-and the statement, where asking first costs one more. The statement's answer
-counts only once the position is known to be far enough; otherwise
+A read may instead take a connection without asking and have its position
+checked with its first statement (:class:`PositionCheck`; on psycopg while the read
+pool is quiet): one round trip for the ``BEGIN``, the check and the statement, where
+asking first costs one more. On psycopg the check is a query in the statement's
+pipeline, and the statement's answer counts only once the position is known to be
+far enough; on asyncpg it is a statement kept with the ``BEGIN`` that fails when the
+replica is short, and the statement is then never run. Either way
 :class:`ReplicaBehindError` is raised in its place and the read session routes the
 statement again the careful way (:mod:`fastapi_rwdb.orm.reads`).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -46,13 +49,14 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 
 from ..errors import DatabaseUnavailableError
-from ..routing.lsn import parse_lsn
+from ..routing.lsn import format_lsn, parse_lsn
 from ..routing.rules import far_enough
 from ..settings import RWDBSettings
 from . import servers
 from .sqlalchemy_internals import EXECUTE_INTERNAL
 from .sqlstates import brief
 from .wire import (
+    POSITION,
     POSITION_AND_ISOLATION_SQL,
     NoAnswerError,
     abandon,
@@ -171,9 +175,17 @@ def check_with_first(connection: Connection, needed: int) -> PositionCheck | Non
     return PositionCheck(info, needed)
 
 
+#: What :meth:`PositionCheck.failing_query` says when it fails: the text its cast to
+#: ``pg_lsn`` could not read, which PostgreSQL quotes in the error, in any language.
+_BEHIND = "rwdb: short, at "
+_UNFIT = "rwdb: isolation "
+_FAILED = re.compile(f'"((?:{_BEHIND}|{_UNFIT})[^"]*)"')
+
+
 class PositionCheck:
     """The position query sent just before a read's first statement, in the same
-    pipeline (psycopg), and the verdict on what it returned.
+    pipeline (psycopg) or kept with its ``BEGIN`` (asyncpg), and the verdict on what
+    it returned.
 
     In READ COMMITTED the statement takes its snapshot after the position was read,
     so a position far enough means the statement saw the client's write. Under
@@ -211,6 +223,37 @@ class PositionCheck:
             raise
         self.confirm(asked.fetchone())
 
+    def failing_query(self) -> str:
+        """The check as a statement that fails when the replica is short, or when the
+        transaction is not READ COMMITTED (asyncpg: a statement kept with the ``BEGIN``
+        returns no row to read, only an error; see
+        :mod:`fastapi_rwdb.engine.asyncpg_connection`). The failure is a cast to
+        ``pg_lsn`` of a text it cannot read, which carries the replica's position;
+        :meth:`judge` reads it. One command (no ``; ``), as the ``BEGIN``'s others."""
+        isolation = "current_setting('transaction_isolation')"
+        return (
+            f"SELECT CASE WHEN {isolation} <> 'read committed'"
+            f" THEN ('{_UNFIT}' || {isolation})::pg_lsn"
+            f" WHEN {POSITION} >= '{format_lsn(self.needed)}' THEN NULL"
+            f" ELSE ('{_BEHIND}' || coalesce({POSITION}::text, 'none'))::pg_lsn END"
+        )
+
+    def judge(self, error: BaseException | None) -> None:
+        """After the first statement kept with :meth:`failing_query`: an ``error`` that is
+        the check's own failure (the statement never ran) becomes
+        :class:`ReplicaBehindError`; ``None`` (it passed) is remembered as the position."""
+        if error is None:
+            self.info[_LAST_POSITION] = (self.needed, time.monotonic())
+            return
+        failed = _check_failure(error)
+        if failed is None:
+            return
+        if failed.startswith(_UNFIT):
+            raise ReplicaBehindError(unfit=True) from error
+        at = failed.removeprefix(_BEHIND)
+        self.info[_LAST_POSITION] = (None if at == "none" else parse_lsn(at), time.monotonic())
+        raise ReplicaBehindError() from error
+
     def confirm(self, row: tuple[str | None, ...] | None) -> None:
         position_text, isolation = (row or (None, None))[:2]
         position = parse_lsn(position_text)
@@ -219,6 +262,19 @@ class PositionCheck:
             raise ReplicaBehindError(unfit=True)
         if isolation is None or not far_enough(position, self.needed):
             raise ReplicaBehindError()
+
+
+def _check_failure(error: BaseException) -> str | None:
+    """What :meth:`PositionCheck.failing_query` said, if ``error`` (the driver's, or
+    SQLAlchemy's adapter's around it) is its failure: SQLSTATE 22P02 with its text."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "sqlstate", None) == "22P02":
+            found = _FAILED.search(str(seen))
+            if found is not None:
+                return found.group(1)
+        seen = seen.__cause__
+    return None
 
 
 def ping_timed_out(record: Any) -> bool:

@@ -22,20 +22,12 @@ working answers SQLSTATE 57014 before the client gives up, and that read fails
 where it is, never moved to the primary; only a server that does not answer at
 all reaches the client's deadline.
 
-The shutdown of a socket another thread waits on is the one trick here:
-``shutdown(2)`` ends the wait of a thread blocked on that socket without closing
-its descriptor (which the driver still owns), so nothing can reuse the number.
+What ends a wait at its deadline is :mod:`.watchdog`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import math
-import os
-import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,9 +39,10 @@ from sqlalchemy.exc import DBAPIError
 
 from ..errors import DatabaseUnavailableError, ReplicaTimeoutError, WriteOutcomeUnknownError
 from . import servers
-from .asyncpg_connection import PackageConnection, is_ours
+from .asyncpg_connection import PackageConnection, begin_ahead, is_ours
 from .checkout import PositionCheck, ReplicaBehindError
 from .sqlalchemy_internals import around_driver_calls
+from .watchdog import WATCHDOG, AsyncWatch
 from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
 
 # Connection info keys, private to this module (cleared when the connection goes back).
@@ -100,17 +93,21 @@ def begin_within(
     timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`).
 
-    ``check``: a read's position, checked with the first statement (psycopg; see
+    ``check``: a read's position, checked with the first statement (see
     :class:`~fastapi_rwdb.engine.checkout.PositionCheck`), which then always carries
     the ``BEGIN``, busy pool or not."""
     raw = connection.connection.driver_connection
-    if check is not None and (deadline <= 0 or not isinstance(raw, psycopg.Connection)):
+    if check is not None and (deadline <= 0 or not _carries_check(raw)):
         raise ReplicaBehindError()  # nothing would carry the check: not checked, not served
     if deadline <= 0:
         return
     connection.info[_DEADLINE] = deadline
     if check is not None:
-        connection.info[_WITH_FIRST] = (check.query(server_timeout_ms(deadline)), check)
+        if is_ours(raw):
+            raw.begin_with_check(f"{set_local(deadline)}; {check.failing_query()}")
+            connection.info[_WITH_FIRST] = (b"", check)
+        else:
+            connection.info[_WITH_FIRST] = (check.query(server_timeout_ms(deadline)), check)
         return
     if is_ours(raw):
         if not raw.is_in_transaction():  # else the ping's BEGIN carried it
@@ -134,6 +131,18 @@ def begin_within(
             raise DBAPIError.instance(
                 "BEGIN", None, exc, psycopg.Error, connection_invalidated=True
             ) from exc
+
+
+def checks_with_first(is_async: bool) -> bool:
+    """Whether a read's position can be checked with its first statement on this
+    driver: psycopg's pipeline, or asyncpg's ``BEGIN`` kept for the statement."""
+    return begin_ahead() if is_async else PIPELINED_BEGIN
+
+
+def _carries_check(raw: Any) -> bool:
+    if isinstance(raw, psycopg.Connection):
+        return True
+    return is_ours(raw) and not raw.is_in_transaction() and raw.can_keep_begin()
 
 
 class ConnectBudget:
@@ -202,11 +211,11 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         raw: Any = pooled.driver_connection
         if is_async:
             try:
-                info[_ARMED] = _AsyncWatch(raw, deadline, ending=ending)
+                info[_ARMED] = AsyncWatch(raw, deadline, ending=ending)
             except RuntimeError:  # no event loop: a connection collected, not closed
                 return None
         elif isinstance(raw, psycopg.Connection) and not raw.closed:
-            info[_ARMED] = _WATCHDOG.arm(raw.pgconn.socket, deadline, ending=ending)
+            info[_ARMED] = WATCHDOG.arm(raw.pgconn.socket, deadline, ending=ending)
         else:
             return None  # closed: the driver says so itself
         return info, raw
@@ -216,11 +225,14 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         if armed is None:
             return False
         info, raw = armed
-        with_first = None if is_async else info.pop(_WITH_FIRST, None)
+        with_first = info.pop(_WITH_FIRST, None)
         if with_first is None:
             return True
         info[_BEGINS] = True
         then, check = with_first
+        if is_async:
+            assert check is not None  # (asyncpg: the check rides in the kept BEGIN)
+            return lambda first: _judged(check, first, lambda: disarm(pooled))
         if check is None:
             return lambda first: begin_with_first(raw, then, first)  # watched as the statement
 
@@ -275,10 +287,28 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     @event.listens_for(engine, "checkin")
     def _forget(dbapi_connection: Any, record: Any) -> None:
         record.info.pop(_DEADLINE, None)
-        record.info.pop(_WITH_FIRST, None)  # a transaction that ran no statement
+        if record.info.pop(_WITH_FIRST, None) is not None:  # a transaction that ran nothing
+            raw = getattr(dbapi_connection, "driver_connection", None)
+            if is_ours(raw):
+                raw.forget_begin()
         armed = record.info.pop(_ARMED, None)
         if armed is not None:
             armed.disarm()
+
+
+def _judged(check: PositionCheck, first: Callable[[], None], disarm: Callable[[], bool]) -> None:
+    """asyncpg: run the first statement, its position check kept with its ``BEGIN``, and
+    take the check's failure for what it is (:meth:`PositionCheck.judge`)."""
+    try:
+        first()
+    except Exception as exc:
+        try:
+            check.judge(exc)
+        except ReplicaBehindError:
+            disarm()  # answered: the statement is run again elsewhere
+            raise
+        raise
+    check.judge(None)
 
 
 def _write_timed_out(deadline: float) -> DatabaseUnavailableError:
@@ -293,100 +323,3 @@ def _timed_out(deadline: float) -> DatabaseUnavailableError:
         f"a replica did not answer a read within its deadline ({deadline:g} s; "
         "RWDB_READ_TIMEOUT or the route's timeout=): its path looks frozen"
     )
-
-
-class _AsyncWatch:
-    """One statement's deadline on asyncpg: the event loop terminates the connection.
-    ``ending``: it watches a ROLLBACK."""
-
-    __slots__ = ("_fired", "_handle", "ending")
-
-    def __init__(self, raw: Any, deadline: float, *, ending: bool = False) -> None:
-        self._fired = False
-        self.ending = ending
-
-        def fire() -> None:
-            self._fired = True
-            raw.terminate()
-
-        self._handle = asyncio.get_running_loop().call_later(deadline, fire)
-
-    def disarm(self) -> bool:
-        """Stop watching; whether the deadline had passed."""
-        self._handle.cancel()
-        return self._fired
-
-
-class _Watch:
-    __slots__ = ("cancelled", "ending", "fd", "fired")
-
-    def __init__(self, fd: int, *, ending: bool = False) -> None:
-        self.fd = fd
-        self.cancelled = False
-        self.fired = False
-        self.ending = ending
-
-    def disarm(self) -> bool:
-        with _WATCHDOG.lock:
-            self.cancelled = True
-            return self.fired
-
-
-class _Watchdog:
-    """One thread for every psycopg statement's deadline (a timer thread each would
-    cost a thread start per statement)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self._wake = threading.Condition(self.lock)
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._count = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, fd: int, deadline: float, *, ending: bool = False) -> _Watch:
-        watch = _Watch(fd, ending=ending)
-        with self.lock:
-            heapq.heappush(self._heap, (time.monotonic() + deadline, next(self._count), watch))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="rwdb-read-deadline", daemon=True
-                )
-                self._thread.start()
-            elif self._heap[0][2] is watch:
-                self._wake.notify()
-        return watch
-
-    def _run(self) -> None:
-        with self.lock:
-            while True:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._wake.wait()
-                    continue
-                due, _, watch = self._heap[0]
-                left = due - time.monotonic()
-                if left > 0:
-                    self._wake.wait(left)
-                    continue
-                heapq.heappop(self._heap)
-                watch.fired = True
-                _shut(watch.fd)
-
-
-def _shut(fd: int) -> None:
-    """End every wait on socket ``fd`` (see the module's doc): on a duplicate of the
-    descriptor, so that the driver's own stays open until the driver closes it."""
-    try:
-        duplicate = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return  # already closed: nothing waits on it
-    try:
-        duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        duplicate.close()
-
-
-_WATCHDOG = _Watchdog()

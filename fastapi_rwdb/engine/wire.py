@@ -25,10 +25,10 @@ _BEGUN = "rwdb_begun"
 
 #: How far the server behind a connection is: the replay position on a replica,
 #: the current position on a primary (whose data is all there is). As text: see lsn.py.
-POSITION_SQL = (
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_lsn() END)::text"
+POSITION = (
+    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)"
 )
+POSITION_SQL = f"SELECT {POSITION}::text"
 
 
 def ping_query(dbapi_connection: Any, position: bool, timeout: float) -> int | None:

@@ -9,12 +9,13 @@ another connection, take one, wait, fall back to the primary) come from
 :func:`~fastapi_rwdb.routing.rules.next_replica_step`; this module carries them
 out and records what they found in the request's state.
 
-On psycopg, when the read pool is quiet, a first statement that needs a position
+A first statement that needs a position (on psycopg: when the read pool is quiet)
 does not wait for those steps: the session takes the read port's engine, and the
 position is checked in the round trip of the statement itself
 (:class:`~fastapi_rwdb.engine.checkout.PositionCheck`), one round trip less. If
-the replica was short of it, the statement's answer is thrown away, the
-transaction rolled back, and the statement routed again through the steps above.
+the replica was short of it, the statement's answer is thrown away (asyncpg: the
+statement is not run), the transaction rolled back, and the statement routed again
+through the steps above.
 Only statements that pass through the session's ``execute`` are sent that way
 (they can be run again): a transaction begun by ``session.connection()``, or in
 ``session.begin()``, is routed the careful way.
@@ -37,9 +38,8 @@ from ..engine.checkout import (
     connect_at_position,
     position_of,
 )
-from ..engine.deadline import begin_within, quiet, set_local
+from ..engine.deadline import begin_within, checks_with_first, quiet, set_local
 from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL, await_
-from ..engine.wire import PIPELINED_BEGIN
 from ..errors import DatabaseUnavailableError, ReplicaBenchedError
 from ..observe import metrics
 from ..routing.lsn import MAX_LSN
@@ -72,11 +72,12 @@ _UNFIT: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _PAUSE = 0.01  # seconds between two looks at a replica that is catching up
 
-#: A read's position is checked with its first statement only while no other
-#: connection of the read pool is in use. The check rides in psycopg's pipeline,
+#: On psycopg a read's position is checked with its first statement only while no
+#: other connection of the read pool is in use. The check rides in psycopg's pipeline,
 #: which costs CPU (more than the checkout ping's one simple query): worth a round
 #: trip where the round trip is the latency, not where CPU is the throughput
-#: (benchmarks/notes.md, "The position checked with the first statement").
+#: (benchmarks/notes.md, "The position checked with the first statement"). On asyncpg
+#: it rides in the messages of the kept ``BEGIN``, which cost less than the ping's.
 CHECK_WITH_FIRST_WHILE_IN_USE = 0
 
 
@@ -89,8 +90,7 @@ class RoutedReads(Session):
             # Private SQLAlchemy method overridden on purpose (sqlalchemy_internals 1.):
             # the one place a statement can be sent again once its check failed.
             binds = binds_of(self)
-            if binds is None or binds.is_async or not PIPELINED_BEGIN or _EXECUTING in self.info:
-                # (asyncpg, or no pipeline: never checked with the first statement)
+            if binds is None or _EXECUTING in self.info or not checks_with_first(binds.is_async):
                 return super()._execute_internal(statement, *args, **kw)
             self.info[_EXECUTING] = True
             try:
@@ -188,16 +188,17 @@ def _record_checked(session: Session) -> None:
 
 def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
     """Whether this routing may check the replica's position with the first statement:
-    psycopg's pipeline, a deadline to carry it, a statement of execute() that can be
-    sent again in an autobegun transaction, a quiet pool, a READ COMMITTED server."""
+    a driver that can send it there, a deadline to carry it, a statement of execute()
+    that can be sent again in an autobegun transaction, a READ COMMITTED server, and on
+    psycopg a quiet pool."""
     return (
         route.min_lsn is not None
-        and bool(session.info.get(_EXECUTING))  # (never set on asyncpg, without a pipeline)
+        and bool(session.info.get(_EXECUTING))  # (only set where the driver can: checks_with_first)
         and not session.info.get(_CAREFUL)
         and timeout_of(session, binds) > 0
         and is_autobegun(session)
         and binds.replica not in _UNFIT
-        and quiet(binds.replica, CHECK_WITH_FIRST_WHILE_IN_USE)
+        and (binds.is_async or quiet(binds.replica, CHECK_WITH_FIRST_WHILE_IN_USE))
     )
 
 

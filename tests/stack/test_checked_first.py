@@ -1,6 +1,6 @@
-"""A read with a token whose position is checked with its first statement (psycopg,
-quiet pool: orm.reads, engine.checkout.PositionCheck): one round trip for the
-BEGIN, the check and the statement.
+"""A read with a token whose position is checked with its first statement (psycopg
+with a quiet pool, and asyncpg: orm.reads, engine.checkout.PositionCheck): one round
+trip for the BEGIN, the check and the statement (on asyncpg its describe step).
 
 What must hold: the statement's answer is used only when the replica had the
 client's write; a replica short of it costs the read its statement, never its
@@ -12,6 +12,7 @@ the first test that asks for it to the end of the module.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,11 +21,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
 from fastapi_rwdb import Database
 from fastapi_rwdb.engine import checkout
+from fastapi_rwdb.engine.wire import _BEGUN as BEGUN_INFO
 from fastapi_rwdb.observe import listeners
+from fastapi_rwdb.routing.lsn import MAX_LSN
 
 from ..helpers import token_after
 
@@ -200,3 +204,131 @@ def test_a_transaction_the_caller_began_is_not_checked_with_its_statement(
     with _read(db, token) as session, session.begin():
         session.execute(text(f"SELECT 1 {MARK}"))
     assert sent == ["primary"]
+
+
+# -- asyncpg: the check kept with the BEGIN, failing when the replica is short --------
+
+
+@pytest.fixture
+def async_sent(db: Database) -> Iterator[list[str]]:
+    """As ``sent``, on the asyncpg engines."""
+    seen: list[str] = []
+    engines = {
+        "replica": db.async_engines.read.sync_engine,
+        "primary": db.async_primary_read_engine.sync_engine,
+    }
+
+    def watcher(side: str) -> Any:
+        def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if MARK in statement:
+                seen.append(side)
+
+        return before
+
+    hooks = [(engine, watcher(side)) for side, engine in engines.items()]
+    for engine, hook in hooks:
+        event.listen(engine, "before_cursor_execute", hook)
+    try:
+        yield seen
+    finally:
+        for engine, hook in hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+
+
+async def _async_warm(db: Database) -> None:
+    async with db.async_read_session() as session:
+        await session.execute(text("SELECT 1"))
+
+
+async def test_async_a_caught_up_replica_answers_the_statement_sent_once(
+    db: Database, async_sent: list[str], routes: list[tuple[str, str]]
+) -> None:
+    token = token_after(db, "SELECT 1")
+    await _async_warm(db)
+    for _ in range(50):
+        async_sent.clear()
+        routes.clear()
+        async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+            result = await session.execute(
+                text(f"SELECT pg_is_in_recovery(), current_setting('statement_timeout') {MARK}")
+            )
+            row = result.one()
+            conn = await session.connection()
+            assert conn.sync_connection is not None
+            info = conn.sync_connection.connection.info
+        if row[0]:
+            break
+        await asyncio.sleep(0.1)  # (the replicas may be held back: `lag 1s`)
+    assert async_sent == ["replica"]
+    assert routes == [("replica", "caught-up")]
+    assert row[1] == "3200ms"
+    # No ping opened that transaction: the check went with the statement.
+    assert not info.get(BEGUN_INFO)
+
+
+async def test_async_a_replica_short_of_the_write_never_answers(
+    db: Database, lagging: None, async_sent: list[str], routes: list[tuple[str, str]]
+) -> None:
+    name = f"checked-{uuid.uuid4().hex[:12]}"
+    await _async_warm(db)
+    token = token_after(db, f"INSERT INTO rwdb_items (name) VALUES ('{name}')")
+    routes.clear()
+    async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+        result = await session.execute(
+            text(f"SELECT count(*), pg_is_in_recovery() FROM rwdb_items WHERE name = :n {MARK}"),
+            {"n": name},
+        )
+        count = result.one()
+    assert tuple(count) == (1, False)  # the write, from the primary
+    assert async_sent == ["replica", "primary"]  # checked with the statement, found short
+    assert routes == [("primary", "replica-behind")]  # counted once, where it went
+
+
+async def test_async_a_table_the_replica_lacks_yet_is_no_error(
+    db: Database, lagging: None, async_sent: list[str]
+) -> None:
+    """The check fails before the statement is run: the replica never reports the
+    table it does not have yet."""
+    table = f"rwdb_checked_{uuid.uuid4().hex[:8]}"
+    await _async_warm(db)
+    token = token_after(db, f"CREATE TABLE {table} (id int)", f"INSERT INTO {table} VALUES (7)")
+    try:
+        async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+            value = (await session.execute(text(f"SELECT id FROM {table} {MARK}"))).scalar_one()
+        assert value == 7
+        assert async_sent == ["replica", "primary"]
+    finally:
+        token_after(db, f"DROP TABLE {table}")
+
+
+async def test_async_a_connection_known_to_be_behind_is_not_sent_the_statement(
+    db: Database, lagging: None, async_sent: list[str]
+) -> None:
+    """The failed check said how far the replica was: remembered, as a ping's answer."""
+    await _async_warm(db)
+    token = token_after(db, "SELECT 1")
+    async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+        await session.execute(text(f"SELECT 1 {MARK}"))
+    assert async_sent == ["replica", "primary"]
+    async_sent.clear()
+    async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+        await session.execute(text(f"SELECT 2 {MARK}"))
+    assert async_sent == ["primary"]
+
+
+async def test_async_a_check_that_never_went_does_not_reach_the_next_transaction(
+    db: Database,
+) -> None:
+    """A first statement that fails before reaching the driver (a missing parameter)
+    leaves its check unsent: the connection goes back to the pool without it, and the
+    next read on it (no token) runs as any other, not failing a check it never asked
+    for (the position here is more than any server has)."""
+    await _async_warm(db)
+    token = db.token_for(MAX_LSN - 1)
+    async with db.async_read_session(after=token, wait=0, timeout=4.0) as session:
+        with pytest.raises(StatementError):
+            await session.execute(text(f"SELECT :missing {MARK}"))
+    for _ in range(3):  # (the pool's one idle connection, whichever it is)
+        # No deadline: nothing of its own would ride with its BEGIN (and hide a leftover).
+        async with db.async_read_session(timeout=0) as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1

@@ -1,5 +1,6 @@
 """The read deadline's pure parts (engine/deadline.py): the server's statement
-timeout, the connect bound, and the watchdog that ends a wait on a socket."""
+timeout, the connect bound; and the watchdog that ends a wait on a socket
+(engine/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,8 @@ from typing import Any
 import pytest
 
 from fastapi_rwdb.engine.asyncpg_connection import PackageConnection
-from fastapi_rwdb.engine.deadline import (
-    _WATCHDOG,
-    ConnectBudget,
-    server_timeout_ms,
-    set_local,
-)
+from fastapi_rwdb.engine.deadline import ConnectBudget, server_timeout_ms, set_local
+from fastapi_rwdb.engine.watchdog import WATCHDOG
 
 
 @pytest.mark.parametrize(
@@ -60,7 +57,7 @@ def test_all_attempts_of_a_connect_share_the_deadline() -> None:
 def test_the_watchdog_ends_a_wait_on_a_silent_socket_at_the_deadline() -> None:
     ours, theirs = socket.socketpair()
     try:
-        watch = _WATCHDOG.arm(ours.fileno(), 0.2)
+        watch = WATCHDOG.arm(ours.fileno(), 0.2)
         ours.settimeout(5)
         started = time.monotonic()
         assert ours.recv(1) == b""  # shut down: the wait ends, as EOF
@@ -76,7 +73,7 @@ def test_the_watchdog_ends_a_wait_on_a_silent_socket_at_the_deadline() -> None:
 def test_a_watch_disarmed_in_time_never_fires() -> None:
     ours, theirs = socket.socketpair()
     try:
-        watch = _WATCHDOG.arm(ours.fileno(), 0.1)
+        watch = WATCHDOG.arm(ours.fileno(), 0.1)
         assert watch.disarm() is False
         time.sleep(0.3)
         theirs.sendall(b"x")
