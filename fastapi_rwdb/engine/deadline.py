@@ -248,7 +248,10 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     def arm_rollback(pooled: Any) -> bool:
         # A transaction's end gets its deadline too: a ROLLBACK on a path that froze
         # after the last statement would otherwise hold the connection (and, for a sync
-        # route, a worker thread) for as long as the freeze lasts.
+        # route, a worker thread) for as long as the freeze lasts. None when the driver
+        # will send nothing (no transaction open: a write's, after its COMMIT).
+        if _nothing_to_end(pooled.driver_connection):
+            return False
         return watched(pooled, ending=True) is not None
 
     def disarm(pooled: Any) -> bool:
@@ -294,6 +297,14 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         armed = record.info.pop(_ARMED, None)
         if armed is not None:
             armed.disarm()
+
+
+def _nothing_to_end(raw: Any) -> bool:
+    """Whether a rollback of ``raw`` sends nothing: psycopg's when no transaction is open,
+    asyncpg's (the package's connection) when none reached the server."""
+    if isinstance(raw, psycopg.Connection):
+        return bool(raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+    return is_ours(raw) and not raw.is_in_transaction()
 
 
 def _judged(check: PositionCheck, first: Callable[[], None], disarm: Callable[[], bool]) -> None:

@@ -87,17 +87,17 @@ class _IdleClosing(QueuePool):
         # dropped and the next idle one taken (a dictionary lookup each); with none
         # idle, the checkout replaces it by a new connection, which the connect passes
         # over benched replicas for (engine.events).
-        while self.checkedin() and servers.passed_over(record):
+        while servers.passed_over(record) and self.checkedin():
             abandon(record.dbapi_connection)  # a frozen server never answers a goodbye
             record.invalidate()
             record.close()
             self._dec_overflow()
             record = super()._do_get()
         out = self.checkedout()
-        with self._peak_lock:
-            self._roll(time.monotonic())
-            if out > self._peak_now:
-                self._peak_now = out
+        if out > self._peak_now:  # (else nothing to note: no lock taken)
+            with self._peak_lock:
+                self._roll(time.monotonic())
+                self._peak_now = max(self._peak_now, out)
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:

@@ -61,17 +61,24 @@ class _Watchdog:
     cost a thread start per statement)."""
 
     def __init__(self) -> None:
+        self._count = itertools.count()
+        self._start_over()
+        # A forked child has the parent's memory but not its thread (nor its
+        # connections): it starts with none, which arm() then starts, and no lock a
+        # thread of the parent may have held. (Asked here once, not per statement.)
+        os.register_at_fork(after_in_child=self._start_over)
+
+    def _start_over(self) -> None:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
         self._heap: list[tuple[float, int, _Watch]] = []
-        self._count = itertools.count()
         self._thread: threading.Thread | None = None
 
     def arm(self, fd: int, deadline: float, *, ending: bool = False) -> _Watch:
         watch = _Watch(fd, ending=ending)
         with self.lock:
             heapq.heappush(self._heap, (time.monotonic() + deadline, next(self._count), watch))
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="rwdb-read-deadline", daemon=True
                 )

@@ -272,7 +272,8 @@ def _after_transaction_end(session: Session, transaction: Any) -> None:
 
 
 def _forget(session: Session) -> None:
-    if session.in_nested_transaction():
+    # (Every key below comes with the transaction's connections: none, nothing to forget.)
+    if _CONNECTIONS not in session.info or session.in_nested_transaction():
         return
     plan: _OneMessageCommit | None = session.info.pop(_ONE_MESSAGE, None)
     if plan is not None:
