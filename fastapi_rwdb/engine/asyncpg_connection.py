@@ -16,15 +16,15 @@ round trip:
 The last two are the trick of this module. asyncpg returns no rows from a simple
 query, so the answer comes back as the one row of a ``COPY ... TO STDOUT`` sent
 in the same message: ``COMMIT; COPY (SELECT pg_current_wal_lsn()) TO STDOUT``,
-through asyncpg's private ``Connection._copy_out`` (what its public
-``copy_from_query`` calls after wrapping the query, which would wrap the
-``COMMIT`` too). asyncpg's COPY state discards the completion messages of the
-commands that come before the COPY's. Were a release to stop doing so, a COMMIT
-that went through could be reported as failed, so the behaviour is not assumed:
-the first connection the process opens is asked, outside any transaction,
-``BEGIN; COMMIT; COPY (SELECT 'ok') TO STDOUT`` (:func:`probe`); only when the
-row comes back, and ``_copy_out`` exists, is a message sent this way; otherwise
-the answer is read in a round trip of its own, as before.
+through what asyncpg's private ``Connection._copy_out`` calls (its public
+``copy_from_query`` calls that after wrapping the query, which would wrap the
+``COMMIT`` too): the protocol object's ``copy_out``. asyncpg's COPY state
+discards the completion messages of the commands that come before the COPY's.
+Were a release to stop doing so, a COMMIT that went through could be reported as
+failed, so the behaviour is not assumed: the first connection the process opens
+is asked, outside any transaction, ``BEGIN; COMMIT; COPY (SELECT 'ok') TO
+STDOUT`` (:func:`probe`); only when the row comes back is a message sent this
+way; otherwise the answer is read in a round trip of its own, as before.
 ``tests/stack/test_asyncpg_commit.py`` checks the messages against the stack.
 
 A read's ``BEGIN`` and its deadline's ``SET LOCAL`` need not wait for an answer of
@@ -190,8 +190,16 @@ def is_ours(raw: Any) -> TypeGuard[PackageConnection]:
 
 
 async def _copy_out(raw: Any, sql: str, timeout: float | None) -> str | None:
-    """The first line a simple-query message ending in ``COPY ... TO STDOUT`` returns."""
-    return await first_copied_line(lambda sink: raw._copy_out(sql, sink, timeout))
+    """The first line a simple-query message ending in ``COPY ... TO STDOUT`` returns.
+
+    Sent through the connection's protocol object, as ``Connection._copy_out`` sends
+    it once it has told a path, a file and a function apart (an exception raised and
+    caught on every call: a tenth of the COPY's cost in CPU); through
+    ``Connection._copy_out`` when a kept ``BEGIN`` must ride along (never the case for
+    the package's own COPYs)."""
+    kept = getattr(raw, "rwdb_ahead", None) is not None
+    copy = raw._copy_out if kept else raw._protocol.copy_out
+    return await first_copied_line(lambda sink: copy(sql, sink, timeout))
 
 
 async def first_copied_line(

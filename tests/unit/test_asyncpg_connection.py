@@ -151,6 +151,10 @@ def test_asyncpg_keeps_what_the_kept_begin_relies_on() -> None:
 
     assert inspect.iscoroutinefunction(asyncpg.Connection._get_statement)
     assert inspect.iscoroutinefunction(asyncpg.Connection._copy_out)
+    # The COPY after a COMMIT goes straight to what _copy_out sends a function's COPY to.
+    copy_out = inspect.getsource(asyncpg.Connection._copy_out)
+    assert "await self._protocol.copy_out(copy_stmt, writer, timeout)" in copy_out
+    assert "_protocol" in asyncpg.Connection.__slots__
     assert {"_transport", "_cancellations", "_stmt_cache_enabled"} <= set(
         asyncpg.Connection.__slots__
     )
