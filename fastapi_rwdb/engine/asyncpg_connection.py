@@ -136,6 +136,10 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
         # a yes asked then still holds when the BEGIN goes.)
         return bool(_begin_ahead) and not (self._stmt_cache_enabled or self._cancellations)
 
+    def caches_statements(self) -> bool:
+        """Whether asyncpg's statement cache is on: no ``BEGIN`` is ever kept then."""
+        return bool(self._stmt_cache_enabled)
+
     def begin_with_check(self, commands: str) -> None:
         """Send ``commands`` (``SET LOCAL ...; SELECT <check>``) with the next ``BEGIN``,
         kept for the first statement (asked :meth:`can_keep_begin` just before)."""

@@ -152,7 +152,8 @@ class ReplicaBehindError(Exception):
     """A read's position was checked with its first statement and the replica was short
     of it (or its transaction's isolation level takes the snapshot before the check):
     the statement's answer is thrown away, for the read session to route it again.
-    ``unfit``: the server's transactions are not READ COMMITTED, so no check with a
+    ``unfit``: the server's transactions are not READ COMMITTED, or the engine's
+    connections cannot carry a check (asyncpg's statement cache), so no check with a
     first statement will ever do there."""
 
     def __init__(self, *, unfit: bool = False) -> None:

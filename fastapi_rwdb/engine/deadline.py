@@ -98,7 +98,9 @@ def begin_within(
     the ``BEGIN``, busy pool or not."""
     raw = connection.connection.driver_connection
     if check is not None and (deadline <= 0 or not _carries_check(raw)):
-        raise ReplicaBehindError()  # nothing would carry the check: not checked, not served
+        # Nothing would carry the check: not checked, not served. An engine whose
+        # connections never can (asyncpg's statement cache on) is not asked again.
+        raise ReplicaBehindError(unfit=is_ours(raw) and raw.caches_statements())
     if deadline <= 0:
         return
     connection.info[_DEADLINE] = deadline

@@ -66,8 +66,9 @@ _UNRECORDED = "rwdb_read_unrecorded"  # a routing counted once its check has pas
 _EXECUTING = "rwdb_read_executing"  # a statement of execute() is on its way: may be sent again
 _CAREFUL = "rwdb_read_careful"  # routing a statement again after a failed check
 
-#: Read engines whose server's transactions are not READ COMMITTED: never checked with
-#: the first statement (its snapshot would come before the check).
+#: Read engines whose server's transactions are not READ COMMITTED (the snapshot would
+#: come before the check), or whose connections cannot carry a check (asyncpg's
+#: statement cache): never checked with the first statement.
 _UNFIT: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _PAUSE = 0.01  # seconds between two looks at a replica that is catching up

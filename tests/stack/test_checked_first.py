@@ -19,18 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
-from fastapi_rwdb import Database
+from fastapi_rwdb import Database, RWDBSettings
 from fastapi_rwdb.engine import checkout
 from fastapi_rwdb.engine.wire import _BEGUN as BEGUN_INFO
 from fastapi_rwdb.observe import listeners
 from fastapi_rwdb.routing.lsn import MAX_LSN
 
-from ..helpers import token_after
+from ..helpers import dsn, token_after
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
 
@@ -332,3 +333,47 @@ async def test_async_a_check_that_never_went_does_not_reach_the_next_transaction
         # No deadline: nothing of its own would ride with its BEGIN (and hide a leftover).
         async with db.async_read_session(timeout=0) as session:
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+def _node_port(port_variable: str) -> int:
+    """The PostgreSQL port of the node behind a port of HAProxy's."""
+    with psycopg.connect(dsn(port_variable), prepare_threshold=None) as conn:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+    assert row is not None and row[0] is not None
+    return int(row[0])
+
+
+async def test_async_with_the_statement_cache_on_a_token_read_is_asked_first(
+    lagging: None,
+) -> None:
+    """A cached statement would pass by the kept BEGIN and its check: with asyncpg's
+    statement cache on (RWDB_PREPARED_STATEMENTS, on the nodes directly: named
+    statements need a server connection of their own), the position is asked first,
+    and the replica, a second behind, is not read (a check skipped would count 0)."""
+    settings = RWDBSettings()
+    write = settings.url("write", "psycopg").set(port=_node_port("POSTGRES_PORT"))
+    read = settings.url("read", "psycopg").set(port=_node_port("POSTGRES_READ_PORT"))
+    node = Database(
+        RWDBSettings(
+            write_url=write.render_as_string(False),
+            read_url=read.render_as_string(False),
+            prepared_statements=True,
+        )
+    )
+    count = text("SELECT count(*), pg_is_in_recovery() FROM rwdb_items WHERE name = :n")
+    try:
+        # The statement prepared and cached on the replica's pooled connection, by a
+        # read that needs no position: SQLAlchemy's adapter then runs it without asyncpg's
+        # describe step, where a kept BEGIN would go.
+        async with node.async_read_session() as session:
+            assert tuple((await session.execute(count, {"n": "-"})).one()) == (0, True)
+        for _ in range(2):  # the second: the engine no longer tries the check first
+            name = f"checked-cache-{uuid.uuid4().hex[:12]}"
+            token = token_after(node, f"INSERT INTO rwdb_items (name) VALUES ('{name}')")
+            async with node.async_read_session(after=token, wait=0, timeout=4.0) as session:
+                result = await session.execute(count, {"n": name})
+                assert tuple(result.one()) == (1, False)
+            await asyncio.sleep(checkout.BEHIND_FOR)  # not known to be behind: asked
+    finally:
+        await node.dispose()
+        node.dispose_sync()
