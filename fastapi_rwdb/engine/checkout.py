@@ -177,10 +177,10 @@ def check_with_first(connection: Connection, needed: int) -> PositionCheck | Non
 
 
 #: What :meth:`PositionCheck.failing_query` says when it fails: the text its cast to
-#: ``pg_lsn`` could not read, which PostgreSQL quotes in the error, in any language.
+#: ``pg_lsn`` could not read, quoted in the error in any server language ("", »«, « »).
 _BEHIND = "rwdb: short, at "
 _UNFIT = "rwdb: isolation "
-_FAILED = re.compile(f'"((?:{_BEHIND}|{_UNFIT})[^"]*)"')
+_FAILED = re.compile(f"{_BEHIND}([0-9A-F]+/[0-9A-F]+|none)|{_UNFIT}([a-z ]+[a-z])")
 
 
 class PositionCheck:
@@ -249,9 +249,9 @@ class PositionCheck:
         failed = _check_failure(error)
         if failed is None:
             return
-        if failed.startswith(_UNFIT):
+        at, isolation = failed.groups()
+        if isolation is not None:
             raise ReplicaBehindError(unfit=True) from error
-        at = failed.removeprefix(_BEHIND)
         self.info[_LAST_POSITION] = (None if at == "none" else parse_lsn(at), time.monotonic())
         raise ReplicaBehindError() from error
 
@@ -265,7 +265,7 @@ class PositionCheck:
             raise ReplicaBehindError()
 
 
-def _check_failure(error: BaseException) -> str | None:
+def _check_failure(error: BaseException) -> re.Match[str] | None:
     """What :meth:`PositionCheck.failing_query` said, if ``error`` (the driver's, or
     SQLAlchemy's adapter's around it) is its failure: SQLSTATE 22P02 with its text."""
     seen: BaseException | None = error
@@ -273,7 +273,7 @@ def _check_failure(error: BaseException) -> str | None:
         if getattr(seen, "sqlstate", None) == "22P02":
             found = _FAILED.search(str(seen))
             if found is not None:
-                return found.group(1)
+                return found
         seen = seen.__cause__
     return None
 

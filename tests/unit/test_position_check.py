@@ -93,6 +93,20 @@ def test_a_short_replica_is_behind_and_its_position_remembered() -> None:
         check_with_first(_connection(info), NEEDED)
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "ungültige Eingabesyntax für Typ pg_lsn: »rwdb: short, at 1/4FF«",  # lc_messages=de
+        "syntaxe en entrée invalide pour le type pg_lsn : « rwdb: short, at 1/4FF »",  # fr
+    ],
+)
+def test_the_verdict_does_not_depend_on_the_server_language(message: str) -> None:
+    info: dict[str, Any] = {}
+    with pytest.raises(ReplicaBehindError):
+        PositionCheck(info, NEEDED).judge(_wrapped(message))
+    assert info[checkout._LAST_POSITION][0] == NEEDED - 1
+
+
 def test_a_server_with_no_position_is_behind() -> None:
     info: dict[str, Any] = {}
     with pytest.raises(ReplicaBehindError):
