@@ -13,6 +13,7 @@ the first test that asks for it to the end of the module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
@@ -52,11 +53,10 @@ def lagging() -> Iterator[None]:
         stack("lag", "0")
 
 
-@pytest.fixture
-def sent(db: Database) -> Iterator[list[str]]:
+@contextlib.contextmanager
+def _marked(replica: Engine, primary: Engine) -> Iterator[list[str]]:
     """Each marked statement as it is sent: on which engine."""
     seen: list[str] = []
-    engines = {"replica": db.engines.read, "primary": db.primary_read_engine}
 
     def watcher(side: str) -> Any:
         def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -65,7 +65,7 @@ def sent(db: Database) -> Iterator[list[str]]:
 
         return before
 
-    hooks = [(engine, watcher(side)) for side, engine in engines.items()]
+    hooks = [(replica, watcher("replica")), (primary, watcher("primary"))]
     for engine, hook in hooks:
         event.listen(engine, "before_cursor_execute", hook)
     try:
@@ -73,6 +73,12 @@ def sent(db: Database) -> Iterator[list[str]]:
     finally:
         for engine, hook in hooks:
             event.remove(engine, "before_cursor_execute", hook)
+
+
+@pytest.fixture
+def sent(db: Database) -> Iterator[list[str]]:
+    with _marked(db.engines.read, db.primary_read_engine) as seen:
+        yield seen
 
 
 @pytest.fixture
@@ -212,28 +218,9 @@ def test_a_transaction_the_caller_began_is_not_checked_with_its_statement(
 
 @pytest.fixture
 def async_sent(db: Database) -> Iterator[list[str]]:
-    """As ``sent``, on the asyncpg engines."""
-    seen: list[str] = []
-    engines = {
-        "replica": db.async_engines.read.sync_engine,
-        "primary": db.async_primary_read_engine.sync_engine,
-    }
-
-    def watcher(side: str) -> Any:
-        def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if MARK in statement:
-                seen.append(side)
-
-        return before
-
-    hooks = [(engine, watcher(side)) for side, engine in engines.items()]
-    for engine, hook in hooks:
-        event.listen(engine, "before_cursor_execute", hook)
-    try:
+    aio = db.async_engines.read.sync_engine, db.async_primary_read_engine.sync_engine
+    with _marked(*aio) as seen:
         yield seen
-    finally:
-        for engine, hook in hooks:
-            event.remove(engine, "before_cursor_execute", hook)
 
 
 async def _async_warm(db: Database) -> None:
