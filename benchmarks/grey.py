@@ -152,6 +152,7 @@ class Call:
     primary: bool = False  # a read the package moved to the primary
     key: str = ""  # a write's key
     error: str = ""  # status 0: what the client met instead of an answer
+    read: str = ""  # the package's X-RWDB-Read: where the read went, and why
 
 
 @dataclass
@@ -172,12 +173,13 @@ async def _client(
         start = time.monotonic()
         try:
             r = await (http.post(base + path) if is_write else http.get(base + path))
-            status, primary = r.status_code, r.headers.get("x-rwdb-read", "").startswith("primary")
+            status, read = r.status_code, r.headers.get("x-rwdb-read", "")
         except httpx.HTTPError as exc:
-            status, primary, error = 0, False, f"{type(exc).__name__}: {exc}"[:200]
+            status, read, error = 0, "", f"{type(exc).__name__}: {exc}"[:200]
         else:
             error = ""
-        log.append(Call(start, time.monotonic(), status, primary, key, error))
+        primary = read.startswith("primary")
+        log.append(Call(start, time.monotonic(), status, primary, key, error, read))
         await asyncio.sleep(0.005)
 
 
@@ -231,6 +233,9 @@ def summarise(run: Run) -> dict[str, dict[str, Any]]:
             "client_errors": sorted({c.error for c in failed if c.error}),
             "moved_to_primary": sum(c.primary for c in during),
             "longest_s": round(max((c.end - c.start for c in during), default=0.0), 3),
+            # Where the slowest read went (X-RWDB-Read): a "primary; reason=..." read had
+            # met the fault first.
+            "longest_read": max(during, key=lambda c: c.end - c.start).read if during else "",
             "throughput_vs_before": round(ok_rate / before_rate, 3) if before_rate else None,
             "acknowledged": [c.key for c in calls if c.key and c.status == 200],
         }
