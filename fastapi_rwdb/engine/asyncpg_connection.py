@@ -105,7 +105,9 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
                 self.rwdb_pending = self.rwdb_begin_copies = None
                 query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
                 if copies is None and pending and (keep or self.can_keep_begin()):
-                    self.rwdb_ahead = (query, _as_messages(query))
+                    # (a check names its position: not one for the cache of the others)
+                    messages = _as_messages.__wrapped__(query) if keep else _as_messages(query)
+                    self.rwdb_ahead = (query, messages)
                     return "BEGIN"
                 if copies is None:
                     query += ";"
