@@ -106,7 +106,7 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
                 query = query.rstrip().rstrip(";") + (f"; {pending}" if pending else "")
                 if copies is None and pending and (keep or self.can_keep_begin()):
                     # (a check names its position: not one for the cache of the others)
-                    messages = _as_messages.__wrapped__(query) if keep else _as_messages(query)
+                    messages = _as_messages(query) if keep else _cached_messages(query)
                     self.rwdb_ahead = (query, messages)
                     return "BEGIN"
                 if copies is None:
@@ -171,7 +171,6 @@ class PackageConnection(asyncpg.Connection):  # type: ignore[misc]
         return await super()._copy_out(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=64)
 def _as_messages(commands: str) -> bytes:
     """``commands`` (``BEGIN ...; SET LOCAL ...``) as extended-protocol messages, each a
     Parse, Bind and Execute of the unnamed statement and portal, with no Sync."""
@@ -182,6 +181,10 @@ def _as_messages(commands: str) -> bytes:
         out += b"B" + struct.pack("!i", 12) + b"\0\0" + b"\0\0\0\0\0\0"  # no formats, params
         out += b"E" + struct.pack("!i", 9) + b"\0" + struct.pack("!i", 0)  # every row
     return bytes(out)
+
+
+#: A read's BEGIN and deadline are the same few texts: built once each.
+_cached_messages = functools.lru_cache(maxsize=64)(_as_messages)
 
 
 def begin_ahead() -> bool:

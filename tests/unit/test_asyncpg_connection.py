@@ -154,8 +154,7 @@ def test_asyncpg_keeps_what_the_kept_begin_relies_on() -> None:
     # The COPY after a COMMIT goes straight to what _copy_out sends a function's COPY to.
     copy_out = inspect.getsource(asyncpg.Connection._copy_out)
     assert "await self._protocol.copy_out(copy_stmt, writer, timeout)" in copy_out
-    assert "_protocol" in asyncpg.Connection.__slots__
-    assert {"_transport", "_cancellations", "_stmt_cache_enabled"} <= set(
+    assert {"_protocol", "_transport", "_cancellations", "_stmt_cache_enabled"} <= set(
         asyncpg.Connection.__slots__
     )
     source = inspect.getsource(asyncpg.Connection._do_execute)
