@@ -13,7 +13,7 @@ from fastapi import FastAPI, HTTPException
 from sqlalchemy import text
 
 import fastapi_rwdb
-from fastapi_rwdb import ReadSession, WriteSession
+from fastapi_rwdb import AsyncReadSession, AsyncWriteSession, ReadSession, WriteSession
 
 app = FastAPI()
 fastapi_rwdb.setup(app)
@@ -35,6 +35,23 @@ def create(db: WriteSession) -> dict[str, str]:
 @app.get("/items/{name}")
 def read(name: str, db: ReadSession) -> dict[str, str]:
     row = db.execute(text("SELECT name FROM rwdb_items WHERE name = :n"), {"n": name}).first()
+    if row is None:
+        raise HTTPException(404, "no such item")
+    return {"name": row[0], "pid": str(os.getpid())}
+
+
+@app.post("/async/items")
+async def create_async(db: AsyncWriteSession) -> dict[str, str]:
+    name = f"proc-{uuid.uuid4()}"
+    await db.execute(text("INSERT INTO rwdb_items (name) VALUES (:n)"), {"n": name})
+    await db.commit()
+    return {"name": name, "pid": str(os.getpid())}
+
+
+@app.get("/async/items/{name}")
+async def read_async(name: str, db: AsyncReadSession) -> dict[str, str]:
+    result = await db.execute(text("SELECT name FROM rwdb_items WHERE name = :n"), {"n": name})
+    row = result.first()
     if row is None:
         raise HTTPException(404, "no such item")
     return {"name": row[0], "pid": str(os.getpid())}

@@ -90,18 +90,21 @@ def lagging_replicas() -> Iterator[None]:
         subprocess.run(["bash", str(STACK), "lag", "0"], check=True, capture_output=True)
 
 
+@pytest.mark.parametrize("flavour", ["", "/async"], ids=["sync", "async"])
 def test_a_token_from_one_process_is_honoured_by_another(
-    two_processes: tuple[str, str], lagging_replicas: None
+    two_processes: tuple[str, str], lagging_replicas: None, flavour: str
 ) -> None:
     first, second = two_processes
     stale = []
     for i in range(WRITES):
         writer, reader = (first, second) if i % 2 == 0 else (second, first)
-        written = httpx.post(f"{writer}/items", timeout=10)
+        written = httpx.post(f"{writer}{flavour}/items", timeout=10)
         assert written.status_code == 200, written.text
         token = written.headers["x-rwdb-pin"]
         name = written.json()["name"]
-        read = httpx.get(f"{reader}/items/{name}", headers={"X-RWDB-Pin": token}, timeout=10)
+        read = httpx.get(
+            f"{reader}{flavour}/items/{name}", headers={"X-RWDB-Pin": token}, timeout=10
+        )
         if read.status_code != 200:
             stale.append((i, read.status_code))
     assert stale == [], f"{len(stale)} of {WRITES} own reads did not see the write: {stale}"
