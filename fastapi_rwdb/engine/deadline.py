@@ -144,7 +144,12 @@ def checks_with_first(is_async: bool) -> bool:
 def _carries_check(raw: Any) -> bool:
     if isinstance(raw, psycopg.Connection):
         return True
-    return is_ours(raw) and not raw.is_in_transaction() and raw.can_keep_begin()
+    return (
+        is_ours(raw)
+        and not raw.is_closed()  # (a terminated one has no protocol to ask: see below)
+        and not raw.is_in_transaction()
+        and raw.can_keep_begin()
+    )
 
 
 class ConnectBudget:
@@ -306,7 +311,10 @@ def _nothing_to_end(raw: Any) -> bool:
     asyncpg's (the package's connection) when none reached the server."""
     if isinstance(raw, psycopg.Connection):
         return bool(raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE)
-    return is_ours(raw) and not raw.is_in_transaction()
+    # Not closed: a terminated connection (the deadline's, or SQLAlchemy's after a lost
+    # one) has no protocol left, and asking would raise AttributeError instead of
+    # letting the rollback raise the driver's own error.
+    return is_ours(raw) and not raw.is_closed() and not raw.is_in_transaction()
 
 
 def _judged(check: PositionCheck, first: Callable[[], None], disarm: Callable[[], bool]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from fastapi_rwdb.engine import deadline
 from fastapi_rwdb.engine.asyncpg_connection import PackageConnection
 from fastapi_rwdb.engine.deadline import ConnectBudget, server_timeout_ms, set_local
 from fastapi_rwdb.engine.watchdog import WATCHDOG
@@ -96,3 +97,24 @@ def test_the_begin_rides_with_the_first_statement_only_while_the_pool_is_quiet()
     assert quiet(engine(PIPELINE_WHILE_IN_USE))
     assert not quiet(engine(PIPELINE_WHILE_IN_USE + 1))
     assert quiet(SimpleNamespace(pool=object()))  # no count: as before
+
+
+class _Terminated(PackageConnection):
+    """A package connection as asyncpg leaves it once terminated: no protocol left."""
+
+    def __init__(self) -> None:  # (asyncpg's own needs a server)
+        self._aborted = True
+        self._protocol = None
+
+    def __del__(self) -> None:
+        pass
+
+
+def test_a_terminated_asyncpg_connection_is_asked_nothing_it_cannot_answer() -> None:
+    """SQLAlchemy rolls back connections it terminated after a lost connection (a
+    switchover): the question whether a transaction is open must not raise
+    AttributeError there (a 500 in CI's switchover scenario), but leave the rollback to
+    raise the driver's own error, watched as before; nor may a check ride on it."""
+    raw = _Terminated()
+    assert deadline._nothing_to_end(raw) is False
+    assert deadline._carries_check(raw) is False
