@@ -29,21 +29,24 @@ Sender = Callable[[Any], None]
 _SENDER = "rwdb_commit"  # connection-record info key, private to this module
 
 
-def commit_with(connection: Connection, send: Sender) -> Callable[[], None]:
+def commit_with(connection: Connection, send: Sender) -> dict[str, Any]:
     """Let ``send`` commit ``connection``'s transaction when SQLAlchemy commits it.
 
-    Returns the function that withdraws it (the transaction rolled back instead):
-    callable after the connection went back to the pool, when the transaction's
-    end is noticed.
+    Returns where it was left, for :func:`withdraw` (the pooled connection's record,
+    which outlives the ``Connection``). Nothing here holds ``send`` but that place, so
+    a sender that refers to it back (to withdraw itself) makes no reference cycle
+    once it is taken or withdrawn: a write leaves no garbage for the collector.
     """
-    info = connection.info  # the pooled connection's record, which outlives the Connection
+    info: dict[str, Any] = connection.info
     info[_SENDER] = send
+    return info
 
-    def withdraw() -> None:
-        if info.get(_SENDER) is send:
-            del info[_SENDER]
 
-    return withdraw
+def withdraw(where: dict[str, Any], send: Sender) -> None:
+    """Take ``send`` back from ``where`` (the transaction rolled back instead): callable
+    after the connection went back to the pool, when the transaction's end is noticed."""
+    if where.get(_SENDER) is send:
+        del where[_SENDER]
 
 
 def install(engine: Engine) -> None:

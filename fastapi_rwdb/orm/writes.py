@@ -29,7 +29,6 @@ Outside a request (no request state) nothing is read and nothing is paid.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,10 +135,6 @@ def watch_session_class(cls: type[Session]) -> None:
     event.listen(cls, "after_transaction_end", _after_transaction_end)
 
 
-def _nothing() -> None:
-    pass
-
-
 @dataclass(slots=True, eq=False)
 class _OneMessageCommit:
     """The COMMIT of a psycopg transaction, sent with the LSN read (and, if
@@ -151,7 +146,12 @@ class _OneMessageCommit:
     sent: bool = False
     wrote: bool = False
     lsn: int | None = None
-    withdraw: Callable[[], None] = _nothing  # see engine.commit.commit_with
+    left_in: dict[str, Any] | None = None  # see engine.commit.commit_with
+
+    def withdraw(self) -> None:
+        if self.left_in is not None:
+            commit.withdraw(self.left_in, self)
+            self.left_in = None
 
     def __call__(self, driver_connection: psycopg.Connection[Any]) -> None:
         self.wrote, self.lsn = _commit_reading_lsn(
@@ -197,7 +197,7 @@ def _before_commit(session: Session) -> None:
         # asked: there the question would be a round trip of its own (the cost of
         # both is in benchmarks/notes.md, "Asking whether a transaction wrote").
         plan = _OneMessageCommit(check=mark is not True, read_lsn=bool(mark))
-        plan.withdraw = commit.commit_with(connections[0], plan)
+        plan.left_in = commit.commit_with(connections[0], plan)
         session.info[_ONE_MESSAGE] = plan
         return
     if not mark:

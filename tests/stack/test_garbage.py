@@ -1,0 +1,125 @@
+"""A request leaves nothing for the cyclic garbage collector.
+
+Objects that only the collector can free (reference cycles) make it run more often,
+and each run walks every young object of the process: under load that is CPU taken
+from every request, and memory held until it runs. A plain SQLAlchemy request
+makes none; neither may the package's, on any route: writes (Core and ORM, sync
+and async), reads with and without a token.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+import fastapi_rwdb
+from benchmarks.common import call
+from fastapi_rwdb import (
+    AsyncReadSession,
+    AsyncWriteSession,
+    Database,
+    ReadSession,
+    RWDBSettings,
+    WriteSession,
+)
+
+from ..models import Item
+
+pytestmark = pytest.mark.stack
+
+ROUNDS = 40
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key="garbage-test-key-0123456789")))
+    insert = text("INSERT INTO rwdb_items (name) VALUES (:n)")
+    select = text("SELECT count(*) FROM rwdb_items WHERE name = :n")
+
+    @app.post("/core/{name}")
+    def core_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.execute(insert, {"n": name})
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/orm/{name}")
+    def orm_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/async/core/{name}")
+    async def async_core_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        await db.execute(insert, {"n": name})
+        await db.commit()
+        return {"ok": True}
+
+    @app.post("/async/orm/{name}")
+    async def async_orm_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        await db.commit()
+        return {"ok": True}
+
+    @app.get("/read/{name}")
+    def read(name: str, db: ReadSession) -> dict[str, int]:
+        return {"count": db.execute(select, {"n": name}).scalar_one()}
+
+    @app.get("/async/read/{name}")
+    async def async_read(name: str, db: AsyncReadSession) -> dict[str, int]:
+        return {"count": (await db.execute(select, {"n": name})).scalar_one()}
+
+    return app
+
+
+@pytest.fixture
+def collector_paused() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def requests(app: FastAPI, name: str) -> int:
+    """One round of every route; the reads after the writes carry the client's token.
+    (Straight into the ASGI app: an HTTP client library makes cycles of its own.)"""
+    token = b""
+    paths = ["/core", "/orm", "/async/core", "/async/orm"]
+    for path in paths:
+        response = await call(app, "POST", f"{path}/{name}", [(b"x-rwdb-pin", token)])
+        assert response.status == 200, response.body
+        token = response.header(b"x-rwdb-pin") or b""
+        assert token
+    for headers in ([(b"x-rwdb-pin", token)], []):  # with the token, then without
+        for path in ["/read", "/async/read"]:
+            response = await call(app, "GET", f"{path}/{name}", headers)
+            assert response.status == 200, response.body
+            if headers:  # its own writes: read where they are
+                assert response.body == b'{"count":4}'
+    return len(paths) + 4
+
+
+async def test_requests_make_no_reference_cycles(collector_paused: None) -> None:
+    app = make_app()
+    async with app.router.lifespan_context(app):
+        for _ in range(3):  # warm-up: pools, caches, first-use probes
+            await requests(app, f"garbage-{uuid.uuid4().hex[:8]}")
+        gc.collect()
+        gc.garbage.clear()
+        made = 0
+        for _ in range(ROUNDS):
+            made += await requests(app, f"garbage-{uuid.uuid4().hex[:8]}")
+        gc.collect()
+    kinds = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+    # A cycle per request would leave ROUNDS of each of its objects at least.
+    assert len(gc.garbage) < ROUNDS, f"{made} requests left {kinds.most_common(8)}"
