@@ -10,8 +10,7 @@ its descriptor (which the driver still owns), so nothing can reuse the number.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import math
 import os
 import socket
 import threading
@@ -42,26 +41,35 @@ class AsyncWatch:
 
 
 class _Watch:
-    __slots__ = ("cancelled", "ending", "fd", "fired")
+    __slots__ = ("due", "ending", "fd", "fired", "lane")
 
-    def __init__(self, fd: int, *, ending: bool = False) -> None:
+    def __init__(self, fd: int, due: float, lane: dict[_Watch, None], *, ending: bool) -> None:
         self.fd = fd
-        self.cancelled = False
+        self.due = due
+        self.lane = lane
         self.fired = False
         self.ending = ending
 
     def disarm(self) -> bool:
         with WATCHDOG.lock:
-            self.cancelled = True
+            self.lane.pop(self, None)
             return self.fired
 
 
 class _Watchdog:
     """One thread for every psycopg statement's deadline (a timer thread each would
-    cost a thread start per statement)."""
+    cost a thread start per statement).
+
+    A watch is held only while it is armed: disarming takes it out at once. (A heap
+    with cancelled entries left in it until their time, as ``asyncio`` keeps its
+    timers, would keep two objects per statement alive for the whole deadline: under
+    load thousands, which make the cyclic garbage collector run twice as often.) The
+    watches of one deadline length are due in the order they were armed, so each
+    length has its lane, a dict in arming order, and the next due of a lane is its
+    first entry; a process has a few lengths (the read and write deadlines, a few
+    routes' own)."""
 
     def __init__(self) -> None:
-        self._count = itertools.count()
         self._start_over()
         # A forked child has the parent's memory but not its thread (nor its
         # connections): it starts with none, which arm() then starts, and no lock a
@@ -71,38 +79,44 @@ class _Watchdog:
     def _start_over(self) -> None:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
-        self._heap: list[tuple[float, int, _Watch]] = []
+        self._lanes: dict[float, dict[_Watch, None]] = {}
+        self._until = math.inf  # when the thread wakes next by itself
         self._thread: threading.Thread | None = None
 
     def arm(self, fd: int, deadline: float, *, ending: bool = False) -> _Watch:
-        watch = _Watch(fd, ending=ending)
         with self.lock:
-            heapq.heappush(self._heap, (time.monotonic() + deadline, next(self._count), watch))
+            lane = self._lanes.get(deadline)
+            if lane is None:
+                lane = self._lanes[deadline] = {}
+            watch = _Watch(fd, time.monotonic() + deadline, lane, ending=ending)
+            lane[watch] = None
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="rwdb-read-deadline", daemon=True
                 )
                 self._thread.start()
-            elif self._heap[0][2] is watch:
+            elif watch.due < self._until:
                 self._wake.notify()
         return watch
 
     def _run(self) -> None:
         with self.lock:
             while True:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._wake.wait()
-                    continue
-                due, _, watch = self._heap[0]
-                left = due - time.monotonic()
-                if left > 0:
-                    self._wake.wait(left)
-                    continue
-                heapq.heappop(self._heap)
-                watch.fired = True
-                _shut(watch.fd)
+                now = time.monotonic()
+                until = math.inf
+                for length, lane in list(self._lanes.items()):
+                    while lane:
+                        watch = next(iter(lane))
+                        if watch.due > now:
+                            until = min(until, watch.due)
+                            break
+                        del lane[watch]
+                        watch.fired = True
+                        _shut(watch.fd)
+                    if not lane:
+                        del self._lanes[length]  # (a lane is made again when needed)
+                self._until = until
+                self._wake.wait(None if until == math.inf else until - now)
 
 
 def _shut(fd: int) -> None:

@@ -5,6 +5,7 @@ timeout, the connect bound; and the watchdog that ends a wait on a socket
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from typing import Any
 
@@ -80,6 +81,40 @@ def test_a_watch_disarmed_in_time_never_fires() -> None:
         theirs.sendall(b"x")
         ours.settimeout(1)
         assert ours.recv(1) == b"x"  # still open both ways
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_short_deadline_armed_after_a_long_one_fires_on_time() -> None:
+    # The watchdog sleeps until the nearest deadline it knows: a shorter one armed
+    # later (a route's own timeout, another side's) must wake it.
+    ours, theirs = socket.socketpair()
+    other, peer = socket.socketpair()
+    try:
+        long = WATCHDOG.arm(other.fileno(), 30.0)
+        time.sleep(0.05)  # the thread now sleeps until the long one is due
+        short = WATCHDOG.arm(ours.fileno(), 0.2)
+        ours.settimeout(5)
+        started = time.monotonic()
+        assert ours.recv(1) == b""
+        assert time.monotonic() - started < 1.5
+        assert short.disarm() is True
+        assert long.disarm() is False  # not due: untouched
+    finally:
+        for s in (ours, theirs, other, peer):
+            s.close()
+
+
+def test_a_disarmed_watch_is_not_kept() -> None:
+    # Held only while armed: thousands of statements a second under load would
+    # otherwise keep thousands of objects alive for the whole deadline.
+    ours, theirs = socket.socketpair()
+    try:
+        watch = WATCHDOG.arm(ours.fileno(), 60.0)
+        armed = sys.getrefcount(watch)
+        assert watch.disarm() is False
+        assert sys.getrefcount(watch) == armed - 1  # the watchdog let go of it
     finally:
         ours.close()
         theirs.close()
