@@ -15,40 +15,121 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any
+
+
+class _Lanes:
+    """The armed watches, by deadline length; a lane is a dict in arming order, so its
+    watches fall due in that order and its first is its next.
+
+    A watch is held only while it is armed: disarming takes it out at once. (A heap
+    with cancelled entries left in until their time, as ``asyncio`` keeps its timers,
+    would keep a statement's watch alive for its whole deadline: under load thousands
+    of objects, which make the cyclic garbage collector run several times as often.)
+    A process has few lengths: the read and write deadlines, some routes' own."""
+
+    __slots__ = ("_by_length",)
+
+    def __init__(self) -> None:
+        self._by_length: dict[float, dict[Any, None]] = {}
+
+    def add(self, watch: Any, length: float) -> dict[Any, None]:
+        """File ``watch`` (its ``due`` now plus ``length``); the lane to take it out of."""
+        lane = self._by_length.get(length)
+        if lane is None:
+            lane = self._by_length[length] = {}
+        lane[watch] = None
+        return lane
+
+    def take_due(self, now: float) -> tuple[list[Any], float]:
+        """Take out the watches due at ``now``; and when the next falls due (``inf``: none)."""
+        due: list[Any] = []
+        nearest = math.inf
+        for length, lane in list(self._by_length.items()):
+            while lane:
+                watch = next(iter(lane))
+                if watch.due > now:
+                    nearest = min(nearest, watch.due)
+                    break
+                del lane[watch]
+                due.append(watch)
+            if not lane:
+                del self._by_length[length]  # (made again when needed)
+        return due, nearest
 
 
 class AsyncWatch:
     """One statement's deadline on asyncpg: the event loop terminates the connection.
-    ``ending``: it watches a ROLLBACK."""
+    ``ending``: it watches a ROLLBACK. One timer per event loop serves them all
+    (:class:`_LoopWatchdog`): a timer per statement would leave each cancelled one in
+    the loop's queue for a while (see :class:`_Lanes`)."""
 
-    __slots__ = ("_fired", "_handle", "ending")
+    __slots__ = ("_lane", "due", "ending", "fired", "raw")
 
     def __init__(self, raw: Any, deadline: float, *, ending: bool = False) -> None:
-        self._fired = False
+        loop = asyncio.get_running_loop()  # (RuntimeError with none: nothing to watch)
+        dog = _LOOP_WATCHDOGS.get(loop)
+        if dog is None:
+            dog = _LOOP_WATCHDOGS[loop] = _LoopWatchdog(loop)
+        self.raw = raw
+        self.fired = False
         self.ending = ending
-
-        def fire() -> None:
-            self._fired = True
-            raw.terminate()
-
-        self._handle = asyncio.get_running_loop().call_later(deadline, fire)
+        self.due = loop.time() + deadline
+        self._lane = dog.arm(self, deadline)
 
     def disarm(self) -> bool:
         """Stop watching; whether the deadline had passed."""
-        self._handle.cancel()
-        return self._fired
+        self._lane.pop(self, None)
+        return self.fired
+
+
+class _LoopWatchdog:
+    """One event loop's asyncpg deadlines, on a single timer set for the nearest."""
+
+    __slots__ = ("__weakref__", "_at", "_lanes", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lanes = _Lanes()
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf
+
+    def arm(self, watch: AsyncWatch, length: float) -> dict[Any, None]:
+        lane = self._lanes.add(watch, length)
+        if watch.due < self._at:
+            self._set(watch.due)
+        return lane
+
+    def _set(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = self._loop.call_at(at, self._check) if at != math.inf else None
+
+    def _check(self) -> None:
+        self._timer, self._at = None, math.inf
+        due, nearest = self._lanes.take_due(self._loop.time())
+        for watch in due:
+            watch.fired = True
+            watch.raw.terminate()
+        self._set(nearest)
+
+
+_LOOP_WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWatchdog] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _Watch:
     __slots__ = ("due", "ending", "fd", "fired", "lane")
 
-    def __init__(self, fd: int, due: float, lane: dict[_Watch, None], *, ending: bool) -> None:
+    def __init__(self, fd: int, due: float, *, ending: bool) -> None:
         self.fd = fd
         self.due = due
-        self.lane = lane
         self.fired = False
         self.ending = ending
+        self.lane: dict[Any, None]  # set as it is filed
 
     def disarm(self) -> bool:
         with WATCHDOG.lock:
@@ -58,16 +139,7 @@ class _Watch:
 
 class _Watchdog:
     """One thread for every psycopg statement's deadline (a timer thread each would
-    cost a thread start per statement).
-
-    A watch is held only while it is armed: disarming takes it out at once. (A heap
-    with cancelled entries left in it until their time, as ``asyncio`` keeps its
-    timers, would keep two objects per statement alive for the whole deadline: under
-    load thousands, which make the cyclic garbage collector run twice as often.) The
-    watches of one deadline length are due in the order they were armed, so each
-    length has its lane, a dict in arming order, and the next due of a lane is its
-    first entry; a process has a few lengths (the read and write deadlines, a few
-    routes' own)."""
+    cost a thread start per statement), sleeping until the nearest (:class:`_Lanes`)."""
 
     def __init__(self) -> None:
         self._start_over()
@@ -79,17 +151,14 @@ class _Watchdog:
     def _start_over(self) -> None:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
-        self._lanes: dict[float, dict[_Watch, None]] = {}
+        self._lanes = _Lanes()
         self._until = math.inf  # when the thread wakes next by itself
         self._thread: threading.Thread | None = None
 
     def arm(self, fd: int, deadline: float, *, ending: bool = False) -> _Watch:
         with self.lock:
-            lane = self._lanes.get(deadline)
-            if lane is None:
-                lane = self._lanes[deadline] = {}
-            watch = _Watch(fd, time.monotonic() + deadline, lane, ending=ending)
-            lane[watch] = None
+            watch = _Watch(fd, time.monotonic() + deadline, ending=ending)
+            watch.lane = self._lanes.add(watch, deadline)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="rwdb-read-deadline", daemon=True
@@ -103,20 +172,12 @@ class _Watchdog:
         with self.lock:
             while True:
                 now = time.monotonic()
-                until = math.inf
-                for length, lane in list(self._lanes.items()):
-                    while lane:
-                        watch = next(iter(lane))
-                        if watch.due > now:
-                            until = min(until, watch.due)
-                            break
-                        del lane[watch]
-                        watch.fired = True
-                        _shut(watch.fd)
-                    if not lane:
-                        del self._lanes[length]  # (a lane is made again when needed)
-                self._until = until
-                self._wake.wait(None if until == math.inf else until - now)
+                due, self._until = self._lanes.take_due(now)
+                for watch in due:
+                    watch.fired = True
+                    _shut(watch.fd)
+                wait = self._until - now
+                self._wake.wait(None if wait == math.inf else wait)
 
 
 def _shut(fd: int) -> None:

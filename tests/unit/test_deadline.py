@@ -4,6 +4,7 @@ timeout, the connect bound; and the watchdog that ends a wait on a socket
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 from fastapi_rwdb.engine import deadline
 from fastapi_rwdb.engine.asyncpg_connection import PackageConnection
 from fastapi_rwdb.engine.deadline import ConnectBudget, server_timeout_ms, set_local
-from fastapi_rwdb.engine.watchdog import WATCHDOG
+from fastapi_rwdb.engine.watchdog import WATCHDOG, AsyncWatch
 
 
 @pytest.mark.parametrize(
@@ -118,6 +119,40 @@ def test_a_disarmed_watch_is_not_kept() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+class _Connection:
+    """What an asyncpg watch needs of its connection: terminate()."""
+
+    def __init__(self) -> None:
+        self.terminated_at: float | None = None
+
+    def terminate(self) -> None:
+        self.terminated_at = time.monotonic()
+
+
+async def test_the_event_loop_terminates_an_asyncpg_connection_at_its_deadline() -> None:
+    slow, quick, late = _Connection(), _Connection(), _Connection()
+    started = time.monotonic()
+    watch = AsyncWatch(slow, 0.2)
+    answered = AsyncWatch(quick, 0.1)
+    assert answered.disarm() is False
+    long = AsyncWatch(late, 30.0)
+    short = AsyncWatch(late, 0.05)  # armed after a longer one: its timer moves closer
+    await asyncio.sleep(0.1)
+    assert short.disarm() is True and late.terminated_at is not None
+    assert long.disarm() is False
+    await asyncio.sleep(0.2)
+    assert watch.disarm() is True
+    assert slow.terminated_at is not None and 0.15 < slow.terminated_at - started < 1.0
+    assert quick.terminated_at is None  # disarmed in time: untouched
+
+
+async def test_a_disarmed_asyncpg_watch_is_not_kept() -> None:
+    watch = AsyncWatch(_Connection(), 60.0)
+    armed = sys.getrefcount(watch)
+    assert watch.disarm() is False
+    assert sys.getrefcount(watch) == armed - 1  # the loop's watchdog let go of it
 
 
 def test_the_begin_rides_with_the_first_statement_only_while_the_pool_is_quiet() -> None:
