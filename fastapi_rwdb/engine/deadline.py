@@ -72,6 +72,14 @@ def set_local(deadline: float) -> str:
 PIPELINE_WHILE_IN_USE = 2
 
 
+#: A read's position check rides in that pipeline only while this many of its pool's
+#: connections are in use, its own included: the check's pipeline costs more CPU than
+#: a plain read's (benchmarks/notes.md, "The position checked with the first
+#: statement"). Busier, the check goes in the message of the ``BEGIN`` instead, one
+#: round trip before the statement, as a read without a token's ``BEGIN`` then does.
+CHECK_IN_PIPELINE_WHILE_IN_USE = 1
+
+
 def quiet(engine: Engine, at_most: int = PIPELINE_WHILE_IN_USE) -> bool:
     """Whether ``engine``'s pool is quiet enough for a ``BEGIN`` to ride with the first
     statement: at most ``at_most`` of its connections in use."""
@@ -93,9 +101,12 @@ def begin_within(
     timeout too
     (:func:`fastapi_rwdb.engine.checkout.connect_at_position`).
 
-    ``check``: a read's position, checked with the first statement (see
-    :class:`~fastapi_rwdb.engine.checkout.PositionCheck`), which then always carries
-    the ``BEGIN``, busy pool or not."""
+    ``check``: a read's position, checked before the first statement runs (see
+    :class:`~fastapi_rwdb.engine.checkout.PositionCheck`): on asyncpg kept with the
+    ``BEGIN``, on psycopg in the first statement's pipeline while the pool is quiet
+    (:data:`CHECK_IN_PIPELINE_WHILE_IN_USE`), else asked here in the ``BEGIN``'s
+    message, where a replica short of it raises
+    :class:`~fastapi_rwdb.engine.checkout.ReplicaBehindError` at once."""
     raw = connection.connection.driver_connection
     if check is not None and (deadline <= 0 or not _carries_check(raw)):
         # Nothing would carry the check: not checked, not served. An engine whose
@@ -108,8 +119,12 @@ def begin_within(
         if is_ours(raw):
             raw.begin_with_check(f"{set_local(deadline)}; {check.failing_query()}")
             connection.info[_WITH_FIRST] = (b"", check)
-        else:
+        elif quiet(connection.engine, CHECK_IN_PIPELINE_WHILE_IN_USE):
             connection.info[_WITH_FIRST] = (check.query(server_timeout_ms(deadline)), check)
+        else:
+            assert isinstance(raw, psycopg.Connection)  # (checks_with_first: one or the other)
+            asked = _begin(connection, raw, check.query(server_timeout_ms(deadline)), deadline)
+            check.confirm((_text(asked.get_value(0, 0)), _text(asked.get_value(0, 1))))
         return
     if is_ours(raw):
         if not raw.is_in_transaction():  # else the ping's BEGIN carried it
@@ -120,19 +135,31 @@ def begin_within(
         if PIPELINED_BEGIN and not raw.autocommit and quiet(connection.engine):
             connection.info[_WITH_FIRST] = (set_local(deadline).encode(), None)
             return
-        try:
-            begin_with(raw, set_local(deadline).encode(), deadline)
-        except NoAnswerError as exc:
-            servers.timed_out(connection.info)
-            connection.invalidate(exc)
-            raise _timed_out(deadline) from exc
-        except psycopg.Error as exc:
-            # Sent below SQLAlchemy, so it did not see the failure: say it as it would
-            # have (a lost connection, discarded), for the first statement's retry.
-            connection.invalidate(exc)
-            raise DBAPIError.instance(
-                "BEGIN", None, exc, psycopg.Error, connection_invalidated=True
-            ) from exc
+        _begin(connection, raw, set_local(deadline).encode(), deadline)
+
+
+def _begin(
+    connection: Connection, raw: psycopg.Connection[Any], then: bytes, deadline: float
+) -> Any:
+    """Open ``connection``'s transaction with ``then`` in the message of its ``BEGIN``
+    (:func:`~fastapi_rwdb.engine.wire.begin_with`); ``then``'s result."""
+    try:
+        return begin_with(raw, then, deadline)
+    except NoAnswerError as exc:
+        servers.timed_out(connection.info)
+        connection.invalidate(exc)
+        raise _timed_out(deadline) from exc
+    except psycopg.Error as exc:
+        # Sent below SQLAlchemy, so it did not see the failure: say it as it would
+        # have (a lost connection, discarded), for the first statement's retry.
+        connection.invalidate(exc)
+        raise DBAPIError.instance(
+            "BEGIN", None, exc, psycopg.Error, connection_invalidated=True
+        ) from exc
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 def checks_with_first(is_async: bool) -> bool:

@@ -122,11 +122,11 @@ def _begun(
     return parse_lsn(position)
 
 
-def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> None:
+def begin_with(raw: psycopg.Connection[Any], then: bytes, timeout: float) -> Any:
     """Open ``raw``'s transaction with the ``BEGIN`` psycopg would send and ``then`` in
-    the same message (one round trip, as psycopg's own ``BEGIN`` costs); psycopg sees
-    the transaction open and sends none. :class:`NoAnswerError` after ``timeout``."""
-    _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
+    the same message (one round trip, as psycopg's own ``BEGIN``); psycopg sends none.
+    ``then``'s result; :class:`NoAnswerError` after ``timeout``."""
+    return _answer(_simple_query(raw.pgconn, _begin_command(raw) + b"; " + then, timeout))
 
 
 def _pipelined_begin_supported() -> bool:

@@ -9,10 +9,11 @@ another connection, take one, wait, fall back to the primary) come from
 :func:`~fastapi_rwdb.routing.rules.next_replica_step`; this module carries them
 out and records what they found in the request's state.
 
-A first statement that needs a position (on psycopg: when the read pool is quiet)
-does not wait for those steps: the session takes the read port's engine, and the
-position is checked in the round trip of the statement itself
-(:class:`~fastapi_rwdb.engine.checkout.PositionCheck`), one round trip less. If
+A first statement that needs a position does not wait for those steps: the
+session takes the read port's engine, and the position is checked in the round
+trip of the statement itself (:class:`~fastapi_rwdb.engine.checkout.PositionCheck`),
+one round trip less (on psycopg while the read pool is quiet; busier, in the
+message of the transaction's ``BEGIN``, which costs less CPU). If
 the replica was short of it, the statement's answer is thrown away (asyncpg: the
 statement is not run), the transaction rolled back, and the statement routed again
 through the steps above.
@@ -38,7 +39,7 @@ from ..engine.checkout import (
     connect_at_position,
     position_of,
 )
-from ..engine.deadline import begin_within, checks_with_first, quiet, set_local
+from ..engine.deadline import begin_within, checks_with_first, set_local
 from ..engine.sqlalchemy_internals import EXECUTE_INTERNAL, await_
 from ..errors import DatabaseUnavailableError, ReplicaBenchedError
 from ..observe import metrics
@@ -72,14 +73,6 @@ _CAREFUL = "rwdb_read_careful"  # routing a statement again after a failed check
 _UNFIT: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 _PAUSE = 0.01  # seconds between two looks at a replica that is catching up
-
-#: On psycopg a read's position is checked with its first statement only while no
-#: other connection of the read pool is in use. The check rides in psycopg's pipeline,
-#: which costs CPU (more than the checkout ping's one simple query): worth a round
-#: trip where the round trip is the latency, not where CPU is the throughput
-#: (benchmarks/notes.md, "The position checked with the first statement"). On asyncpg
-#: it rides in the messages of the kept ``BEGIN``, which cost less than the ping's.
-CHECK_WITH_FIRST_WHILE_IN_USE = 0
 
 
 class RoutedReads(Session):
@@ -190,8 +183,8 @@ def _record_checked(session: Session) -> None:
 def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
     """Whether this routing may check the replica's position with the first statement:
     a driver that can send it there, a deadline to carry it, a statement of execute()
-    that can be sent again in an autobegun transaction, a READ COMMITTED server, and on
-    psycopg a quiet pool."""
+    that can be sent again in an autobegun transaction, and a READ COMMITTED server.
+    (How the check goes depends on how busy the pool is: engine.deadline.begin_within.)"""
     return (
         route.min_lsn is not None
         and bool(session.info.get(_EXECUTING))  # (only set where the driver can: checks_with_first)
@@ -199,7 +192,6 @@ def _check_with_first(session: Session, binds: ReadBinds, route: Route) -> bool:
         and timeout_of(session, binds) > 0
         and is_autobegun(session)
         and binds.replica not in _UNFIT
-        and (binds.is_async or quiet(binds.replica, CHECK_WITH_FIRST_WHILE_IN_USE))
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,82 @@ def test_a_transaction_the_caller_began_is_not_checked_with_its_statement(
     with _read(db, token) as session, session.begin():
         session.execute(text(f"SELECT 1 {MARK}"))
     assert sent == ["primary"]
+
+
+# -- psycopg, a busy pool: the check in the BEGIN's message, before the statement -----
+
+
+@contextlib.contextmanager
+def _busy(db: Database) -> Iterator[None]:
+    """Another read connection in use meanwhile: the check leaves the pipeline."""
+    with db.engines.read.connect() as other:
+        other.exec_driver_sql("SELECT 1")
+        yield
+
+
+@pytest.fixture
+def careful(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times a read was routed the careful way (its position asked first)."""
+    from fastapi_rwdb.orm import reads
+
+    taken: list[int] = []
+    original = reads._replica_at
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        taken.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reads, "_replica_at", counted)
+    return taken
+
+
+def _busy_read(db: Database, token: str, sql: str, **params: Any) -> Any:
+    with _busy(db), _read(db, token) as session:
+        return session.execute(text(sql), params).one()
+
+
+def test_busy_a_caught_up_replica_answers_without_asking_first(
+    db: Database, sent: list[str], routes: list[tuple[str, str]], careful: list[int]
+) -> None:
+    token = token_after(db, "SELECT 1")
+    _warm(db)
+    for _ in range(50):
+        sent.clear()
+        routes.clear()
+        careful.clear()
+        row = _busy_read(
+            db, token, f"SELECT pg_is_in_recovery(), current_setting('statement_timeout') {MARK}"
+        )
+        if row[0]:
+            break
+        time.sleep(0.1)  # (the replicas may be held back: `lag 1s`)
+    assert sent == ["replica"]
+    assert routes == [("replica", "caught-up")]
+    assert row[1] == "3200ms"  # the deadline's timeout came with the check
+    assert careful == []  # checked in the BEGIN's message, not asked the careful way
+
+
+def test_busy_a_replica_short_of_the_write_is_never_sent_the_statement(
+    db: Database,
+    lagging: None,
+    sent: list[str],
+    routes: list[tuple[str, str]],
+    careful: list[int],
+) -> None:
+    name = f"checked-{uuid.uuid4().hex[:12]}"
+    _warm(db)
+    token = token_after(db, f"INSERT INTO rwdb_items (name) VALUES ('{name}')")
+    routes.clear()
+    row = _busy_read(
+        db,
+        token,
+        f"SELECT count(*), pg_is_in_recovery() FROM rwdb_items WHERE name = :n {MARK}",
+        n=name,
+    )
+    assert tuple(row) == (1, False)  # the write, from the primary
+    assert sent == ["primary"]  # found short before the statement went
+    assert routes == [("primary", "replica-behind")]  # counted once, where it went
+    assert careful == [1]  # then routed the careful way
 
 
 # -- asyncpg: the check kept with the BEGIN, failing when the replica is short --------
