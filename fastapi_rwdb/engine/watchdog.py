@@ -10,6 +10,7 @@ its descriptor (which the driver still owns), so nothing can reuse the number.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import os
 import socket
@@ -105,7 +106,12 @@ class _LoopWatchdog:
         if self._timer is not None:
             self._timer.cancel()
         self._at = at
-        self._timer = self._loop.call_at(at, self._check) if at != math.inf else None
+        # In a context of its own: the current one is a request's, which the timer
+        # would keep alive (its state, its scope) until it fires, seconds later.
+        if at != math.inf:
+            self._timer = self._loop.call_at(at, self._check, context=contextvars.Context())
+        else:
+            self._timer = None
 
     def _check(self) -> None:
         self._timer, self._at = None, math.inf

@@ -5,9 +5,12 @@ timeout, the connect bound; and the watchdog that ends a wait on a socket
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import socket
 import sys
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -153,6 +156,27 @@ async def test_a_disarmed_asyncpg_watch_is_not_kept() -> None:
     armed = sys.getrefcount(watch)
     assert watch.disarm() is False
     assert sys.getrefcount(watch) == armed - 1  # the loop's watchdog let go of it
+
+
+class _Request:
+    pass
+
+
+_CURRENT: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("current")
+
+
+async def test_the_loop_timer_keeps_no_request_alive() -> None:
+    # The timer is set by whichever statement arms first: in that request's context,
+    # it would hold the request's state until it fires, seconds later.
+    request = _Request()
+    gone = weakref.ref(request)
+    reset = _CURRENT.set(request)
+    watch = AsyncWatch(_Connection(), 30.0)  # this loop's first: it sets the timer
+    _CURRENT.reset(reset)
+    del request
+    gc.collect()
+    assert gone() is None
+    assert watch.disarm() is False
 
 
 def test_the_begin_rides_with_the_first_statement_only_while_the_pool_is_quiet() -> None:
