@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import math
 import os
 import socket
@@ -18,6 +19,8 @@ import threading
 import time
 import weakref
 from typing import Any
+
+logger = logging.getLogger("fastapi_rwdb")
 
 
 class _Lanes:
@@ -116,10 +119,15 @@ class _LoopWatchdog:
     def _check(self) -> None:
         self._timer, self._at = None, math.inf
         due, nearest = self._lanes.take_due(self._loop.time())
+        self._set(nearest)  # first: one connection's failure below stops no other watch
         for watch in due:
             watch.fired = True
-            watch.raw.terminate()
-        self._set(nearest)
+            try:
+                watch.raw.terminate()
+            except Exception:  # (its wait ends with the connection's own error anyway)
+                logger.warning(
+                    "fastapi_rwdb: could not end a statement past its deadline", exc_info=True
+                )
 
 
 _LOOP_WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWatchdog] = (

@@ -212,3 +212,18 @@ def test_a_terminated_asyncpg_connection_is_asked_nothing_it_cannot_answer() -> 
     raw = _Terminated()
     assert deadline._nothing_to_end(raw) is False
     assert deadline._carries_check(raw) is False
+
+
+class _Stuck(_Connection):
+    def terminate(self) -> None:
+        raise RuntimeError("cannot")
+
+
+async def test_one_connection_that_cannot_be_ended_stops_no_other_watch() -> None:
+    stuck, other = _Stuck(), _Connection()
+    first = AsyncWatch(stuck, 0.05)
+    second = AsyncWatch(other, 0.05)
+    later = AsyncWatch(_Connection(), 0.2)
+    await asyncio.sleep(0.4)
+    assert first.disarm() and second.disarm() and later.disarm()
+    assert other.terminated_at is not None
