@@ -18,7 +18,14 @@ from sqlalchemy import text
 
 import fastapi_rwdb
 from benchmarks.common import NODE_PORTS, dsn, node_dsn, replica_nodes, stack
-from fastapi_rwdb import AsyncWriteSession, Database, RWDBSettings, WriteSession
+from fastapi_rwdb import (
+    AsyncReadSession,
+    AsyncWriteSession,
+    Database,
+    ReadSession,
+    RWDBSettings,
+    WriteSession,
+)
 
 __all__ = [
     "KEY",
@@ -80,6 +87,48 @@ def add_writes(app: FastAPI, path: str = "/notes", table: str = "rwdb_items") ->
         await db.execute(insert, {"n": name})
         await db.commit()
         return {"name": name}
+
+
+def add_named_item_routes(app: FastAPI) -> None:
+    """Writes of a row named in the path, Core and ORM, sync and async (``POST /core/N``,
+    ``/orm/N``, ``/async/core/N``, ``/async/orm/N``), and the count of rows of that name
+    read back (``GET /read/N``, ``/async/read/N``)."""
+    from .models import Item
+
+    insert = text("INSERT INTO rwdb_items (name) VALUES (:n)")
+    select = text("SELECT count(*) FROM rwdb_items WHERE name = :n")
+
+    @app.post("/core/{name}")
+    def core_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.execute(insert, {"n": name})
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/orm/{name}")
+    def orm_write(name: str, db: WriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        db.commit()
+        return {"ok": True}
+
+    @app.post("/async/core/{name}")
+    async def async_core_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        await db.execute(insert, {"n": name})
+        await db.commit()
+        return {"ok": True}
+
+    @app.post("/async/orm/{name}")
+    async def async_orm_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
+        db.add(Item(name=name))
+        await db.commit()
+        return {"ok": True}
+
+    @app.get("/read/{name}")
+    def read(name: str, db: ReadSession) -> dict[str, int]:
+        return {"count": db.execute(select, {"n": name}).scalar_one()}
+
+    @app.get("/async/read/{name}")
+    async def async_read(name: str, db: AsyncReadSession) -> dict[str, int]:
+        return {"count": (await db.execute(select, {"n": name})).scalar_one()}
 
 
 def client(

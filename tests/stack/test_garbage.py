@@ -16,20 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 
-import fastapi_rwdb
 from benchmarks.common import call
-from fastapi_rwdb import (
-    AsyncReadSession,
-    AsyncWriteSession,
-    Database,
-    ReadSession,
-    RWDBSettings,
-    WriteSession,
-)
 
-from ..models import Item
+from ..helpers import add_named_item_routes, rwdb_app
 
 pytestmark = pytest.mark.stack
 
@@ -37,43 +27,8 @@ ROUNDS = 40
 
 
 def make_app() -> FastAPI:
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key="garbage-test-key-0123456789")))
-    insert = text("INSERT INTO rwdb_items (name) VALUES (:n)")
-    select = text("SELECT count(*) FROM rwdb_items WHERE name = :n")
-
-    @app.post("/core/{name}")
-    def core_write(name: str, db: WriteSession) -> dict[str, bool]:
-        db.execute(insert, {"n": name})
-        db.commit()
-        return {"ok": True}
-
-    @app.post("/orm/{name}")
-    def orm_write(name: str, db: WriteSession) -> dict[str, bool]:
-        db.add(Item(name=name))
-        db.commit()
-        return {"ok": True}
-
-    @app.post("/async/core/{name}")
-    async def async_core_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
-        await db.execute(insert, {"n": name})
-        await db.commit()
-        return {"ok": True}
-
-    @app.post("/async/orm/{name}")
-    async def async_orm_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
-        db.add(Item(name=name))
-        await db.commit()
-        return {"ok": True}
-
-    @app.get("/read/{name}")
-    def read(name: str, db: ReadSession) -> dict[str, int]:
-        return {"count": db.execute(select, {"n": name}).scalar_one()}
-
-    @app.get("/async/read/{name}")
-    async def async_read(name: str, db: AsyncReadSession) -> dict[str, int]:
-        return {"count": (await db.execute(select, {"n": name})).scalar_one()}
-
+    app = rwdb_app()
+    add_named_item_routes(app)
     return app
 
 

@@ -27,16 +27,11 @@ from benchmarks.common import prepare_table, wait_replicas_have
 from benchmarks.overhead import count_round_trips
 from benchmarks.wire import WireCounter, round_trips
 from fastapi_rwdb import (
-    AsyncReadSession,
-    AsyncWriteSession,
     Database,
-    ReadSession,
     RWDBSettings,
-    WriteSession,
 )
 
-from ..helpers import dsn
-from ..models import Item
+from ..helpers import add_named_item_routes, dsn
 
 pytestmark = pytest.mark.stack
 
@@ -82,41 +77,7 @@ def make_app(wire: WireCounter, **overrides: Any) -> FastAPI:
     )
     app = FastAPI()
     fastapi_rwdb.setup(app, Database(settings))
-    insert = text("INSERT INTO rwdb_items (name) VALUES (:n)")
-    select = text("SELECT count(*) FROM rwdb_items WHERE name = :n")
-
-    @app.post("/core/{name}")
-    def core_write(name: str, db: WriteSession) -> dict[str, bool]:
-        db.execute(insert, {"n": name})
-        db.commit()
-        return {"ok": True}
-
-    @app.post("/orm/{name}")
-    def orm_write(name: str, db: WriteSession) -> dict[str, bool]:
-        db.add(Item(name=name))
-        db.commit()
-        return {"ok": True}
-
-    @app.post("/async/core/{name}")
-    async def async_core_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
-        await db.execute(insert, {"n": name})
-        await db.commit()
-        return {"ok": True}
-
-    @app.post("/async/orm/{name}")
-    async def async_orm_write(name: str, db: AsyncWriteSession) -> dict[str, bool]:
-        db.add(Item(name=name))
-        await db.commit()
-        return {"ok": True}
-
-    @app.get("/read/{name}")
-    def read(name: str, db: ReadSession) -> dict[str, int]:
-        return {"count": db.execute(select, {"n": name}).scalar_one()}
-
-    @app.get("/async/read/{name}")
-    async def async_read(name: str, db: AsyncReadSession) -> dict[str, int]:
-        return {"count": (await db.execute(select, {"n": name})).scalar_one()}
-
+    add_named_item_routes(app)
     return app
 
 
