@@ -75,12 +75,12 @@ class AsyncWatch:
         loop = asyncio.get_running_loop()  # (RuntimeError with none: nothing to watch)
         dog = _LOOP_WATCHDOGS.get(loop)
         if dog is None:
-            dog = _LOOP_WATCHDOGS[loop] = _LoopWatchdog(loop)
+            dog = _LOOP_WATCHDOGS[loop] = _LoopWatchdog()
         self.raw = raw
         self.fired = False
         self.ending = ending
         self.due = loop.time() + deadline
-        self._lane = dog.arm(self, deadline)
+        self._lane = dog.arm(self, deadline, loop)
 
     def disarm(self) -> bool:
         """Stop watching; whether the deadline had passed."""
@@ -89,37 +89,42 @@ class AsyncWatch:
 
 
 class _LoopWatchdog:
-    """One event loop's asyncpg deadlines, on a single timer set for the nearest."""
+    """One event loop's asyncpg deadlines, on a single timer set for the nearest.
 
-    __slots__ = ("__weakref__", "_at", "_lanes", "_loop", "_timer")
+    It holds no reference to its loop, nor to the timer's handle (which refers to the
+    loop): kept per loop in a dict with weak keys, it would keep a loop that ended
+    alive (a test suite makes one per test). A timer replaced by a nearer one is not
+    cancelled but ignored when it fires (its number is not the latest)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    __slots__ = ("__weakref__", "_at", "_lanes", "_timers")
+
+    def __init__(self) -> None:
         self._lanes = _Lanes()
-        self._timer: asyncio.TimerHandle | None = None
         self._at = math.inf
+        self._timers = 0
 
-    def arm(self, watch: AsyncWatch, length: float) -> dict[Any, None]:
+    def arm(
+        self, watch: AsyncWatch, length: float, loop: asyncio.AbstractEventLoop
+    ) -> dict[Any, None]:
         lane = self._lanes.add(watch, length)
         if watch.due < self._at:
-            self._set(watch.due)
+            self._set(loop, watch.due)
         return lane
 
-    def _set(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+    def _set(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         self._at = at
-        # In a context of its own: the current one is a request's, which the timer
-        # would keep alive (its state, its scope) until it fires, seconds later.
+        self._timers += 1
         if at != math.inf:
-            self._timer = self._loop.call_at(at, self._check, context=contextvars.Context())
-        else:
-            self._timer = None
+            # In a context of its own: the current one is a request's, which the timer
+            # would keep alive (its state, its scope) until it fires, seconds later.
+            loop.call_at(at, self._check, self._timers, context=contextvars.Context())
 
-    def _check(self) -> None:
-        self._timer, self._at = None, math.inf
-        due, nearest = self._lanes.take_due(self._loop.time())
-        self._set(nearest)  # first: one connection's failure below stops no other watch
+    def _check(self, timer: int) -> None:
+        if timer != self._timers:
+            return  # replaced by a nearer one
+        loop = asyncio.get_running_loop()
+        due, nearest = self._lanes.take_due(loop.time())
+        self._set(loop, nearest)  # first: one connection's failure below stops no other watch
         for watch in due:
             watch.fired = True
             try:

@@ -227,3 +227,19 @@ async def test_one_connection_that_cannot_be_ended_stops_no_other_watch() -> Non
     await asyncio.sleep(0.4)
     assert first.disarm() and second.disarm() and later.disarm()
     assert other.terminated_at is not None
+
+
+def test_an_event_loop_that_ended_is_not_kept() -> None:
+    # A test suite makes a loop per test: the deadline's per-loop state must not keep
+    # one alive, armed once or with a timer still set when it closed.
+    loop = asyncio.new_event_loop()
+
+    async def arm() -> None:
+        AsyncWatch(_Connection(), 30.0).disarm()
+
+    loop.run_until_complete(arm())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
