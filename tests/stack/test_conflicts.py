@@ -258,9 +258,32 @@ def terminate_scans() -> int:
     return ended
 
 
+def replicas_replayed_all() -> None:
+    """Wait until both replicas have replayed everything the primary has written: a
+    VACUUM of an earlier test still to replay could cancel the next scan (a replay
+    conflict) and move it to the primary, where no replica connection can be lost."""
+    with psycopg.connect(dsn(), autocommit=True, prepare_threshold=None) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    needed = parse_lsn(row[0])
+    assert needed is not None
+    deadline = time.monotonic() + 30
+    while True:
+        replayed = []
+        for port in replica_settings([]):
+            with psycopg.connect(node_dsn(port), connect_timeout=2, autocommit=True) as conn:
+                seen = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+            replayed.append(parse_lsn(seen[0]) if seen else None)
+        if len(replayed) == 2 and all(r is not None and r >= needed for r in replayed):
+            return
+        assert time.monotonic() < deadline, f"replicas never replayed {row[0]}: {replayed}"
+        time.sleep(0.1)
+
+
 async def while_terminated(client: httpx.AsyncClient, path: str) -> httpx.Response:
     """``GET path`` while the replica connection serving it is closed under it (as
     HAProxy does to a node that leaves the read port)."""
+    await asyncio.to_thread(replicas_replayed_all)
     request = asyncio.create_task(client.get(path))
     ended = 0
     for _ in range(30):  # once the scan runs (about 0.1 s on a quiet machine, ~2 s long)
@@ -268,6 +291,9 @@ async def while_terminated(client: httpx.AsyncClient, path: str) -> httpx.Respon
         ended = await asyncio.to_thread(terminate_scans)
         if ended or request.done():
             break
+    if ended != 1 and request.done():
+        response = request.result()
+        raise AssertionError(f"no scan to end; answered {response.headers.get('x-rwdb-read')}")
     assert ended == 1
     return await request
 

@@ -76,5 +76,7 @@ async def test_requests_make_no_reference_cycles(collector_paused: None) -> None
             made += await requests(app, f"garbage-{uuid.uuid4().hex[:8]}")
         gc.collect()
     kinds = collections.Counter(type(o).__qualname__ for o in gc.garbage)
-    # A cycle per request would leave ROUNDS of each of its objects at least.
-    assert len(gc.garbage) < ROUNDS, f"{made} requests left {kinds.most_common(8)}"
+    # A cycle per request leaves ROUNDS of each of its kinds at least. (A connection
+    # closed meanwhile, by the pool or the server, may leave a few of its own.)
+    most = kinds.most_common(1)[0][1] if kinds else 0
+    assert most < ROUNDS, f"{made} requests left {kinds.most_common(8)}"
