@@ -43,7 +43,7 @@ from .asyncpg_connection import PackageConnection, begin_ahead, is_ours
 from .checkout import PositionCheck, ReplicaBehindError
 from .sqlalchemy_internals import around_driver_calls
 from .watchdog import WATCHDOG, AsyncWatch
-from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first
+from .wire import PIPELINED_BEGIN, NoAnswerError, begin_with, begin_with_first, first_row
 
 # Connection info keys, private to this module (cleared when the connection goes back).
 _DEADLINE = "rwdb_deadline"  # seconds each statement of this transaction may take
@@ -124,7 +124,7 @@ def begin_within(
         else:
             assert isinstance(raw, psycopg.Connection)  # (checks_with_first: one or the other)
             asked = _begin(connection, raw, check.query(server_timeout_ms(deadline)), deadline)
-            check.confirm((_text(asked.get_value(0, 0)), _text(asked.get_value(0, 1))))
+            check.confirm(first_row(asked, 2))
         return
     if is_ours(raw):
         if not raw.is_in_transaction():  # else the ping's BEGIN carried it
@@ -156,10 +156,6 @@ def _begin(
         raise DBAPIError.instance(
             "BEGIN", None, exc, psycopg.Error, connection_invalidated=True
         ) from exc
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
 
 
 def checks_with_first(is_async: bool) -> bool:

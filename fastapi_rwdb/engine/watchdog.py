@@ -96,7 +96,7 @@ class _LoopWatchdog:
     alive (a test suite makes one per test). A timer replaced by a nearer one is not
     cancelled but ignored when it fires (its number is not the latest)."""
 
-    __slots__ = ("__weakref__", "_at", "_lanes", "_timers")
+    __slots__ = ("_at", "_lanes", "_timers")
 
     def __init__(self) -> None:
         self._lanes = _Lanes()

@@ -89,7 +89,7 @@ def begin_reading_position(
                     timeout,
                 )
             )
-            position, isolation = _text(last.get_value(0, 0)), _text(last.get_value(0, 1))
+            position, isolation = first_row(last, 2)
             return _begun(dbapi_connection, info, position, isolation)
     elif (
         getattr(dbapi_connection, "isolation_level", "?") in (None, "read_committed")
@@ -284,8 +284,8 @@ def _begin_command(raw: psycopg.Connection[Any]) -> bytes:
     return b" ".join(parts)
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
+def first_row(result: Any, n: int) -> tuple[str | None, ...]:  # (its first n values, as text)
+    return tuple(None if (v := result.get_value(0, i)) is None else v.decode() for i in range(n))
 
 
 def end_unused_transaction(connection_info: dict[str, Any], dbapi_connection: Any) -> None:
@@ -361,7 +361,7 @@ def fetch_outside_transaction(raw: Any, sql: str, timeout: float | None = None) 
 def _fetch_simple(raw: psycopg.Connection[Any], sql: str, timeout: float | None) -> str | None:
     """``sql``'s first value as text, in one simple-query message, where ``raw`` is."""
     last = _answer(_simple_query(raw.pgconn, sql.encode(), timeout))
-    return _text(last.get_value(0, 0)) if last.ntuples else None
+    return first_row(last, 1)[0] if last.ntuples else None
 
 
 def _execute_autocommit(raw: psycopg.Connection[Any], sql: str) -> psycopg.Cursor[Any]:
