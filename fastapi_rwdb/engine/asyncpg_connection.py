@@ -49,6 +49,16 @@ harmless on a replica, not for a write. Asked of the first connection as the COP
 is (:func:`probe`: the statement must see the ``SET LOCAL`` and find itself in the
 transaction); otherwise the ``BEGIN`` is sent as before.
 
+The package's COPYs return one short row, which asyncpg hands to a sink with the
+socket's reading paused (back-pressure for a slow sink: the event loop's selector
+changed twice, two system calls, some 15 us of CPU per COPY here). The package's
+sink never waits, so it is sent with that pause and its resume made no-ops on the
+connection's transport for the COPY (:func:`_reading_unpaused`): asyncpg wakes the
+COPY's task before the event loop reads the socket again, and the task asks for
+the next data before it gives the loop back, so no data can arrive with nobody
+waiting. A transport whose methods cannot be replaced (uvloop's) keeps the pause.
+``tests/stack/test_asyncpg_commit.py`` reads a COPY of a few megabytes this way.
+
 A read with a token may have the replica's position checked the same way: the
 check is a third command kept with the ``BEGIN`` (:meth:`PackageConnection.begin_with_check`),
 and, as the describe step reads no rows, it answers by failing when the replica is
@@ -208,7 +218,10 @@ async def _copy_out(raw: Any, sql: str, timeout: float | None) -> str | None:
     the package's own COPYs)."""
     kept = getattr(raw, "rwdb_ahead", None) is not None
     copy = raw._copy_out if kept else raw._protocol.copy_out
-    return await first_copied_line(lambda sink: copy(sql, sink, timeout))
+    sink = _Lines()
+    with _reading_unpaused(raw._transport):
+        await copy(sql, sink, timeout)
+    return sink.first()
 
 
 async def first_copied_line(
@@ -216,14 +229,52 @@ async def first_copied_line(
 ) -> str | None:
     """The first line of what ``copy`` (an asyncpg COPY ... TO STDOUT, given the sink
     for its data) sends, as text; ``None`` for no row or a NULL."""
-    chunks: list[bytes] = []
+    sink = _Lines()
+    await copy(sink)
+    return sink.first()
 
-    async def collect(data: bytes) -> None:
-        chunks.append(bytes(data))
 
-    await copy(collect)
-    line = b"".join(chunks).split(b"\n", 1)[0].decode()
-    return None if line in ("", "\\N") else line
+class _Lines:
+    """A COPY's sink (asyncpg awaits what calling it returns): keeps what arrives,
+    never waits (see the module's doc on the paused reading)."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def first(self) -> str | None:
+        """The first line, as text; ``None`` for no row or a NULL."""
+        line = b"".join(self.chunks).split(b"\n", 1)[0].decode()
+        return None if line in ("", "\\N") else line
+
+
+def _nothing() -> None:
+    return None
+
+
+class _reading_unpaused:
+    """For a COPY whose sink never waits: the transport's ``pause_reading`` and
+    ``resume_reading`` do nothing meanwhile (see the module's doc)."""
+
+    __slots__ = ("replaced", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.replaced = transport, False
+
+    def __enter__(self) -> None:
+        try:
+            self.transport.pause_reading = self.transport.resume_reading = _nothing
+            self.replaced = True
+        except AttributeError:  # no instance attributes (uvloop): asyncpg pauses
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self.replaced:
+            del self.transport.pause_reading, self.transport.resume_reading
 
 
 async def probe(raw: Any) -> None:

@@ -86,3 +86,29 @@ async def test_a_plain_connection_is_never_armed() -> None:
         assert not arm(conn)  # a connection class of the application's own
     finally:
         await conn.close()
+
+
+async def test_a_copy_read_with_the_reading_never_paused_gets_every_chunk() -> None:
+    # The package's COPYs run with the transport's pause and resume made no-ops
+    # (engine/asyncpg_connection.py). A COPY of a few megabytes arrives in many reads,
+    # asyncpg handing each batch to the sink before the next: none may be lost or
+    # arrive with nobody waiting, and the transport reads again afterwards.
+    conn = await connect()
+    try:
+        rows = 3000
+        sql = f"COPY (SELECT i, repeat('x', 1000) FROM generate_series(1, {rows}) i) TO STDOUT"
+        sink = asyncpg_connection._Lines()
+        with asyncpg_connection._reading_unpaused(conn._transport):
+            status = await conn._protocol.copy_out(sql, sink, None)
+        assert status == f"COPY {rows}"
+        assert len(sink.chunks) > 1  # arrived in several batches
+        lines = b"".join(sink.chunks).decode().splitlines()
+        assert [line.split("\t")[0] for line in lines] == [str(i) for i in range(1, rows + 1)]
+        assert "pause_reading" not in vars(conn._transport)
+        assert conn._transport.is_reading()
+        ok = await asyncpg_connection._copy_out(conn, "COPY (SELECT 'ok') TO STDOUT", None)
+        assert ok == "ok"
+        assert conn._transport.is_reading()
+        assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await conn.close()

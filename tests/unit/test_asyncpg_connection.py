@@ -159,3 +159,58 @@ def test_asyncpg_keeps_what_the_kept_begin_relies_on() -> None:
     )
     source = inspect.getsource(asyncpg.Connection._do_execute)
     assert "self._get_statement(" in source  # fetch, execute with arguments, executemany
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+class _SlotTransport:  # as uvloop's: no instance attributes
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+
+def test_a_copy_does_not_pause_the_reading_and_gives_the_methods_back() -> None:
+    transport = _Transport()
+    with asyncpg_connection._reading_unpaused(transport):
+        transport.pause_reading()
+        transport.resume_reading()
+    assert transport.calls == []
+    transport.pause_reading()
+    assert transport.calls == ["pause"]
+    with pytest.raises(ValueError), asyncpg_connection._reading_unpaused(transport):
+        raise ValueError  # given back when the COPY fails too
+    transport.resume_reading()
+    assert transport.calls == ["pause", "resume"]
+
+
+def test_a_transport_whose_methods_cannot_be_replaced_keeps_its_pause() -> None:
+    transport = _SlotTransport()
+    with asyncpg_connection._reading_unpaused(transport):
+        transport.pause_reading()
+    assert transport.calls == ["pause"]
+
+
+async def test_the_copy_sink_keeps_the_first_line_and_never_waits() -> None:
+    sink = asyncpg_connection._Lines()
+    step = sink(b"0/3000")
+    with pytest.raises(StopIteration):  # done at its first step: nothing awaited
+        step.send(None)
+    await sink(b"148\tx\nsecond\n")
+    assert sink.first() == "0/3000148\tx"
+    assert asyncpg_connection._Lines().first() is None
+    null = asyncpg_connection._Lines()
+    await null(b"\\N\n")
+    assert null.first() is None
