@@ -51,7 +51,7 @@ transaction); otherwise the ``BEGIN`` is sent as before.
 
 The package's COPYs return one short row, which asyncpg hands to a sink with the
 socket's reading paused (back-pressure for a slow sink: the event loop's selector
-changed twice, two system calls, some 15 us of CPU per COPY here). The package's
+changed twice, two system calls; benchmarks/peers.md has what it cost). The package's
 sink never waits, so it is sent with that pause and its resume made no-ops on the
 connection's transport for the COPY (:func:`_reading_unpaused`): asyncpg wakes the
 COPY's task before the event loop reads the socket again, and the task asks for
