@@ -195,18 +195,8 @@ async def vacuumed_at(client: httpx.AsyncClient, path: str) -> tuple[httpx.Respo
 
 
 def scan_running() -> bool:
-    """Whether a replica is running this module's scan (seen as the superuser)."""
-    for port in replica_settings([]):
-        superuser = node_dsn(port, user="postgres", password="postgres_pw")
-        with psycopg.connect(superuser, connect_timeout=2, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-                " AND query LIKE %s AND pid <> pg_backend_pid()",
-                (f"%FROM {TABLE}%",),
-            ).fetchone()
-        if row and row[0]:
-            return True
-    return False
+    """Whether a replica is running this module's scan."""
+    return _on_scans("count(*) FILTER (WHERE state = 'active')") > 0
 
 
 @pytest.fixture(scope="module")
@@ -265,18 +255,24 @@ async def test_first_statement_in_an_explicit_begin_is_a_503(client: httpx.Async
 
 
 def terminate_scans() -> int:
-    """On each replica, as the superuser: end the backends running this module's scan."""
-    ended = 0
+    """On each replica: end the backends running this module's scan."""
+    return _on_scans("count(pg_terminate_backend(pid))")
+
+
+def _on_scans(aggregate: str) -> int:
+    """``aggregate`` over the backends running this module's scan, on each replica, as
+    the superuser (who sees and may end any backend): the sum."""
+    total = 0
     for port in replica_settings([]):
         superuser = node_dsn(port, user="postgres", password="postgres_pw")
         with psycopg.connect(superuser, connect_timeout=2, autocommit=True) as conn:
             row = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                f"SELECT {aggregate} FROM pg_stat_activity"
                 " WHERE query LIKE %s AND pid <> pg_backend_pid()",
                 (f"%FROM {TABLE}%",),
             ).fetchone()
-            ended += row[0] if row else 0
-    return ended
+        total += row[0] if row else 0
+    return total
 
 
 def replicas_replayed_all() -> None:
