@@ -14,11 +14,9 @@ and a read on a frozen replica abandoned at its deadline.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -29,14 +27,14 @@ from benchmarks.common import call
 from fastapi_rwdb import Database, RWDBSettings
 from fastapi_rwdb.engine import asyncpg_connection
 
-from ..helpers import add_named_item_routes, replica_nodes, rwdb_app
-from .faults import bouncer_url, frozen_bouncer
+from ..helpers import add_named_item_routes, replica_nodes, rwdb_app, stack
+from .faults import frozen_bouncer
+from .test_grey_failures import DEADLINE, replica_database
 from .test_keepalives import DEFAULT_READ, asyncpg_options
 
 pytestmark = pytest.mark.stack
 
 T = TypeVar("T")
-STACK = Path(__file__).resolve().parents[2] / "scripts" / "stack.sh"
 
 
 def on_uvloop(main: Callable[[], Awaitable[T]]) -> T:
@@ -47,9 +45,6 @@ def on_uvloop(main: Callable[[], Awaitable[T]]) -> T:
 
 @pytest.fixture
 def lagging() -> Iterator[None]:
-    def stack(*args: str) -> None:
-        subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
-
     stack("lag", "1s")
     try:
         yield
@@ -92,7 +87,6 @@ def test_a_clients_own_write_is_read_back_on_uvloop(
 
 def test_a_read_on_a_frozen_replica_is_abandoned_at_its_deadline_on_uvloop() -> None:
     node = replica_nodes()[0]
-    deadline = 1.0
 
     async def on_primary(database: Database, timeout: float | None = None) -> bool:
         async with database.async_read_session(timeout=timeout) as session:
@@ -100,18 +94,12 @@ def test_a_read_on_a_frozen_replica_is_abandoned_at_its_deadline_on_uvloop() -> 
             return result.scalar_one() is False
 
     async def main() -> tuple[bool, bool, float, bool]:
-        settings = RWDBSettings(
-            read_url=bouncer_url(node),
-            connect_retries=0,
-            read_timeout=deadline,
-            replica_bench_seconds=0,
-        )
-        database = Database(settings)
+        database = replica_database(node)
         try:
             warm = await on_primary(database)  # a pooled connection on the replica
             with frozen_bouncer(node, at_most=15):
                 started = time.monotonic()
-                moved = await on_primary(database, deadline)
+                moved = await on_primary(database, DEADLINE)
                 took = time.monotonic() - started
             after = await on_primary(database)
         finally:
@@ -121,7 +109,7 @@ def test_a_read_on_a_frozen_replica_is_abandoned_at_its_deadline_on_uvloop() -> 
     warm, moved, took, after = on_uvloop(main)
     assert not warm
     assert moved, "the abandoned read did not go to the primary"
-    assert deadline * 0.9 < took < deadline + 1.0, f"the read took {took:.2f} s"
+    assert DEADLINE * 0.9 < took < DEADLINE + 1.0, f"the read took {took:.2f} s"
     assert not after  # the path is back: on the replica again
 
 
