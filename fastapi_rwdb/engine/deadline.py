@@ -228,9 +228,8 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     def watched(pooled: Any, *, ending: bool) -> tuple[dict[str, Any], Any] | None:
         """Watch ``pooled``'s next driver call if its transaction has a deadline (or the
         side has one): its info and driver connection; ``None`` when nothing is armed."""
-        try:
-            info = pooled.info
-        except NotImplementedError:  # the dialect's first look at a new connection
+        info = _info_of(pooled)
+        if info is None:
             return None
         left = info.pop(_ARMED, None)  # a failed call's watch nobody collected
         if left is not None:
@@ -295,25 +294,25 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
     # A DialectEvents listener: it leaves the engine's statements on the fast path.
     @event.listens_for(engine, "handle_error")
     def _abandoned(ctx: ExceptionContext) -> BaseException | None:
-        conn = ctx.connection
-        if conn is None:
+        info = None if ctx.connection is None else _info_of(ctx.connection.connection)
+        if info is None:
             return None
-        begins = conn.info.pop(_BEGINS, False)
-        armed = conn.info.pop(_ARMED, None)
+        begins = info.pop(_BEGINS, False)
+        armed = info.pop(_ARMED, None)
         if armed is None or not armed.disarm():
             if begins and ctx.is_disconnect:
                 # Lost as its BEGIN went: this connection only, as a BEGIN sent on its
                 # own (begin_within) is; the first statement runs again elsewhere.
                 ctx.invalidate_pool_on_disconnect = False
             return None
-        servers.timed_out(conn.info)  # its replica is passed over for a while
+        servers.timed_out(info)  # its replica is passed over for a while
         ctx.is_disconnect = True  # discard this connection...
         ctx.invalidate_pool_on_disconnect = False  # ... and only this one
         if armed.ending:
             # A ROLLBACK: the transaction ends with the connection; nothing was lost,
             # and the session's close says so (orm.closing) rather than fail.
             return None
-        error = timed_out(conn.info.get(_DEADLINE) or every)
+        error = timed_out(info.get(_DEADLINE) or every)
         error.__cause__ = ctx.original_exception
         return error
 
@@ -327,6 +326,17 @@ def watch(engine: Engine, *, is_async: bool, side: str, every: float = 0.0) -> N
         armed = record.info.pop(_ARMED, None)
         if armed is not None:
             armed.disarm()
+
+
+def _info_of(pooled: Any) -> dict[str, Any] | None:
+    """The pooled connection's info; ``None`` for the one the dialect looks at when the
+    engine's first connection opens (SQLAlchemy's ad hoc proxy has no info: nothing is
+    watched there, and an error there must still reach the caller as the driver's)."""
+    try:
+        info: dict[str, Any] = pooled.info
+    except NotImplementedError:
+        return None
+    return info
 
 
 def _nothing_to_end(raw: Any) -> bool:

@@ -3,7 +3,8 @@
 Attached once per engine by the factories (:mod:`.factory`): connect retry with
 backoff (and the read side's breaker told about it), the checkout ping
 (:mod:`.checkout`), read-only connections on the read side, SQLSTATE 25006 told
-apart (a read session's write, or a demoted primary), the write tracking's
+apart (a read session's write, or a demoted primary), a driver that lost its place
+in the conversation discarded as a lost connection, the write tracking's
 COMMIT routed to where SQLAlchemy commits (:mod:`.commit`), and asyncpg sockets'
 keepalives (:mod:`.sockets`).
 """
@@ -32,7 +33,7 @@ from .checkout import install_ping, ping_timed_out
 from .connect_errors import classify_connect_error
 from .sockets import set_socket_options
 from .sqlalchemy_internals import await_, before_connection_options, set_readonly
-from .sqlstates import READ_ONLY_SQLSTATE, brief, sqlstate_of
+from .sqlstates import READ_ONLY_SQLSTATE, brief, is_out_of_step, sqlstate_of
 from .wire import abandon, end_unused_transaction
 
 logger = logging.getLogger("fastapi_rwdb")
@@ -203,6 +204,16 @@ def instrument(
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, conn_rec: Any) -> None:
             set_readonly(engine.dialect, dbapi_connection)
+
+    @event.listens_for(engine, "handle_error")
+    def _out_of_step(ctx: ExceptionContext) -> None:
+        # SQLAlchemy asks asyncpg whether its socket closed: not yet, at that moment.
+        if not is_out_of_step(ctx.original_exception):
+            return
+        if ctx.connection is not None:  # (None: as it opened, and the pool closes it)
+            abandon(ctx.connection.connection.dbapi_connection)  # its goodbye would wait
+        ctx.is_disconnect = True  # discard this connection...
+        ctx.invalidate_pool_on_disconnect = False  # ... and only this one
 
     @event.listens_for(engine, "handle_error")
     def _read_only_error(ctx: ExceptionContext) -> None:

@@ -8,6 +8,8 @@ agree on what each one means.
 
 from __future__ import annotations
 
+import asyncpg  # type: ignore[import-untyped]
+
 from ..errors import RWDBError
 from ..settings import RWDBSettings
 
@@ -34,6 +36,23 @@ def sqlstate_of(exc: BaseException) -> str | None:
         if isinstance(code, str):
             return code
     return None
+
+
+def is_out_of_step(exc: BaseException) -> bool:
+    """Whether the driver lost its place in the conversation with the server, wrapped by
+    SQLAlchemy or not: asyncpg's ``InternalClientError``. A message came that its protocol
+    did not expect (a backend terminated between two statements sends its FATAL error
+    unasked, before the proxy closes the socket); the connection then waits for a
+    message that never comes and fails every later command, COMMIT included, before
+    sending it. Nothing on it can be trusted: it is discarded as a lost one is."""
+    chain = [exc]  # SQLAlchemy's error, its DBAPI adapter's, asyncpg's: a few links
+    for candidate in chain:
+        if isinstance(candidate, asyncpg.exceptions.InternalClientError):
+            return True
+        for inner in (getattr(candidate, "orig", None), candidate.__cause__):
+            if isinstance(inner, BaseException) and inner not in chain and len(chain) < 8:
+                chain.append(inner)
+    return False
 
 
 def is_connection_failure(code: str | None) -> bool:

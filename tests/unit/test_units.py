@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import fastapi_rwdb
 from fastapi_rwdb import Database, DatabaseUnavailableError, RWDBSettings
 from fastapi_rwdb.engine.connect_errors import is_transient_connect_error
-from fastapi_rwdb.engine.sqlstates import sqlstate_of
+from fastapi_rwdb.engine.sqlstates import is_out_of_step, sqlstate_of
 from fastapi_rwdb.routing import replicas as health
 from fastapi_rwdb.routing.lsn import parse_lsn
 from fastapi_rwdb.routing.replicas import ReadSideHealth, watch_replicas
@@ -134,6 +134,42 @@ def test_sqlstate_of_finds_the_code_where_each_layer_keeps_it() -> None:
     except RuntimeError as exc:
         assert sqlstate_of(exc) == "57P01"  # on __cause__
     assert sqlstate_of(psycopg.errors.ReadOnlySqlTransaction("x")) == "25006"
+
+
+def _as_sqlalchemy_raises(driver_error: Exception) -> DBAPIError:
+    """``driver_error`` as SQLAlchemy's asyncpg adapter translates and wraps it."""
+    from sqlalchemy.dialects.postgresql.asyncpg import (
+        AsyncAdapt_asyncpg_connection,
+        AsyncAdapt_asyncpg_dbapi,
+    )
+
+    dbapi = AsyncAdapt_asyncpg_dbapi(__import__("asyncpg"))
+    try:
+        try:
+            raise driver_error
+        except Exception as exc:
+            AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, exc)
+    except Exception as translated:
+        return wrapped(translated, InternalError)
+    raise AssertionError("not translated")
+
+
+def test_an_asyncpg_protocol_out_of_step_is_told_through_every_wrapping() -> None:
+    import asyncpg
+
+    lost = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 18; another operation (2) is in progress"
+    )
+    assert is_out_of_step(lost)
+    assert is_out_of_step(_as_sqlalchemy_raises(lost))
+    for other in (
+        asyncpg.exceptions.InterfaceError("cannot perform operation: another operation"),
+        asyncpg.exceptions.PostgresError("x"),
+        psycopg.InternalError("received 2 results from command 'ROLLBACK'"),
+        ValueError("x"),
+    ):
+        assert not is_out_of_step(other)
+        assert not is_out_of_step(wrapped(other, InternalError))
 
 
 @pytest.mark.parametrize("exc", [ValueError("x"), CodedError(None), CodedError(25006)])
