@@ -9,6 +9,7 @@ agree on what each one means.
 from __future__ import annotations
 
 import asyncpg  # type: ignore[import-untyped]
+import psycopg
 
 from ..errors import RWDBError
 from ..settings import RWDBSettings
@@ -40,14 +41,24 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 def is_out_of_step(exc: BaseException) -> bool:
     """Whether the driver lost its place in the conversation with the server, wrapped by
-    SQLAlchemy or not: asyncpg's ``InternalClientError``. A message came that its protocol
-    did not expect (a backend terminated between two statements sends its FATAL error
-    unasked, before the proxy closes the socket); the connection then waits for a
-    message that never comes and fails every later command, COMMIT included, before
-    sending it. Nothing on it can be trusted: it is discarded as a lost one is."""
-    chain = [exc]  # SQLAlchemy's error, its DBAPI adapter's, asyncpg's: a few links
+    SQLAlchemy or not. A backend ended between two statements sends its FATAL error
+    unasked, and PgBouncer one of its own, before the socket closes; what the driver
+    then says is no SQLSTATE but its own confusion: asyncpg's ``InternalClientError``
+    (its protocol waits for a message that never comes and fails every later command,
+    COMMIT included, before sending it), psycopg's ``InternalError`` "received 2
+    results from command" (a BEGIN, SAVEPOINT or ROLLBACK sent on its own, as when
+    SQLAlchemy first looks at a new connection, answered by both errors; the wording
+    is psycopg's, held by ``tests/stack/test_terminated_backends.py``). Nothing on
+    such a connection can be trusted: it is discarded as a lost one is."""
+    chain = [exc]  # SQLAlchemy's error, its DBAPI adapter's, the driver's: a few links
     for candidate in chain:
         if isinstance(candidate, asyncpg.exceptions.InternalClientError):
+            return True
+        if (
+            isinstance(candidate, psycopg.InternalError)
+            and candidate.sqlstate is None
+            and str(candidate).startswith("received ")
+        ):
             return True
         for inner in (getattr(candidate, "orig", None), candidate.__cause__):
             if isinstance(inner, BaseException) and inner not in chain and len(chain) < 8:

@@ -6,10 +6,11 @@ PgBouncer passes it on and then closes the client's socket. asyncpg, idle at tha
 moment, takes the message for one it did not expect and waits for a sync that never
 comes: its next command, the COMMIT included, fails before anything is sent, with an
 ``InternalClientError`` that SQLAlchemy cannot tell from a client bug (the socket is
-not closed yet). The package discards such a connection as a lost one
-(``engine.sqlstates.is_out_of_step``). Seen first as two 500s in a switchover of
-tests/stack/test_reliability.py, 1 run in 20; here ending backends over and over
-brings it within seconds.
+not closed yet). psycopg, sending a command on its own (SQLAlchemy's first look at a
+new connection), gets both errors as answers and says so, without a SQLSTATE. The
+package discards such a connection as a lost one (``engine.sqlstates.is_out_of_step``).
+Seen first as two 500s in a switchover of tests/stack/test_reliability.py, 1 run in
+20; here ending backends over and over brings it within seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import struct
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from typing import Any
@@ -31,6 +33,7 @@ from sqlalchemy import event
 
 import fastapi_rwdb
 from fastapi_rwdb import AsyncWriteSession, Database, RWDBSettings
+from fastapi_rwdb.engine.sqlstates import is_out_of_step
 
 from ..helpers import (
     KEY,
@@ -123,6 +126,21 @@ async def test_a_connection_lost_in_the_engines_first_look_is_an_outage() -> Non
         assert rows.fetchone() == (1,)
 
 
+def test_psycopg_says_it_was_answered_twice_when_a_backend_is_ended_behind_pgbouncer() -> None:
+    """The wording ``is_out_of_step`` knows psycopg by: a ROLLBACK sent on its own after
+    the backend was ended (its FATAL and PgBouncer's error both arrive as answers)."""
+    with psycopg.connect(primary_url()) as conn:
+        pid, port = conn.execute("SELECT pg_backend_pid(), inet_server_port()").fetchone() or (0, 0)
+        superuser = node_dsn(port, user="postgres", password="postgres_pw")
+        with psycopg.connect(superuser, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.3)  # both errors are in the socket
+        with pytest.raises(psycopg.Error) as failed:
+            conn.rollback()
+    assert str(failed.value).startswith("received 2 results"), failed.value
+    assert is_out_of_step(failed.value)
+
+
 def _end_backends(stop: threading.Event, ended: list[int]) -> None:
     """Every PERIOD, end half of the app role's backends on every node, at random."""
     conns: dict[int, psycopg.Connection] = {}
@@ -157,6 +175,16 @@ async def test_backends_ended_over_and_over_never_make_a_500() -> None:
     app = FastAPI()
     fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))  # type: ignore[call-arg]
     add_named_item_routes(app)
+    raised: list[str] = []  # what a 500 was: the traceback, for the failure's message
+
+    @app.middleware("http")
+    async def _keep_what_raised(request: Any, call_next: Any) -> Any:
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            raised.append("".join(traceback.format_exception(exc)[-12:]))
+            raise
+
     answers: Counter[tuple[str, str, int]] = Counter()
     no_retry_after: list[str] = []
     acknowledged: list[str] = []
@@ -189,7 +217,7 @@ async def test_backends_ended_over_and_over_never_make_a_500() -> None:
             ender.join(10)
     print("backends ended:", sum(ended), "answers:", dict(answers))
     failed = {k: n for k, n in answers.items() if k[2] not in (200, 503)}
-    assert failed == {}, f"answers other than 200 or 503: {failed}"
+    assert failed == {}, f"answers other than 200 or 503: {failed}\n" + "\n".join(raised[:2])
     assert no_retry_after == []
     for side in ("sync", "async"):  # both served, and both were hit
         assert answers[("POST", side, 200)] > 0, answers

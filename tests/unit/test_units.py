@@ -154,7 +154,7 @@ def _as_sqlalchemy_raises(driver_error: Exception) -> DBAPIError:
     raise AssertionError("not translated")
 
 
-def test_an_asyncpg_protocol_out_of_step_is_told_through_every_wrapping() -> None:
+def test_a_driver_out_of_step_is_told_through_every_wrapping() -> None:
     import asyncpg
 
     lost = asyncpg.exceptions.InternalClientError(
@@ -162,10 +162,14 @@ def test_an_asyncpg_protocol_out_of_step_is_told_through_every_wrapping() -> Non
     )
     assert is_out_of_step(lost)
     assert is_out_of_step(_as_sqlalchemy_raises(lost))
+    answered_twice = psycopg.InternalError("received 2 results from command 'ROLLBACK'")
+    assert is_out_of_step(answered_twice)
+    assert is_out_of_step(wrapped(answered_twice, InternalError))
     for other in (
         asyncpg.exceptions.InterfaceError("cannot perform operation: another operation"),
         asyncpg.exceptions.PostgresError("x"),
-        psycopg.InternalError("received 2 results from command 'ROLLBACK'"),
+        psycopg.InternalError("a server's internal error, with its SQLSTATE"),
+        psycopg.errors.InternalError_("received: an XX000 from the server"),
         ValueError("x"),
     ):
         assert not is_out_of_step(other)
