@@ -28,10 +28,8 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import event
 
-import fastapi_rwdb
 from fastapi_rwdb import AsyncWriteSession, Database, RWDBSettings
 from fastapi_rwdb.engine.sqlstates import is_connection_failure, is_out_of_step, sqlstate_of
 
@@ -42,9 +40,11 @@ from ..helpers import (
     client,
     node_dsn,
     primary_url,
+    rwdb_app,
     serve,
 )
 from ..models import Item
+from .test_closing import end_backend
 
 pytestmark = pytest.mark.stack
 
@@ -62,20 +62,28 @@ def _fatal_message(code: str, message: str) -> bytes:
     return b"E" + struct.pack("!i", 4 + len(body)) + body
 
 
+FATAL = _fatal_message("57P01", "terminating connection due to administrator command")
+
+
+def _rows_named(name: str) -> int:
+    """How many rows of rwdb_items are named ``name``, asked of the primary."""
+    with psycopg.connect(primary_url()) as conn:
+        row = conn.execute("SELECT count(*) FROM rwdb_items WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else 0
+
+
 async def test_a_fatal_error_between_statements_makes_the_commit_an_outage() -> None:
     """The moment itself, made certain: the FATAL has arrived, the socket is not closed
     yet, the route commits. A 503 at once (not a 500, nor a wait for the socket to
     close), the write did not happen, and the next request works."""
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))  # type: ignore[call-arg]
-    fatal = _fatal_message("57P01", "terminating connection due to administrator command")
+    app = rwdb_app()
 
     @app.post("/cut/{name}")
     async def cut(name: str, db: AsyncWriteSession) -> dict[str, bool]:
         db.add(Item(name=name))
         await db.flush()  # written: the COMMIT will read the WAL position in its message
         raw = (await (await db.connection()).get_raw_connection()).driver_connection
-        raw._protocol.data_received(fatal)  # as if read from the socket
+        raw._protocol.data_received(FATAL)  # as if read from the socket
         # ... and the socket closed a moment later, as PgBouncer closes it
         asyncio.get_running_loop().call_later(2, raw.terminate)
         await db.commit()
@@ -90,9 +98,7 @@ async def test_a_fatal_error_between_statements_makes_the_commit_an_outage() -> 
         assert answer.status_code == 503, answer.text
         assert "connection was lost" in answer.text and "retry-after" in answer.headers
         assert (await c.post(f"/async/core/{name}-next")).status_code == 200
-    with psycopg.connect(primary_url()) as conn:
-        rows = conn.execute("SELECT count(*) FROM rwdb_items WHERE name = %s", (name,))
-        assert rows.fetchone() == (0,)
+    assert _rows_named(name) == 0
 
 
 async def test_a_connection_lost_in_the_engines_first_look_is_an_outage() -> None:
@@ -101,17 +107,15 @@ async def test_a_connection_lost_in_the_engines_first_look_is_an_outage() -> Non
     connection lost there is one lost like any other (it was a 500: NotImplementedError):
     the request's first statement goes to a new connection, and runs once."""
     database = Database(RWDBSettings(secret_key=KEY))  # type: ignore[call-arg]
-    app = FastAPI()
-    fastapi_rwdb.setup(app, database)
+    app = rwdb_app(database)
     add_named_item_routes(app)
-    fatal = _fatal_message("57P01", "terminating connection due to administrator command")
     cut: list[object] = []
 
     @event.listens_for(database.async_engines.write.sync_engine.pool, "connect", insert=True)
     def _cut_the_first(dbapi_connection: Any, record: Any) -> None:
         if not cut:  # before the dialect's first look at it
             cut.append(record)
-            dbapi_connection.driver_connection._protocol.data_received(fatal)
+            dbapi_connection.driver_connection._protocol.data_received(FATAL)
 
     name = f"first-look-{uuid.uuid4()}"
     try:
@@ -121,9 +125,7 @@ async def test_a_connection_lost_in_the_engines_first_look_is_an_outage() -> Non
             assert answer.status_code == 200, answer.text
     finally:
         await database.dispose()
-    with psycopg.connect(primary_url()) as conn:
-        rows = conn.execute("SELECT count(*) FROM rwdb_items WHERE name = %s", (name,))
-        assert rows.fetchone() == (1,)
+    assert _rows_named(name) == 1
 
 
 def test_psycopg_says_it_was_answered_twice_when_a_backend_is_ended_behind_pgbouncer() -> None:
@@ -132,10 +134,7 @@ def test_psycopg_says_it_was_answered_twice_when_a_backend_is_ended_behind_pgbou
     older psycopg (3.2.1) raises one of the answers instead, as a lost connection."""
     with psycopg.connect(primary_url()) as conn:
         pid, port = conn.execute("SELECT pg_backend_pid(), inet_server_port()").fetchone() or (0, 0)
-        superuser = node_dsn(port, user="postgres", password="postgres_pw")
-        with psycopg.connect(superuser, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        time.sleep(0.3)  # both errors are in the socket
+        end_backend(pid, port)  # (and PgBouncer's error is in the socket too)
         with pytest.raises(psycopg.Error) as failed:
             conn.rollback()
     if str(failed.value).startswith("received "):
@@ -176,8 +175,7 @@ async def test_backends_ended_over_and_over_never_make_a_500() -> None:
     """Sync and async clients write a row and read it back while half the app's backends
     on every node are ended every 50 ms: only 200s and 503s (with Retry-After), and every
     acknowledged write is there afterwards."""
-    app = FastAPI()
-    fastapi_rwdb.setup(app, Database(RWDBSettings(secret_key=KEY)))  # type: ignore[call-arg]
+    app = rwdb_app()
     add_named_item_routes(app)
     raised: list[str] = []  # what a 500 was: the traceback, for the failure's message
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from typing import Any, cast
 
+import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
@@ -143,7 +144,7 @@ def _as_sqlalchemy_raises(driver_error: Exception) -> DBAPIError:
         AsyncAdapt_asyncpg_dbapi,
     )
 
-    dbapi = AsyncAdapt_asyncpg_dbapi(__import__("asyncpg"))
+    dbapi = AsyncAdapt_asyncpg_dbapi(asyncpg)
     try:
         try:
             raise driver_error
@@ -155,8 +156,6 @@ def _as_sqlalchemy_raises(driver_error: Exception) -> DBAPIError:
 
 
 def test_a_driver_out_of_step_is_told_through_every_wrapping() -> None:
-    import asyncpg
-
     lost = asyncpg.exceptions.InternalClientError(
         "cannot switch to state 18; another operation (2) is in progress"
     )
