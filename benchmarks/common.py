@@ -122,13 +122,13 @@ def replica_delay() -> str:
     return str(row[0]) if row else "?"
 
 
-def stack(*args: str) -> str:
+def stack(*args: str, timeout: float = 120) -> str:
     done = subprocess.run(  # noqa: S603 - our own script, fixed arguments
         ["bash", str(STACK), *args],  # noqa: S607
         check=True,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     return done.stdout
 

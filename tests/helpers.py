@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -37,6 +37,7 @@ __all__ = [
     "node_dsn",
     "primary_url",
     "replica_nodes",
+    "replicas_lagging",
     "rwdb_app",
     "serve",
     "served_client",
@@ -181,3 +182,14 @@ def token_after(db: Database, *statements: str) -> str:
         lsn = session.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
     hi, lo = lsn.split("/")
     return db.token_for((int(hi, 16) << 32) + int(lo, 16))
+
+
+@contextmanager
+def replicas_lagging(delay: str = "1s") -> Iterator[None]:
+    """Replicas apply each commit ``delay`` late (``stack.sh lag``), so a fresh write is
+    surely missing there; on time again afterwards, whatever the test did."""
+    stack("lag", delay)
+    try:
+        yield
+    finally:
+        stack("lag", "0")

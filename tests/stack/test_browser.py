@@ -26,6 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from ..helpers import replicas_lagging
+
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +72,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def lagging_replicas() -> Iterator[None]:
-    stack = ["bash", str(ROOT / "scripts/stack.sh")]
-    subprocess.run([*stack, "lag", "1s"], check=True, capture_output=True, timeout=120)
-    try:
+    with replicas_lagging():
         yield
-    finally:
-        subprocess.run([*stack, "lag", "0"], check=True, capture_output=True, timeout=120)
 
 
 PAGE_PORT = free_port()  # another origin, serving the same page (the cross-origin case)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -33,25 +31,17 @@ from fastapi_rwdb.engine.wire import _BEGUN as BEGUN_INFO
 from fastapi_rwdb.observe import listeners
 from fastapi_rwdb.routing.lsn import MAX_LSN
 
-from ..helpers import dsn, token_after
+from ..helpers import dsn, replicas_lagging, token_after
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
 
-STACK = Path(__file__).resolve().parents[2] / "scripts" / "stack.sh"
 MARK = "/* checked-first */"
-
-
-def stack(*args: str) -> None:
-    subprocess.run(["bash", str(STACK), *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def lagging() -> Iterator[None]:
-    stack("lag", "1s")
-    try:
+    with replicas_lagging():
         yield
-    finally:
-        stack("lag", "0")
 
 
 @contextlib.contextmanager

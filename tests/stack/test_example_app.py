@@ -29,7 +29,7 @@ from fastapi_rwdb import get_read_db_context
 from fastapi_rwdb.engine import asyncpg_connection
 from fastapi_rwdb.orm import writes as tracking
 
-from ..helpers import client
+from ..helpers import client, replicas_lagging
 
 pytestmark = pytest.mark.stack
 
@@ -271,8 +271,7 @@ async def test_the_summary_job_started_by_a_write_sees_that_write_on_lagging_rep
 ) -> None:
     """add_location hands its token to the fold job (BackgroundTasks): the job's scan,
     on replicas a second behind, must wait for the very point, or use the primary."""
-    subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), "lag", "1s"], check=True, timeout=120)
-    try:
+    with replicas_lagging():
         async with client(app) as c:
             tid = (await create(c, unique("ferry")))["id"]
             ids = []
@@ -287,7 +286,3 @@ async def test_the_summary_job_started_by_a_write_sees_that_write_on_lagging_rep
                 ids.append(added.json()["latest_locations"][0]["id"])
         # ASGITransport returns once the background job has run, too.
         assert [processed(i) for i in ids] == [True, True, True]
-    finally:
-        subprocess.run(
-            ["bash", str(ROOT / "scripts/stack.sh"), "lag", "0"], check=True, timeout=120
-        )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from ..helpers import dsn
+from ..helpers import dsn, replicas_lagging
 from .kit_sample.schema import SCHEMA, TABLE
 from .test_testing_plugin import plain_postgres
 
@@ -104,12 +104,8 @@ def test_the_kit_fails_what_a_lagging_cluster_fails(plain_postgres: str, tmp_pat
         conn.execute(SCHEMA)
         conn.execute(f"TRUNCATE {TABLE}")
     time.sleep(1.5)  # the replicas have the table before they fall behind
-    stack = ["bash", str(ROOT / "scripts/stack.sh")]
-    subprocess.run([*stack, "lag", "300s"], check=True, capture_output=True, timeout=120)
-    try:
+    with replicas_lagging("300s"):
         lagging, printed = run_sample(tmp_path, dict(os.environ))
-    finally:
-        subprocess.run([*stack, "lag", "0"], check=True, capture_output=True, timeout=120)
     assert set(lagging) == set(kit), printed
     assert {name: symptom(m) for name, m in lagging.items()} == {
         name: symptom(m) for name, m in kit.items()

@@ -21,12 +21,12 @@ import pytest
 
 from fastapi_rwdb.routing.tokens import TokenSigner, derive_key
 
+from ..helpers import replicas_lagging
 from .test_token_key import stored_key
 
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[2]
-STACK = ROOT / "scripts" / "stack.sh"
 WRITES = 12
 
 
@@ -83,11 +83,8 @@ def two_processes() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture
 def lagging_replicas() -> Iterator[None]:
-    subprocess.run(["bash", str(STACK), "lag", "1s"], check=True, capture_output=True)
-    try:
+    with replicas_lagging():
         yield
-    finally:
-        subprocess.run(["bash", str(STACK), "lag", "0"], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("flavour", ["", "/async"], ids=["sync", "async"])

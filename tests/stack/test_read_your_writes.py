@@ -24,7 +24,15 @@ from fastapi_rwdb import (
 )
 from fastapi_rwdb.audit import TEARDOWN_AFTER_RESPONSE
 
-from ..helpers import NODE_PORTS, add_writes, client, node_dsn, replica_nodes, rwdb_app, stack
+from ..helpers import (
+    NODE_PORTS,
+    add_writes,
+    client,
+    node_dsn,
+    replica_nodes,
+    replicas_lagging,
+    rwdb_app,
+)
 from ..models import Item
 
 pytestmark = pytest.mark.stack
@@ -38,11 +46,8 @@ VIEW_DELAY = 1.5
 @pytest.fixture(scope="module")
 def lagging_replicas() -> Iterator[float]:
     """Replicas apply each commit one second late, so a fresh write is surely missing there."""
-    stack("lag", "1s")
-    try:
+    with replicas_lagging("1s"):
         yield 1.0
-    finally:
-        stack("lag", "0")
 
 
 def make_app(**overrides: object) -> FastAPI:

@@ -26,7 +26,7 @@ import yaml
 
 from fastapi_rwdb import RWDBSettings
 
-from ..helpers import dsn, served_client, stack
+from ..helpers import dsn, replicas_lagging, served_client
 from ..recipe_models import TABLES
 from ..recipes import ROOT, log_tail, recipe, stop, wait_for, worker_env
 
@@ -176,11 +176,8 @@ def order_tables() -> None:
 
 @pytest.fixture
 def lagging_replicas() -> Iterator[None]:
-    stack("lag", "2s")
-    try:
+    with replicas_lagging("2s"):
         yield
-    finally:
-        stack("lag", "0")
 
 
 def confirmations(order_id: int) -> list[str]:

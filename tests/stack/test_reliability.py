@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -37,10 +36,11 @@ from sqlalchemy import text
 import fastapi_rwdb
 from fastapi_rwdb import RWDBSettings
 
+from .. import helpers
+
 pytestmark = [pytest.mark.stack, pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
-STACK = ROOT / "scripts" / "stack.sh"
 OUT = ROOT / "benchmarks" / "out" / "reliability.json"
 WRITERS = 6  # create, then read back with their own token (cookie)
 READERS = 4  # only read, no token
@@ -51,10 +51,7 @@ REPLICA_FAILED = ("reason=replica-unreachable", "reason=replica-timeout")
 
 
 def stack(*args: str) -> str:
-    done = subprocess.run(
-        ["bash", str(STACK), *args], check=True, capture_output=True, text=True, timeout=180
-    )
-    return done.stdout
+    return helpers.stack(*args, timeout=180)  # a switchover can take longer than most
 
 
 def primary_node() -> str:

@@ -25,10 +25,8 @@ is served.
 from __future__ import annotations
 
 import struct
-import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from fastapi_rwdb import Database
 from fastapi_rwdb.web.unavailable import unavailable_reason
 
-from ..helpers import token_after
+from ..helpers import replicas_lagging, token_after
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("stack")]
 
@@ -85,13 +83,8 @@ async def _served(db: Database) -> bool:
 
 @pytest.fixture
 def lagging() -> Iterator[None]:
-    """Each commit applied a second late on the replicas."""
-    stack = Path(__file__).resolve().parents[2] / "scripts" / "stack.sh"
-    subprocess.run(["bash", str(stack), "lag", "1s"], check=True, capture_output=True)
-    try:
+    with replicas_lagging():
         yield
-    finally:
-        subprocess.run(["bash", str(stack), "lag", "0"], check=True, capture_output=True)
 
 
 async def test_a_goodbye_before_the_first_statement_is_answered_elsewhere(

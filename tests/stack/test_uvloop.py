@@ -27,7 +27,7 @@ from benchmarks.common import call
 from fastapi_rwdb import Database, RWDBSettings
 from fastapi_rwdb.engine import asyncpg_connection
 
-from ..helpers import add_named_item_routes, replica_nodes, rwdb_app, stack
+from ..helpers import add_named_item_routes, replica_nodes, replicas_lagging, rwdb_app
 from .faults import frozen_bouncer
 from .test_grey_failures import DEADLINE, replica_database
 from .test_keepalives import DEFAULT_READ, asyncpg_options
@@ -45,11 +45,8 @@ def on_uvloop(main: Callable[[], Awaitable[T]]) -> T:
 
 @pytest.fixture
 def lagging() -> Iterator[None]:
-    stack("lag", "1s")
-    try:
+    with replicas_lagging():
         yield
-    finally:
-        stack("lag", "0")
 
 
 def test_a_clients_own_write_is_read_back_on_uvloop(
