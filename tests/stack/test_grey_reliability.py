@@ -76,9 +76,7 @@ def test_reads_under_a_grey_fault(scenario: str) -> None:
         assert r["started"] > 0, (route, r)
         assert r["failed"] == 0, (route, r)
         assert r["longest_s"] <= limit, (route, r)
-        # 120 clients keep both cores busy: a run with no fault at all measures 0.77 to
-        # 0.80 there, and both apps 0.69 to 0.88 while frozen (docs/reliability.md).
-        assert r["throughput_vs_before"] >= (0.6 if scenario == CROWD else 0.8), (route, r)
+        assert r["throughput_vs_before"] >= 0.8, (route, r)
         if "slow" in scenario:
             assert r["moved_to_primary"] == 0, (route, r)  # slow is not sick
     if "stalled" in scenario:
