@@ -168,9 +168,8 @@ async def _client(
     """One user: its own keep-alive connection, as a browser or a service instance has.
 
     Not one ``httpx.AsyncClient`` shared by every user: its pool looks at each of its
-    connections for every request it sends, so with 120 users (240 connections) the
-    load generator spent most of its time there (800 ``is_idle`` calls a request) and
-    its own pace, not the apps', set the crowd scenario's throughput."""
+    connections for every request it sends, so with a crowd of users the load
+    generator, not the apps, set the pace (docs/reliability.md, "Grey faults, measured")."""
     async with httpx.AsyncClient(timeout=120) as http:
         await _loop(http, base, route, log, stop, ids)
 
